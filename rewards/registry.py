@@ -1,0 +1,96 @@
+"""Find a reward by name, by dotted path, or through the ``flowalign.rewards`` entry-point group.
+
+Built-in rewards are listed here by import path, so importing :mod:`rewards` never imports an OCR engine,
+a face model or CLIP; the module is imported when the reward is first asked for. A third-party package
+exposes its rewards with an entry point::
+
+    [project.entry-points."flowalign.rewards"]
+    my_reward = "my_package.rewards:MyReward"
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from rewards.base import Reward
+
+__all__ = ["ENTRY_POINT_GROUP", "available_rewards", "load_reward", "register_reward", "resolve_reward_class"]
+
+ENTRY_POINT_GROUP = "flowalign.rewards"
+
+# name -> "module:attribute"; the rewards issue adds the remaining built-ins here.
+_BUILTIN: dict[str, str] = {
+    "compressibility": "rewards.compressibility:CompressibilityReward",
+    "incompressibility": "rewards.compressibility:IncompressibilityReward",
+}
+_REGISTERED: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str) -> Callable[[type[Reward]], type[Reward]]:
+    """Class decorator registering a reward under ``name`` for :func:`load_reward` in this process."""
+
+    def decorate(cls: type[Reward]) -> type[Reward]:
+        if name in _BUILTIN or name in _REGISTERED:
+            raise ValueError(f"a reward named {name!r} is already registered; choose another name.")
+        _REGISTERED[name] = cls
+        return cls
+
+    return decorate
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_rewards() -> list[str]:
+    """Names :func:`load_reward` accepts: built-ins, registered classes and installed entry points."""
+    return sorted({*_BUILTIN, *_REGISTERED, *_entry_points()})
+
+
+def _import_attr(path: str) -> Any:
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"reward path {path!r} must look like 'package.module:ClassName'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"cannot import module {module_name!r} for reward {path!r}: {err}") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError as err:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (reward {path!r}).") from err
+
+
+def resolve_reward_class(spec: str) -> Callable[..., Reward]:
+    """The class (or factory) behind a reward name or dotted path, without instantiating it."""
+    if spec in _REGISTERED:
+        return _REGISTERED[spec]
+    if spec in _BUILTIN:
+        return _import_attr(_BUILTIN[spec])
+    eps = _entry_points()
+    if spec in eps:
+        return eps[spec].load()
+    if "." in spec or ":" in spec:
+        return _import_attr(spec)
+    raise ValueError(
+        f"unknown reward {spec!r}. Known rewards: {', '.join(available_rewards())}. "
+        "A reward of your own can be given as 'package.module:ClassName' or registered under the "
+        f"{ENTRY_POINT_GROUP!r} entry-point group."
+    )
+
+
+def load_reward(spec: str, **kwargs: Any) -> Reward:
+    """Instantiate a reward from a name or dotted path; ``kwargs`` go to its constructor."""
+    factory = resolve_reward_class(spec)
+    reward = factory(**kwargs)
+    if not isinstance(reward, Reward):
+        raise TypeError(
+            f"{spec!r} produced a {type(reward).__name__}, not a rewards.Reward; subclass rewards.Reward "
+            "and implement score_batch(images, prompts, metadata)."
+        )
+    return reward

@@ -95,9 +95,7 @@ class Reward:
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
 
-    def score_batch(
-        self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]
-    ) -> RewardOutput:
+    def score_batch(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         """Score one chunk (or one group, for a groupwise reward) already validated and on ``device``."""
         raise NotImplementedError(f"{type(self).__name__} must implement score_batch")
 
@@ -139,7 +137,10 @@ class Reward:
         if self.groupwise:
             chunks = _groups(prompts, group_ids, batch)
         else:
-            chunks = [list(range(s, min(s + self.max_batch_size, batch))) for s in range(0, batch, self.max_batch_size)]
+            chunks = [
+                list(range(s, min(s + self.max_batch_size, batch)))
+                for s in range(0, batch, self.max_batch_size)
+            ]
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             outputs = [
                 (idx, self.score_batch(images[idx], [prompts[i] for i in idx], [metadata[i] for i in idx]))
@@ -198,4 +199,6 @@ def _merge(outputs: list[tuple[list[int], RewardOutput]], batch: int, device, na
 
 def _check_scores(scores: Tensor, expected: int, name: str) -> None:
     if scores.shape != (expected,):
-        raise RuntimeError(f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected ({expected},).")
+        raise RuntimeError(
+            f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected ({expected},)."
+        )

@@ -29,7 +29,9 @@ class WeightedReward(Reward):
             raise ValueError("WeightedReward needs at least one (reward, weight) part.")
         for key, part in parts.items():
             if not (isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], Reward)):
-                raise TypeError(f"WeightedReward part {key!r} must be a (Reward, weight) tuple, got {part!r}.")
+                raise TypeError(
+                    f"WeightedReward part {key!r} must be a (Reward, weight) tuple, got {part!r}."
+                )
         super().__init__(device=next(iter(parts.values()))[0].device)
         self.parts = {key: (reward, float(weight)) for key, (reward, weight) in parts.items()}
         self.normalize = normalize

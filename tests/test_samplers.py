@@ -20,7 +20,9 @@ from flowalign.samplers import (
     scaled_linear_alphas_cumprod,
 )
 
-MIXTURE = GaussianMixture(weights=[0.2, 0.5, 0.3], means=[[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], stds=[0.4, 0.5, 0.3])
+MIXTURE = GaussianMixture(
+    weights=[0.2, 0.5, 0.3], means=[[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], stds=[0.4, 0.5, 0.3]
+)
 N_SAMPLES = 6000
 
 
@@ -40,7 +42,9 @@ def test_static_shift_schedule_matches_diffusers(shift, steps):
 @pytest.mark.parametrize("seq_len", [16, 256, 1024, 4096])
 def test_dynamic_shift_schedule_matches_flux_pipeline(seq_len):
     steps = 12
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
     mu = dynamic_shift_mu(seq_len, 256, 4096, 0.5, 1.15)
     unshifted = np.linspace(1.0, 1 / steps, steps)  # what FluxPipeline passes
     scheduler.set_timesteps(steps, sigmas=unshifted, mu=mu)
@@ -61,7 +65,9 @@ def test_ddim_schedule_matches_diffusers(spacing, offset):
     ours = diffusion_schedule(25, abar, timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=False)
     assert ours.timesteps.long().tolist() == scheduler.timesteps.tolist()
     prev = scheduler.timesteps - 1000 // 25
-    expected_prev = torch.where(prev >= 0, scheduler.alphas_cumprod[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
+    expected_prev = torch.where(
+        prev >= 0, scheduler.alphas_cumprod[prev.clamp(min=0)], scheduler.final_alpha_cumprod
+    )
     torch.testing.assert_close(ours.alphas_cumprod[1:], expected_prev)
 
 
@@ -100,7 +106,9 @@ def test_flow_samplers_reproduce_mixture_marginals(dynamics, noise_level, sde):
     by 0.18-0.19 at 60, 200 and 600 steps alike; at a = 0.3: 0.04-0.09), unlike the two SDEs."""
     steps = 60
     schedule = flow_schedule(steps, shift=3.0)
-    plan = SamplingPlan.build(steps, sde=sde, dynamics="flow_grpo" if dynamics == "ode" else dynamics, noise_level=noise_level)
+    plan = SamplingPlan.build(
+        steps, sde=sde, dynamics="flow_grpo" if dynamics == "ode" else dynamics, noise_level=noise_level
+    )
     gen = torch.Generator().manual_seed(1)
     x_T = torch.randn(N_SAMPLES, 2, generator=gen)
     out = rollout(MixtureFlowModel(MIXTURE), None, x_T, schedule, plan, generator=gen, decode=False)
@@ -114,7 +122,9 @@ def test_ddim_reproduces_mixture_marginals(eta):
     abar = scaled_linear_alphas_cumprod(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     schedule = diffusion_schedule(steps, abar, timestep_spacing="trailing")
     # The last step lands on abar = 1 (set_alpha_to_one) and has no noise: it is an ODE step.
-    plan = SamplingPlan.build(steps, sde=(0, steps - 1) if eta > 0 else "none", dynamics="ddim", noise_level=eta)
+    plan = SamplingPlan.build(
+        steps, sde=(0, steps - 1) if eta > 0 else "none", dynamics="ddim", noise_level=eta
+    )
     gen = torch.Generator().manual_seed(2)
     x_T = torch.randn(N_SAMPLES, 2, generator=gen)
     out = rollout(MixtureEpsModel(MIXTURE, abar), None, x_T, schedule, plan, generator=gen, decode=False)
@@ -133,10 +143,20 @@ def test_flow_grpo_first_step_rule_matters():
     wrong = flow_sde_step(v, x, 1.0, schedule.sigmas[1], sigma_at_one=0.9999, generator=gen)
     plan = SamplingPlan.build(steps, sde="all")
     rest = SamplingPlan(sde=plan.sde, grad=plan.grad, checkpoint=plan.checkpoint)
-    out = rollout(model, None, wrong.prev_sample, _drop_first(schedule), _drop_first_plan(rest), generator=gen, decode=False)
+    out = rollout(
+        model,
+        None,
+        wrong.prev_sample,
+        _drop_first(schedule),
+        _drop_first_plan(rest),
+        generator=gen,
+        decode=False,
+    )
     weights = MIXTURE.mode_weights(out.final)
     mean, cov = MIXTURE.moments()
-    assert (torch.cov(out.final.double().T) - cov).abs().max() > 0.5 or (weights - MIXTURE.weights).abs().max() > 0.05
+    assert (torch.cov(out.final.double().T) - cov).abs().max() > 0.5 or (
+        weights - MIXTURE.weights
+    ).abs().max() > 0.05
 
 
 def _drop_first(schedule):
@@ -158,13 +178,24 @@ def test_flow_sde_log_prob_equals_normal_density(dynamics, reduction):
     gen = torch.Generator().manual_seed(4)
     x, v = torch.randn(5, 4, 3, 3, generator=gen), torch.randn(5, 4, 3, 3, generator=gen)
     sigma, sigma_next = torch.tensor([1.0, 0.9, 0.5, 0.3, 0.1]), torch.tensor([0.95, 0.8, 0.4, 0.2, 0.05])
-    out = flow_sde_step(v, x, sigma, sigma_next, dynamics=dynamics, sigma_at_one=0.95, generator=gen, reduction=reduction)
+    out = flow_sde_step(
+        v, x, sigma, sigma_next, dynamics=dynamics, sigma_at_one=0.95, generator=gen, reduction=reduction
+    )
     std = out.std.expand_as(out.mean)
     density = torch.distributions.Normal(out.mean, std).log_prob(out.prev_sample).flatten(1)
     expected = density.mean(1) if reduction == "mean" else density.sum(1)
     torch.testing.assert_close(out.log_prob, expected, rtol=1e-5, atol=1e-5)
     # The same function scores a given transition: identical numbers, nothing drawn.
-    again = flow_sde_step(v, x, sigma, sigma_next, dynamics=dynamics, sigma_at_one=0.95, prev_sample=out.prev_sample, reduction=reduction)
+    again = flow_sde_step(
+        v,
+        x,
+        sigma,
+        sigma_next,
+        dynamics=dynamics,
+        sigma_at_one=0.95,
+        prev_sample=out.prev_sample,
+        reduction=reduction,
+    )
     assert torch.equal(again.log_prob, out.log_prob)
 
 
@@ -183,7 +214,12 @@ def test_ddim_log_prob_equals_normal_density():
     gen = torch.Generator().manual_seed(5)
     x, eps = torch.randn(4, 2, 5, generator=gen), torch.randn(4, 2, 5, generator=gen)
     out = ddim_step(eps, x, 0.3, 0.5, eta=1.0, generator=gen, reduction="sum")
-    expected = torch.distributions.Normal(out.mean, out.std.expand_as(out.mean)).log_prob(out.prev_sample).flatten(1).sum(1)
+    expected = (
+        torch.distributions.Normal(out.mean, out.std.expand_as(out.mean))
+        .log_prob(out.prev_sample)
+        .flatten(1)
+        .sum(1)
+    )
     torch.testing.assert_close(out.log_prob, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -204,7 +240,9 @@ def test_recomputed_log_probs_give_ratio_exactly_one(dynamics):
     gen = torch.Generator().manual_seed(6)
     out = rollout(model, None, torch.randn(16, 2, generator=gen), schedule, plan, generator=gen, decode=False)
     for column, i in enumerate(out.sde_steps.tolist()):
-        step = denoise_step(model, out.latents[:, i], i, None, schedule, plan, prev_sample=out.latents[:, i + 1])
+        step = denoise_step(
+            model, out.latents[:, i], i, None, schedule, plan, prev_sample=out.latents[:, i + 1]
+        )
         assert torch.equal(torch.exp(step.log_prob - out.log_probs[:, column]), torch.ones(16))
 
 
@@ -264,7 +302,14 @@ def test_full_window_equals_untruncated_autograd():
     gen, x = torch.Generator().manual_seed(0), x_T
     for i in range(steps):
         v = model.predict(x, schedule.timesteps[i : i + 1].expand(3))
-        x = flow_sde_step(v, x, schedule.sigmas[i], schedule.sigmas[i + 1], sigma_at_one=float(schedule.sigmas[1]), generator=gen).prev_sample
+        x = flow_sde_step(
+            v,
+            x,
+            schedule.sigmas[i],
+            schedule.sigmas[i + 1],
+            sigma_at_one=float(schedule.sigmas[1]),
+            generator=gen,
+        ).prev_sample
     (x**2).sum().backward()
     torch.testing.assert_close(theta_grad, model.theta.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(bias_grad, model.bias.grad, rtol=1e-6, atol=1e-6)
@@ -295,7 +340,9 @@ def test_gradient_reaches_initial_noise_for_noise_optimization():
 
 def test_random_k_draws_different_windows():
     gen = torch.Generator().manual_seed(0)
-    sizes = {sum(SamplingPlan.build(10, grad="random_k", k=6, k_min=1, generator=gen).grad) for _ in range(50)}
+    sizes = {
+        sum(SamplingPlan.build(10, grad="random_k", k=6, k_min=1, generator=gen).grad) for _ in range(50)
+    }
     assert sizes == set(range(1, 7))
 
 
@@ -325,6 +372,15 @@ def test_plan_validation_errors():
         SamplingPlan.build(4, grad="last_k", k=9)
     schedule = flow_schedule(4)
     with pytest.raises(ValueError, match="the plan has 5 steps"):
-        rollout(MixtureFlowModel(MIXTURE), None, torch.zeros(1, 2), schedule, SamplingPlan.ode(5), decode=False)
+        rollout(
+            MixtureFlowModel(MIXTURE), None, torch.zeros(1, 2), schedule, SamplingPlan.ode(5), decode=False
+        )
     with pytest.raises(ValueError, match="for diffusion models"):
-        rollout(MixtureFlowModel(MIXTURE), None, torch.zeros(1, 2), schedule, SamplingPlan.build(4, dynamics="ddim"), decode=False)
+        rollout(
+            MixtureFlowModel(MIXTURE),
+            None,
+            torch.zeros(1, 2),
+            schedule,
+            SamplingPlan.build(4, dynamics="ddim"),
+            decode=False,
+        )

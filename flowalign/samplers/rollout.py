@@ -91,22 +91,25 @@ def denoise_step(
         output = model.predict(x, timestep, cond, guidance)
     stochastic = plan.sde[index]
     if schedule.kind == "flow":
-        if plan.dynamics == "ddim":
-            raise ValueError("plan dynamics 'ddim' is for diffusion models; this model is a flow model.")
         sigmas = schedule.sigmas
         if not stochastic:
             return flow_ode_step(output, x, sigmas[index], sigmas[index + 1])
+        if plan.dynamics == "ddim":
+            raise ValueError("plan dynamics 'ddim' is for diffusion models; this model is a flow model.")
         return flow_sde_step(
             output, x, sigmas[index], sigmas[index + 1],
             dynamics=plan.dynamics, noise_level=plan.noise_level, sigma_at_one=float(sigmas[1]),
             noise=noise, generator=generator, prev_sample=prev_sample, reduction=plan.reduction,
         )  # fmt: skip
-    if plan.dynamics != "ddim":
-        raise ValueError(f"plan dynamics {plan.dynamics!r} is for flow models; use dynamics='ddim' for diffusion.")
+    if stochastic and plan.dynamics != "ddim":
+        raise ValueError(
+            f"plan dynamics {plan.dynamics!r} is for flow models; use dynamics='ddim' for diffusion."
+        )
     abar = schedule.alphas_cumprod
     return ddim_step(
         output, x, abar[index], abar[index + 1],
         prediction_type=model.prediction_type, eta=plan.noise_level if stochastic else 0.0,
+        clip_sample=getattr(model, "clip_sample", None),
         noise=noise, generator=generator, prev_sample=prev_sample, reduction=plan.reduction,
     )  # fmt: skip
 

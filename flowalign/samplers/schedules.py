@@ -119,7 +119,9 @@ def flow_schedule(
     if sigmas is None:
         # The scheduler's training sigmas (computed in float32 torch) give sigma_max/min; with a static
         # shift they are already shifted, so the default schedule is shifted twice at the low end.
-        train = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        train = torch.from_numpy(
+            np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        )
         train = train / num_train_timesteps
         if mu is None:
             train = shift_sigmas(train, shift)
@@ -148,7 +150,9 @@ def scaled_linear_alphas_cumprod(
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     else:
-        raise ValueError(f"beta_schedule {beta_schedule!r} is not supported; use 'scaled_linear' or 'linear'.")
+        raise ValueError(
+            f"beta_schedule {beta_schedule!r} is not supported; use 'scaled_linear' or 'linear'."
+        )
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -177,7 +181,9 @@ def diffusion_schedule(
         ratio = num_train / num_steps
         timesteps = np.round(np.arange(num_train, 0, -ratio)).astype(np.int64) - 1
     else:
-        raise ValueError(f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}.")
+        raise ValueError(
+            f"timestep_spacing must be 'leading', 'trailing' or 'linspace', got {timestep_spacing!r}."
+        )
     t = torch.from_numpy(timesteps)
     prev = t - num_train // num_steps
     final = torch.tensor(1.0) if set_alpha_to_one else alphas_cumprod[0]

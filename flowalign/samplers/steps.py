@@ -68,7 +68,9 @@ def _per_sample(level: float | Tensor, like: Tensor) -> Tensor:
     if level.ndim == 0:
         level = level.expand(like.shape[0])
     if level.shape != (like.shape[0],):
-        raise ValueError(f"noise level must be a scalar or have shape ({like.shape[0]},), got {tuple(level.shape)}.")
+        raise ValueError(
+            f"noise level must be a scalar or have shape ({like.shape[0]},), got {tuple(level.shape)}."
+        )
     return level.view(-1, *([1] * (like.ndim - 1)))
 
 
@@ -81,7 +83,9 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: Reduction
             "the transition is deterministic (std == 0), so it has no log-density; treat this step as an "
             "ODE step in the sampling plan (e.g. CPS's last step, which lands on sigma = 0)."
         )
-    log_density = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    log_density = (
+        -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    )
     dims = tuple(range(1, log_density.ndim))
     return log_density.mean(dim=dims) if reduction == "mean" else log_density.sum(dim=dims)
 
@@ -112,7 +116,9 @@ def diffusion_to_eps_x0(
         x0 = model_output
         eps = (sample - sqrt_a * x0) / sqrt_1ma
     else:
-        raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}.")
+        raise ValueError(
+            f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}."
+        )
     return eps, x0
 
 
@@ -124,7 +130,9 @@ def _draw(mean: Tensor, std: Tensor, noise: Tensor | None, generator: torch.Gene
     return mean + std * noise.float()
 
 
-def flow_ode_step(velocity: Tensor, sample: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> StepOutput:
+def flow_ode_step(
+    velocity: Tensor, sample: Tensor, sigma: float | Tensor, sigma_next: float | Tensor
+) -> StepOutput:
     """Euler step of the probability-flow ODE, ``x' = x + (sigma_next - sigma) v`` (diffusers' FlowMatchEuler)."""
     velocity, sample = velocity.float(), sample.float()
     s, s_next = _per_sample(sigma, sample), _per_sample(sigma_next, sample)
@@ -192,7 +200,9 @@ def flow_sde_step(
         std = g * (-dsigma).sqrt()
     if prev_sample is None:
         prev_sample = _draw(mean, std, noise, generator)
-    return StepOutput(prev_sample.float(), mean, std, gaussian_log_prob(prev_sample.float(), mean, std, reduction), x0)
+    return StepOutput(
+        prev_sample.float(), mean, std, gaussian_log_prob(prev_sample.float(), mean, std, reduction), x0
+    )
 
 
 def ddim_step(
@@ -227,8 +237,12 @@ def ddim_step(
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
     if eta == 0:
         if prev_sample is not None:
-            raise ValueError("a deterministic DDIM step (eta = 0) has no log-prob; use eta > 0 to score transitions.")
+            raise ValueError(
+                "a deterministic DDIM step (eta = 0) has no log-prob; use eta > 0 to score transitions."
+            )
         return StepOutput(mean, mean, std, None, x0)
     if prev_sample is None:
         prev_sample = _draw(mean, std, noise, generator)
-    return StepOutput(prev_sample.float(), mean, std, gaussian_log_prob(prev_sample.float(), mean, std, reduction), x0)
+    return StepOutput(
+        prev_sample.float(), mean, std, gaussian_log_prob(prev_sample.float(), mean, std, reduction), x0
+    )

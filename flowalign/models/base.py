@@ -1,0 +1,485 @@
+"""The model adapter protocol: one interface over diffusers pipelines of every family.
+
+An adapter wraps a loaded diffusers pipeline and gives the samplers and algorithms what they need:
+
+- :meth:`ModelAdapter.encode` — prompts to a :class:`Cond` (cached per prompt; positive and negative
+  prompts encoded in one batched call);
+- :meth:`ModelAdapter.predict` — the denoiser output in the model's native parameterization
+  (``velocity`` for flow models, ``epsilon``/``v_prediction`` for diffusion models), with classifier-free
+  guidance done as one batched call exactly as the stock pipeline does it;
+- :meth:`ModelAdapter.schedule`, :meth:`ModelAdapter.initial_noise` — the stock pipeline's noise levels
+  and latent shape;
+- :meth:`ModelAdapter.decode` / :meth:`ModelAdapter.encode_images` — latents <-> images in ``[0, 1]``
+  (differentiable);
+- LoRA through peft (only LoRA parameters train; saved in diffusers format so the stock
+  ``Pipeline.load_lora_weights(dir)`` loads it), :meth:`ModelAdapter.reference` (adapters disabled, no
+  second model copy), gradient checkpointing, and the attention backend.
+
+A family is one subclass in its own file; it writes ``_encode_batch``, ``_forward``, ``schedule``,
+``latent_shape``, ``decode`` and ``encode_images``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from flowalign.samplers.schedules import Schedule
+
+__all__ = ["Cond", "ModelAdapter", "ModelLoadError"]
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or loaded; the message says what to check."""
+
+
+@dataclass
+class Cond:
+    """Encoded prompts of ``B`` samples.
+
+    Attributes:
+        embeds: the family's conditioning tensors for the prompts, each ``[B, ...]`` (e.g. SD3:
+            ``prompt_embeds [B, L, D]`` and ``pooled_prompt_embeds [B, P]``).
+        negative: the same tensors for the negative (unconditional) prompts, each ``[B, ...]``; None when
+            encoded without classifier-free guidance.
+        prompts: the ``B`` prompt strings.
+    """
+
+    embeds: dict[str, Tensor]
+    negative: dict[str, Tensor] | None
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def _map(self, fn) -> Cond:
+        negative = None if self.negative is None else {k: fn(v) for k, v in self.negative.items()}
+        return Cond({k: fn(v) for k, v in self.embeds.items()}, negative, self.prompts)
+
+    def select(self, index: Tensor | Sequence[int] | slice) -> Cond:
+        """The conditioning of a subset of samples."""
+        out = self._map(lambda t: t[index])
+        order = (
+            range(len(self.prompts))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
+        )
+        out.prompts = [self.prompts[i] for i in order]
+        return out
+
+    def repeat(self, n: int) -> Cond:
+        """Each sample repeated ``n`` times in place (``[a, b] -> [a, a, b, b]``): a group per prompt."""
+        out = self._map(lambda t: t.repeat_interleave(n, dim=0))
+        out.prompts = [p for p in self.prompts for _ in range(n)]
+        return out
+
+    def to(self, device: torch.device | str) -> Cond:
+        return self._map(lambda t: t.to(device))
+
+
+class ModelAdapter:
+    """Base class of the family adapters; see the module docstring for the contract.
+
+    Class attributes a family sets:
+        family: registry name (``"sd3"``, ``"flux"``, ``"sd"``, ``"sdxl"``...).
+        pipeline_classes: diffusers pipeline class names this adapter accepts (``model_index.json``).
+        denoiser_name: ``"transformer"`` or ``"unet"``: the pipeline attribute that is trained.
+        kind: ``"flow"`` or ``"diffusion"``.
+        default_lora_targets: module names LoRA adapts by default.
+    """
+
+    family: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    denoiser_name: ClassVar[str]
+    kind: ClassVar[str]
+    default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    prediction_type: str = "flow"
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_size: int = 256,
+    ):
+        name = type(pipeline).__name__
+        if name not in self.pipeline_classes:
+            raise ModelLoadError(
+                f"{type(self).__name__} wraps {' or '.join(self.pipeline_classes)}, got a {name}; "
+                "load it with flowalign.models.load_model, which picks the adapter from model_index.json."
+            )
+        self.pipeline = pipeline
+        self._device = torch.device(device)
+        self._dtype = dtype
+        pipeline.to(self._device)
+        if any(p.dtype != dtype for m in self._modules().values() for p in m.parameters()):
+            pipeline.to(dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        for module in self._modules().values():
+            module.requires_grad_(False)
+            module.eval()
+        self._cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        self.cache_size = cache_size
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> ModelAdapter:
+        """Load a diffusers pipeline from a local directory (or a hub id where a hub is reachable)."""
+        pipeline = _load_pipeline(path, cls.pipeline_classes, dtype, **kwargs)
+        return cls(pipeline, device=device, dtype=dtype)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in self.pipeline.components.items() if isinstance(v, nn.Module)}
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The trained network (transformer or UNet)."""
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        vae = getattr(self.pipeline, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    # ------------------------------------------------------------------ family hooks
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Encode ``n`` prompts in one call to per-prompt tensors, each ``[n, ...]``."""
+        raise NotImplementedError
+
+    @property
+    def zero_negative(self) -> bool:
+        """Without a negative prompt the unconditional embeddings are zeros instead of the empty prompt's
+        encoding (SDXL's ``force_zeros_for_empty_prompt``)."""
+        return False
+
+    def _forward(self, x: Tensor, timestep: Tensor, embeds: dict[str, Tensor], guidance: float) -> Tensor:
+        """One denoiser call on a batch already in the model's dtype."""
+        raise NotImplementedError
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether ``guidance`` is a classifier-free guidance scale (False for guidance-distilled FLUX)."""
+        return True
+
+    def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Schedule:
+        """The stock pipeline's noise levels for ``num_steps`` steps (``latent_shape`` for resolution shifts)."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one sample's latent (no batch dimension) for an image of ``height x width`` pixels."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """``[B, *latent_shape]`` latents to ``[B, 3, H, W]`` images in ``[0, 1]``, differentiable.
+
+        The stock pipelines' VAE decode: ``latents / scaling_factor + shift_factor`` (shift 0 where the
+        VAE has none), then ``[-1, 1] -> [0, 1]``.
+        """
+        vae = self.pipeline.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``[B, 3, H, W]`` images in ``[0, 1]`` to latents: the VAE posterior mode, or a sample when a
+        generator is given; ``(z - shift_factor) * scaling_factor``."""
+        from rewards.base import validate_images
+
+        validate_images(images, "encode_images")
+        vae = self.pipeline.vae
+        posterior = vae.encode((images * 2 - 1).to(device=self.device, dtype=vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if generator is not None else posterior.mode()
+        shift = vae.config.get("shift_factor") or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(
+        self, prompts: Sequence[str], negative_prompts: str | Sequence[str] | None = None, cfg: bool = True
+    ) -> Cond:
+        """Encode ``B`` prompts (and, with ``cfg``, their negative prompts) in one batched text-encoder call.
+
+        ``negative_prompts``: one string for all, one per prompt, or None for the pipeline's default
+        unconditional input (the empty prompt; zeros for SDXL). Encodings are cached per prompt string
+        (``cache_size`` most recent), which is exact because the text encoders are frozen and pad to a
+        fixed length.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
+        negatives: list[str] = []
+        zeros = False
+        if cfg and self.uses_cfg:
+            if negative_prompts is None:
+                zeros = self.zero_negative
+                negatives = [] if zeros else [""] * len(prompts)
+            else:
+                negatives = (
+                    [negative_prompts] * len(prompts)
+                    if isinstance(negative_prompts, str)
+                    else list(negative_prompts)
+                )
+                if len(negatives) != len(prompts):
+                    raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts.")
+        rows = self._cached_rows(prompts + negatives)
+        embeds = _stack(rows[: len(prompts)])
+        negative = _stack(rows[len(prompts) :]) if negatives else None
+        if zeros:
+            negative = {k: torch.zeros_like(v) for k, v in embeds.items()}
+        return Cond(embeds, negative, prompts)
+
+    def _cached_rows(self, texts: list[str]) -> list[dict[str, Tensor]]:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        fresh: dict[str, dict[str, Tensor]] = {}
+        if missing:
+            with torch.no_grad():
+                batch = self._encode_batch(missing)
+            fresh = {t: {k: v[i] for k, v in batch.items()} for i, t in enumerate(missing)}
+        rows = []
+        for text in texts:
+            row = fresh.get(text)
+            if row is None:
+                row = self._cache[text]
+                self._cache.move_to_end(text)
+            rows.append(row)
+        if self.cache_size > 0:
+            for text, row in fresh.items():
+                self._cache[text] = row
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return rows
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
+        """The denoiser's output at ``x_t`` (``[B, *latent_shape]``) and model time ``timestep`` (``[B]``).
+
+        For CFG families and ``guidance > 1``: ``uncond + guidance * (cond - uncond)`` from one batched call
+        over ``[negative; positive]`` (the stock pipelines' order). Returns float32.
+        """
+        self._check_input(x_t, cond)
+        timestep = torch.as_tensor(timestep, device=x_t.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(x_t.shape[0])
+        x = x_t.to(self.dtype)
+        if self.uses_cfg and guidance > 1:
+            if cond.negative is None:
+                raise ValueError(
+                    f"guidance={guidance} needs negative embeddings; encode the prompts with cfg=True."
+                )
+            embeds = {k: torch.cat([cond.negative[k], v]) for k, v in cond.embeds.items()}
+            out = self._forward(torch.cat([x, x]), torch.cat([timestep, timestep]), embeds, guidance)
+            uncond, text = out.chunk(2)
+            out = uncond + guidance * (text - uncond)
+        else:
+            out = self._forward(x, timestep, cond.embeds, guidance)
+        return out.float()
+
+    def _check_input(self, x_t: Tensor, cond: Cond) -> None:
+        if not isinstance(x_t, Tensor) or not x_t.is_floating_point():
+            raise TypeError(f"x_t must be a floating-point tensor, got {getattr(x_t, 'dtype', type(x_t))}.")
+        if x_t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"x_t has dtype {x_t.dtype}; use float32 (the samplers' dtype) or the model's {self.dtype}."
+            )
+        if x_t.device.type != self.device.type:
+            raise ValueError(
+                f"x_t is on {x_t.device} but the model is on {self.device}; move it with x_t.to(model.device)."
+            )
+        if not isinstance(cond, Cond):
+            raise TypeError(f"cond must be a Cond from model.encode(...), got {type(cond).__name__}.")
+        if len(cond) != x_t.shape[0]:
+            raise ValueError(
+                f"cond holds {len(cond)} prompts but x_t has {x_t.shape[0]} samples; use cond.repeat(n) for n "
+                "samples per prompt."
+            )
+
+    def initial_noise(
+        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``[batch, *latent_shape]`` standard normal float32 noise, drawn on the model's device."""
+        shape = (batch, *self.latent_shape(height, width))
+        return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ training state
+
+    def add_lora(
+        self,
+        rank: int = 8,
+        alpha: float | None = None,
+        target_modules: Sequence[str] | None = None,
+        dropout: float = 0.0,
+        init: str | bool = True,
+    ) -> None:
+        """Attach a peft LoRA adapter to the denoiser; only its parameters are trainable afterwards.
+
+        ``init=True`` starts ``B = 0`` so the model is unchanged (Hu et al. 2021); ``"gaussian"`` too.
+        """
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            target_modules=list(target_modules or self.default_lora_targets),
+            lora_dropout=dropout,
+            init_lora_weights=init,
+        )
+        self.denoiser.requires_grad_(False)
+        self.denoiser.add_adapter(config)
+        for name, param in self.denoiser.named_parameters():
+            param.requires_grad_("lora_" in name)
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.denoiser, "_hf_peft_config_loaded", False))
+
+    def set_full_finetuning(self) -> None:
+        """Make every denoiser parameter trainable (no LoRA)."""
+        if self.has_lora:
+            raise ValueError("this model has a LoRA adapter; full fine-tuning and LoRA are exclusive.")
+        self.denoiser.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Save the LoRA in diffusers format (``pytorch_lora_weights.safetensors`` with its config), loadable
+        with the stock ``Pipeline.load_lora_weights(directory)``."""
+        from peft.utils import get_peft_model_state_dict
+
+        if not self.has_lora:
+            raise ValueError("this model has no LoRA adapter to save; call add_lora() first.")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.denoiser)
+        config = self.denoiser.peft_config["default"].to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        type(self.pipeline).save_lora_weights(
+            directory,
+            **{
+                f"{self.denoiser_name}_lora_layers": state,
+                f"{self.denoiser_name}_lora_adapter_metadata": config,
+            },
+            safe_serialization=True,
+        )
+        return directory
+
+    def load_lora(self, directory: str | Path, trainable: bool = False) -> None:
+        """Load a diffusers-format LoRA through the stock pipeline loader."""
+        if not Path(directory).exists():
+            raise ModelLoadError(f"LoRA directory {str(directory)!r} does not exist.")
+        self.pipeline.load_lora_weights(str(directory), adapter_name="default")
+        for name, param in self.denoiser.named_parameters():
+            param.requires_grad_(trainable and "lora_" in name)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[ModelAdapter]:
+        """Within this context the model predicts with its LoRA disabled: the reference policy, no copy."""
+        if not self.has_lora:
+            raise ValueError(
+                "a reference prediction needs a LoRA adapter (it disables the adapter); with full fine-tuning "
+                "keep a frozen copy of the base model instead."
+            )
+        self.denoiser.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.denoiser.enable_adapters()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Per-block activation checkpointing inside the denoiser (diffusers' own)."""
+        if enabled:
+            self.denoiser.enable_gradient_checkpointing()
+        else:
+            self.denoiser.disable_gradient_checkpointing()
+
+    def set_attention_backend(self, backend: str) -> None:
+        """``"sdpa"`` (PyTorch scaled-dot-product attention, the default) or ``"xformers"`` (GPU only)."""
+        if backend == "sdpa":
+            if getattr(self, "_xformers", False):
+                self.denoiser.disable_xformers_memory_efficient_attention()
+                self._xformers = False
+            return
+        if backend != "xformers":
+            raise ValueError(f"attention backend must be 'sdpa' or 'xformers', got {backend!r}.")
+        if self.device.type != "cuda":
+            raise ValueError(
+                f"xformers attention runs on CUDA devices only; this model is on {self.device}. Use 'sdpa'."
+            )
+        if importlib.util.find_spec("xformers") is None:
+            raise ImportError(
+                "the xformers backend needs the xformers package: pip install 'flowalign[xformers]' (GPU only)."
+            )
+        self.denoiser.enable_xformers_memory_efficient_attention()
+        self._xformers = True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(family={self.family!r}, kind={self.kind!r}, device={self.device}, dtype={self.dtype})"
+
+
+def _stack(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def pipeline_class_name(path: str | Path) -> str | None:
+    """The ``_class_name`` of a local diffusers directory's ``model_index.json`` (None if not local)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    return json.loads(index.read_text())["_class_name"]
+
+
+def _load_pipeline(path: str | Path, accepted: tuple[str, ...], dtype: torch.dtype, **kwargs: Any):
+    import diffusers
+
+    path = Path(path).expanduser()
+    local = path.exists()
+    looks_local = str(path).startswith((".", "/", "~")) or len(path.parts) != 2
+    if not local and looks_local:
+        raise ModelLoadError(
+            f"model directory {str(path)!r} does not exist; pass a local diffusers directory (with model_index.json) "
+            "or a hub id such as 'stabilityai/stable-diffusion-3.5-medium'."
+        )
+    name = pipeline_class_name(path) if local else None
+    if local and name is None:
+        raise ModelLoadError(
+            f"{str(path)!r} has no model_index.json; it is not a diffusers pipeline directory."
+        )
+    cls_name = name or accepted[0]
+    if cls_name not in accepted:
+        raise ModelLoadError(f"{str(path)!r} holds a {cls_name}; this adapter loads {', '.join(accepted)}.")
+    try:
+        return getattr(diffusers, cls_name).from_pretrained(str(path), dtype=dtype, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load {str(path)!r}: {err}. Offline? Download it first and pass the local directory."
+        ) from err

@@ -101,6 +101,8 @@ class ModelAdapter:
     kind: ClassVar[str]
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     prediction_type: str = "flow"
+    default_steps: ClassVar[int] = 28
+    default_guidance: ClassVar[float] = 7.0
 
     def __init__(
         self,
@@ -159,6 +161,11 @@ class ModelAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype
+
+    @property
+    def default_resolution(self) -> int:
+        """The stock pipeline's default image side in pixels."""
+        return int(self.denoiser.config.get("sample_size") or 128) * self.vae_scale_factor
 
     @property
     def vae_scale_factor(self) -> int:

@@ -49,6 +49,7 @@ class FluxAdapter(ModelAdapter):
     denoiser_name = "transformer"
     kind = "flow"
     prediction_type = "flow"
+    default_guidance = 3.5
     default_lora_targets = (
         "to_q",
         "to_k",

@@ -25,6 +25,8 @@ class StableDiffusionAdapter(ModelAdapter):
     pipeline_classes = ("StableDiffusionPipeline",)
     denoiser_name = "unet"
     kind = "diffusion"
+    default_steps = 50
+    default_guidance = 7.5
 
     def __init__(self, pipeline, **kwargs):
         super().__init__(pipeline, **kwargs)
@@ -72,6 +74,7 @@ class StableDiffusionAdapter(ModelAdapter):
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     family = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    default_guidance = 5.0
 
     @property
     def zero_negative(self) -> bool:

@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("flowalign.commands.sample", "generate images from prompts and save a PNG grid"),
+    "train": ("flowalign.commands.train", "fine-tune a model from a YAML config (online RL, ...)"),
 }
 
 

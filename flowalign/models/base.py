@@ -155,6 +155,16 @@ class ModelAdapter:
         return getattr(self.pipeline, self.denoiser_name)
 
     @property
+    def net(self) -> nn.Module:
+        """The module to call for a forward pass: the denoiser, or its distributed wrapper (DDP/FSDP) once
+        the training loop has prepared it with accelerate."""
+        return getattr(self, "_training_module", None) or self.denoiser
+
+    def set_training_module(self, module: nn.Module | None) -> None:
+        """Route forward passes through ``module`` (the accelerate-prepared denoiser); None undoes it."""
+        self._training_module = module
+
+    @property
     def device(self) -> torch.device:
         return self._device
 

@@ -82,7 +82,7 @@ class FluxAdapter(ModelAdapter):
         guidance_input = None
         if self.denoiser.config.guidance_embeds:
             guidance_input = torch.full((batch,), guidance, device=x.device, dtype=torch.float32)
-        out = self.denoiser(
+        out = self.net(
             hidden_states=pack_latents(x),
             timestep=timestep.to(x.dtype) / 1000,
             guidance=guidance_input,

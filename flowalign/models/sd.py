@@ -46,7 +46,7 @@ class StableDiffusionAdapter(ModelAdapter):
         return {}
 
     def _forward(self, x: Tensor, timestep: Tensor, embeds: dict[str, Tensor], guidance: float) -> Tensor:
-        return self.denoiser(
+        return self.net(
             x,
             timestep,
             encoder_hidden_states=embeds["prompt_embeds"],

@@ -48,7 +48,7 @@ class SD3Adapter(ModelAdapter):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def _forward(self, x: Tensor, timestep: Tensor, embeds: dict[str, Tensor], guidance: float) -> Tensor:
-        return self.denoiser(
+        return self.net(
             hidden_states=x,
             timestep=timestep,
             encoder_hidden_states=embeds["prompt_embeds"],

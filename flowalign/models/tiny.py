@@ -18,7 +18,7 @@ import torch
 __all__ = ["TINY_FAMILIES", "tiny_pipeline", "tiny_tokenizer"]
 
 TINY_FAMILIES = ("sd3", "flux", "sd", "sdxl")
-_MAX_TOKENS = 32
+_MAX_TOKENS = 64
 
 
 def tiny_tokenizer(max_length: int = _MAX_TOKENS):

@@ -1,0 +1,17 @@
+"""Training recipes on one shared accelerate loop."""
+
+from __future__ import annotations
+
+from flowalign.config import Config
+from flowalign.train.loop import TrainContext, TrainResult, run_training
+
+__all__ = ["TrainContext", "TrainResult", "run_training", "train"]
+
+
+def train(config: Config) -> TrainResult:
+    """Run the recipe ``config.train.algorithm`` names."""
+    from flowalign.train.evaluate import evaluate_rewards
+    from flowalign.train.online import grpo_iteration, nft_iteration
+
+    recipes = {"grpo": grpo_iteration, "nft": nft_iteration}
+    return run_training(config, recipes[config.train.algorithm], evaluate=evaluate_rewards)

@@ -1,0 +1,27 @@
+"""``flowalign train CONFIG.yaml [key=value ...]``: run a training recipe from a YAML config.
+
+Works under ``accelerate launch`` unchanged (``accelerate launch -m flowalign train ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=20")
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowalign.config import ConfigError, load_config
+    from flowalign.train import train
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    result = train(config)
+    state = "interrupted" if result.interrupted else "finished"
+    print(f"{state} after {result.steps_done} steps; outputs in {result.output_dir}")
+    return 0

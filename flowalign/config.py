@@ -1,0 +1,257 @@
+"""Typed training configs: YAML files plus dotted command-line overrides, validated by OmegaConf.
+
+    config = load_config("configs/grpo/shapes.yaml", ["optim.lr=3e-4", "train.steps=20"])
+
+Every section is a dataclass; an unknown key or a value of the wrong type is a :class:`ConfigError`
+that names the key and the file (or the override). :func:`validate` adds the checks that span fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ALGORITHMS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "GRPOConfig",
+    "ModelConfig",
+    "NFTConfig",
+    "OptimConfig",
+    "RewardSpec",
+    "SamplingConfig",
+    "TrainConfig",
+    "load_config",
+    "validate",
+]
+
+ALGORITHMS = ("grpo", "nft")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and where it came from."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how.
+
+    ``path``: a diffusers directory, a hub id, ``tiny-<family>``, or ``shapes`` (the shipped default).
+    ``lora_rank``: 0 means full fine-tuning of the denoiser.
+    """
+
+    path: str = "shapes"
+    family: str | None = None
+    dtype: str = "float32"
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"
+    resolution: int | None = None
+
+
+@dataclass
+class SamplingConfig:
+    """Training rollouts.
+
+    ``sde_window``: ``[start, size]`` of SDE steps (Flow-GRPO-Fast, MixGRPO); None = every step.
+    ``sde_window_shift``: draw the window's start per iteration uniformly from ``[0, sde_window_shift]``
+    steps after ``start`` (Flow-GRPO-Fast's random window).
+    ``train_steps``: how many of the window's SDE steps are trained each iteration (a random subset,
+    DanceGRPO's timestep fraction); None = all except the last step of the schedule (Flow-GRPO).
+    """
+
+    steps: int = 10
+    guidance: float = 1.0
+    dynamics: str = "flow_grpo"
+    noise_level: float = 0.7
+    sde_window: list[int] | None = None
+    sde_window_shift: int = 0
+    train_steps: int | None = None
+    reduction: str = "mean"
+
+
+@dataclass
+class DataConfig:
+    """Prompts: ``.txt`` (one per line), ``.jsonl`` with a ``prompt`` field, or GenEval metadata jsonl."""
+
+    train_prompts: str = "assets/shapes/prompts/train.jsonl"
+    group_size: int = 8
+    groups_per_step: int = 4
+
+
+@dataclass
+class RewardSpec:
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GRPOConfig:
+    """Flow-GRPO / DDPO. ``kl_form``: ``flow_grpo`` or ``gaussian`` (see ``algorithms.grpo.step_kl``)."""
+
+    clip_range: float = 1e-4
+    adv_clip: float = 5.0
+    kl_beta: float = 0.0
+    kl_form: str = "flow_grpo"
+    std_scope: str = "group"
+    multi_reward: str = "normalize_then_weight"
+    guard: bool = False
+    inner_epochs: int = 1
+    minibatch_size: int = 8
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT. The old (sampling) policy is an EMA of the trained one with decay
+    ``min(old_decay_max, old_decay_rate * iteration)``, as in the reference."""
+
+    beta: float = 1.0
+    adv_clip: float = 5.0
+    std_scope: str = "group"
+    multi_reward: str = "normalize_then_weight"
+    timesteps_per_sample: int = 2
+    old_decay_rate: float = 0.001
+    old_decay_max: float = 0.5
+    minibatch_size: int = 8
+    inner_epochs: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation with deterministic ODE sampling on held-out prompts."""
+
+    prompts: str | None = "assets/shapes/prompts/test.jsonl"
+    every: int = 10
+    images_per_prompt: int = 2
+    max_prompts: int | None = 32
+    steps: int | None = None
+    guidance: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "grpo"
+    steps: int = 50
+    seed: int = 0
+    output_dir: str = "runs/default"
+    mixed_precision: str = "no"
+    ema_decay: float | None = None
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: dict[str, RewardSpec] = field(default_factory=dict)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _error(where: str, err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(err).splitlines()[0]
+    return ConfigError(f"{where}: invalid key {key!r}: {message}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (YAML) over the defaults, apply ``key=value`` overrides, validate, return a :class:`Config`."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise _error(str(path), err) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4).")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _error(f"override {item!r}", err) from None
+    config: Config = OmegaConf.to_object(merged)
+    validate(config, where=str(path) if path else "config")
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def validate(config: Config, where: str = "config") -> None:
+    """Cross-field checks; raises :class:`ConfigError` naming the key."""
+
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"{where}: invalid key {key!r}: {message}")
+
+    t, s, d = config.train, config.sampling, config.data
+    if t.algorithm not in ALGORITHMS:
+        fail("train.algorithm", f"{t.algorithm!r} is not one of {ALGORITHMS}")
+    if t.steps < 1:
+        fail("train.steps", f"must be >= 1, got {t.steps}")
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        fail("train.mixed_precision", f"must be no, bf16 or fp16, got {t.mixed_precision!r}")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        fail("train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
+    if s.steps < 2:
+        fail("sampling.steps", f"must be >= 2, got {s.steps}")
+    if s.sde_window is not None:
+        if len(s.sde_window) != 2:
+            fail("sampling.sde_window", f"must be [start, size], got {s.sde_window}")
+        start, size = s.sde_window
+        if start < 0 or size < 1 or start + size + s.sde_window_shift > s.steps:
+            fail(
+                "sampling.sde_window",
+                f"[{start}, {size}] shifted by up to {s.sde_window_shift} does not fit {s.steps} steps",
+            )
+    if s.reduction not in ("mean", "sum"):
+        fail("sampling.reduction", f"must be mean or sum, got {s.reduction!r}")
+    if d.group_size < 2:
+        fail(
+            "data.group_size",
+            f"group-relative advantages need at least 2 samples per prompt, got {d.group_size}",
+        )
+    if d.groups_per_step < 1:
+        fail("data.groups_per_step", f"must be >= 1, got {d.groups_per_step}")
+    if not config.reward:
+        fail("reward", "name at least one reward, e.g. reward: {geneval: {weight: 1.0}}")
+    for name, spec in config.reward.items():
+        if spec.weight == 0:
+            fail(f"reward.{name}.weight", "is 0; remove the reward instead")
+    for section, scope in (("grpo", config.grpo.std_scope), ("nft", config.nft.std_scope)):
+        if scope not in ("group", "global"):
+            fail(f"{section}.std_scope", f"must be group or global, got {scope!r}")
+    if config.grpo.kl_form not in ("flow_grpo", "gaussian"):
+        fail("grpo.kl_form", f"must be flow_grpo or gaussian, got {config.grpo.kl_form!r}")
+    if config.model.lora_rank < 0:
+        fail("model.lora_rank", f"must be >= 0 (0 = full fine-tuning), got {config.model.lora_rank}")

@@ -1,0 +1,117 @@
+"""Prompt sets and the group sampler of online RL.
+
+A prompt set is read from ``.txt`` (one prompt per line), ``.jsonl`` with a ``prompt`` field (other fields
+become the prompt's metadata, e.g. GenEval's ``include``/``exclude``/``tag``), or GenEval's own
+``evaluation_metadata.jsonl``.
+
+:class:`GroupSampler` draws the prompts of each training iteration from ``(seed, iteration)`` alone, so a
+resumed run continues with exactly the prompts it would have seen, and every process agrees on the global
+batch without communication. Each prompt's group of ``group_size`` samples stays on one process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["GroupBatch", "GroupSampler", "PromptRecord", "load_prompt_set"]
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load_prompt_set(path: str | Path) -> list[PromptRecord]:
+    """Read prompts from a ``.txt`` or ``.jsonl`` file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist.")
+    records: list[PromptRecord] = []
+    lines = path.read_text().splitlines()
+    if path.suffix == ".txt":
+        records = [PromptRecord(line.strip()) for line in lines if line.strip()]
+    elif path.suffix == ".jsonl":
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise ValueError(
+                    f"{path}:{number}: each line must be an object with a string 'prompt' field."
+                )
+            records.append(PromptRecord(item["prompt"], {k: v for k, v in item.items() if k != "prompt"}))
+    else:
+        raise ValueError(f"prompt file {str(path)!r} must end in .txt or .jsonl.")
+    if not records:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts.")
+    return records
+
+
+@dataclass
+class GroupBatch:
+    """The samples one process generates in one iteration.
+
+    Attributes:
+        prompts: ``[n]`` prompt strings, each repeated ``group_size`` times consecutively.
+        metadata: ``[n]`` metadata dicts, aligned with ``prompts``.
+        group_ids: ``[n]`` long, the global group index of each sample (unique across processes).
+    """
+
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+    group_ids: torch.Tensor
+
+
+class GroupSampler:
+    """Draws ``groups_per_step`` prompts per iteration (without replacement within an epoch over the set)
+    and gives each of ``num_processes`` processes a contiguous share of whole groups."""
+
+    def __init__(
+        self,
+        records: list[PromptRecord],
+        group_size: int,
+        groups_per_step: int,
+        *,
+        seed: int = 0,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ):
+        if groups_per_step % num_processes:
+            raise ValueError(
+                f"data.groups_per_step={groups_per_step} must be divisible by the number of processes "
+                f"({num_processes}) so that every group stays on one process."
+            )
+        self.records, self.group_size, self.groups_per_step = records, group_size, groups_per_step
+        self.seed, self.num_processes, self.process_index = seed, num_processes, process_index
+
+    def global_indices(self, iteration: int) -> list[int]:
+        """Indices into the prompt set of this iteration's groups (all processes)."""
+        n = len(self.records)
+        start = iteration * self.groups_per_step
+        out: list[int] = []
+        while len(out) < self.groups_per_step:
+            epoch, offset = divmod(start + len(out), n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            out.extend(order[offset : offset + self.groups_per_step - len(out)].tolist())
+        return out
+
+    def batch(self, iteration: int) -> GroupBatch:
+        per_process = self.groups_per_step // self.num_processes
+        indices = self.global_indices(iteration)
+        first = self.process_index * per_process
+        prompts, metadata, groups = [], [], []
+        for group in range(first, first + per_process):
+            record = self.records[indices[group]]
+            prompts += [record.prompt] * self.group_size
+            metadata += [dict(record.metadata) for _ in range(self.group_size)]
+            groups += [group] * self.group_size
+        return GroupBatch(prompts, metadata, torch.tensor(groups, dtype=torch.long))

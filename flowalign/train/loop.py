@@ -1,0 +1,269 @@
+"""The one training loop every recipe shares: accelerate, optimizer, EMA, checkpoint/resume, logging,
+evaluation, SIGTERM. A recipe is a function ``iteration(ctx, step) -> metrics`` that does one iteration of
+its algorithm (sample, score, update); :func:`run_training` does everything around it.
+
+    flowalign train configs/grpo/shapes.yaml train.steps=20           # one process
+    accelerate launch --num_processes 2 --cpu -m flowalign train ...    # several (DDP; FSDP/DeepSpeed
+                                                                        # through accelerate's config)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from flowalign.config import Config, to_yaml
+from flowalign.data.prompts import GroupSampler, load_prompt_set
+from flowalign.models import ModelAdapter, load_model
+from flowalign.train.state import EMA, find_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["TrainContext", "TrainResult", "build_reward", "run_training"]
+
+Iteration = Callable[["TrainContext", int], dict[str, float]]
+
+
+def build_reward(config: Config, device: torch.device):
+    """The configured reward: one reward, or a :class:`rewards.WeightedReward` that keeps every part's scores."""
+    from rewards import WeightedReward, load_reward
+
+    parts = {
+        name: (load_reward(name, device=device, **spec.args), spec.weight)
+        for name, spec in config.reward.items()
+    }
+    return WeightedReward(parts)
+
+
+@dataclass
+class Clock:
+    """Seconds spent per named phase within an iteration (model forward/backward vs everything else)."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+@dataclass
+class TrainContext:
+    """What a recipe's iteration sees. ``generator(step, purpose)`` gives the seeded generator of one
+    random draw of one iteration on this process, which is what makes resume exact."""
+
+    config: Config
+    accelerator: Any
+    model: ModelAdapter
+    reward: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: GroupSampler
+    emas: dict[str, EMA]
+    clock: Clock
+    output_dir: Path
+
+    def generator(self, step: int, purpose: str) -> torch.Generator:
+        salt = sum(ord(c) * 31**i for i, c in enumerate(purpose)) % 1_000_003
+        seed = (
+            (self.config.train.seed * 1_000_003 + step) * 1_000_003 + salt
+        ) * 64 + self.accelerator.process_index
+        return torch.Generator(self.model.device).manual_seed(seed % (2**63 - 1))
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return self.model.trainable_parameters()
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step, zero; a non-finite gradient norm skips the update and is reported, never applied."""
+        norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.optim.max_grad_norm)
+        norm = float(norm)
+        skipped = not math.isfinite(norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm if not skipped else float("nan"), "skipped_updates": float(skipped)}
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    output_dir: Path
+    last_metrics: dict[str, float]
+    interrupted: bool
+
+
+def _named_trainable(model: ModelAdapter) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.denoiser.named_parameters() if p.requires_grad}
+
+
+def _setup_model(config: Config, device: torch.device) -> ModelAdapter:
+    m = config.model
+    model = load_model(m.path, family=m.family, device=device, dtype=getattr(torch, m.dtype))
+    if m.lora_rank > 0:
+        model.add_lora(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets)
+    else:
+        model.set_full_finetuning()
+    model.set_gradient_checkpointing(m.gradient_checkpointing)
+    model.set_attention_backend(m.attention)
+    return model
+
+
+def _trackers(config: Config) -> list[str]:
+    import importlib.util
+
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for name in config.train.log_with:
+        if name not in modules:
+            raise ValueError(f"train.log_with: unknown tracker {name!r}; use tensorboard and/or wandb.")
+        if importlib.util.find_spec(modules[name]) is None:
+            raise ImportError(
+                f"train.log_with names {name} but it is not installed: pip install 'flowalign[{name}]'."
+            )
+    return list(config.train.log_with)
+
+
+def run_training(config: Config, iteration: Iteration, evaluate: Callable | None = None) -> TrainResult:
+    """Run ``config.train.steps`` iterations of ``iteration`` with everything around them."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    output_dir = Path(config.train.output_dir)
+    trackers = _trackers(config)
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision, log_with=trackers or None, project_dir=str(output_dir)
+    )
+    set_seed(config.train.seed, device_specific=True)
+    model = _setup_model(config, accelerator.device)
+    params = model.trainable_parameters()
+    o = config.optim
+    optimizer = torch.optim.AdamW(
+        params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps
+    )
+    warmup = max(o.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    wrapped, optimizer, scheduler = accelerator.prepare(model.denoiser, optimizer, scheduler)
+    model.set_training_module(wrapped)
+    emas = {}
+    if config.train.ema_decay is not None:
+        emas["ema"] = EMA(params)
+    if config.train.algorithm == "nft":
+        emas["old"] = EMA(params)
+    sampler = GroupSampler(
+        load_prompt_set(config.data.train_prompts), config.data.group_size, config.data.groups_per_step,
+        seed=config.train.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+    )  # fmt: skip
+    ctx = TrainContext(
+        config,
+        accelerator,
+        model,
+        build_reward(config, accelerator.device),
+        optimizer,
+        scheduler,
+        sampler,
+        emas,
+        Clock(),
+        output_dir,
+    )
+    named = _named_trainable(model)
+    start = 0
+    if config.train.resume:
+        state = load_checkpoint(
+            find_checkpoint(output_dir, config.train.resume), named, optimizer, scheduler, emas
+        )
+        start = state["step"]
+        accelerator.print(f"resumed from step {start}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(config))
+    if trackers:
+        accelerator.init_trackers("flowalign", config=_flat(asdict(config)))
+
+    stop = {"requested": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+
+    def checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(
+                output_dir, step, named, optimizer, scheduler, emas, {"config": to_yaml(config)},
+                keep=config.train.keep_checkpoints, lora_saver=model.save_lora if model.has_lora else None,
+            )  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    metrics: dict[str, float] = {}
+    progress = tqdm(
+        range(start, config.train.steps), initial=start, total=config.train.steps, desc="train",
+        disable=not (config.train.progress and accelerator.is_local_main_process), dynamic_ncols=True,
+    )  # fmt: skip
+    step = start
+    try:
+        for step in progress:
+            ctx.clock = Clock()
+            began = time.perf_counter()
+            metrics = iteration(ctx, step)
+            scheduler.step()
+            elapsed = time.perf_counter() - began
+            metrics["step_time"] = elapsed
+            model_seconds = ctx.clock.seconds.get("forward", 0.0) + ctx.clock.seconds.get("backward", 0.0)
+            metrics["model_time_share"] = model_seconds / elapsed if elapsed > 0 else 0.0
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            done = step + 1
+            if (
+                evaluate is not None
+                and config.eval.prompts
+                and config.eval.every > 0
+                and done % config.eval.every == 0
+            ):
+                metrics.update(evaluate(ctx, done))
+            _log(ctx, metrics, done)
+            progress.set_postfix(
+                {k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "clip_frac", "step_time") if k in metrics}
+            )
+            if stop["requested"]:
+                checkpoint(done)
+                accelerator.print(f"SIGTERM: saved checkpoint at step {done} and stopped.")
+                return TrainResult(done, output_dir, metrics, True)
+            if config.train.checkpoint_every > 0 and (
+                done % config.train.checkpoint_every == 0 or done == config.train.steps
+            ):
+                checkpoint(done)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if trackers:
+            accelerator.end_training()
+    return TrainResult(config.train.steps, output_dir, metrics, False)
+
+
+def _log(ctx: TrainContext, metrics: dict[str, float], step: int) -> None:
+    clean = {k: float(v) for k, v in metrics.items()}
+    if ctx.config.train.log_with:
+        ctx.accelerator.log(clean, step=step)
+    if ctx.accelerator.is_main_process:
+        with open(ctx.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out

@@ -1,0 +1,239 @@
+"""Online RL recipes on the shared loop: Flow-GRPO (DDPO for diffusion models) and DiffusionNFT.
+
+One iteration of each (all randomness from ``ctx.generator(step, ...)``):
+
+``grpo``: prompts -> encode -> SDE rollout with log-probs (no grad) -> decode -> rewards, gathered over
+processes -> group advantages -> for each inner epoch and minibatch, for each trained step: recompute the
+step's log-prob with the same step function, clipped-ratio loss (+ KL to the adapters-disabled reference)
+-> backward -> one optimizer step per minibatch -> EMA.
+
+``nft``: prompts -> rollout of the old (EMA) policy, CFG-free -> rewards -> advantages -> for each
+minibatch: re-noise the clean samples at random sigmas, old and current velocities, DiffusionNFT loss ->
+optimizer step -> the old policy follows the trained one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flowalign.algorithms.advantages import multi_reward_advantages
+from flowalign.algorithms.grpo import grpo_loss, guard_log_ratio, step_kl
+from flowalign.algorithms.nft import nft_loss
+from flowalign.data.prompts import GroupBatch
+from flowalign.samplers import Rollout, SamplingPlan, denoise_step, rollout
+from flowalign.train.loop import TrainContext
+
+__all__ = ["SampledGroups", "grpo_iteration", "nft_iteration", "sample_and_score", "sampling_plan"]
+
+
+def sampling_plan(ctx: TrainContext, step: int, schedule) -> SamplingPlan:
+    """The iteration's plan: the configured SDE window (its start shifted at random when asked, as in
+    Flow-GRPO-Fast), or every step whose transition is stochastic."""
+    s = ctx.config.sampling
+    n = s.steps
+    dynamics = "ddim" if ctx.model.kind == "diffusion" else s.dynamics
+    if s.sde_window is not None:
+        start, size = s.sde_window
+        if s.sde_window_shift:
+            start += int(
+                torch.randint(0, s.sde_window_shift + 1, (1,), generator=ctx.generator(step, "window"))
+            )
+        window = (start, size)
+    else:
+        # CPS lands deterministically on sigma = 0, DDIM on abar = 1: those last steps stay ODE.
+        levels = schedule.sigmas if schedule.kind == "flow" else 1 - schedule.alphas_cumprod
+        deterministic_last = (dynamics == "cps" or dynamics == "ddim") and float(levels[-1]) == 0.0
+        window = (0, n - 1) if deterministic_last else "all"
+    return SamplingPlan.build(
+        n, sde=window, dynamics=dynamics, noise_level=s.noise_level, reduction=s.reduction
+    )
+
+
+@dataclass
+class SampledGroups:
+    """One iteration's samples on this process and their group advantages."""
+
+    batch: GroupBatch
+    cond: object
+    trajectory: Rollout
+    advantages: Tensor  # [n] this process's samples
+    metrics: dict[str, float]
+
+
+def _resolution(ctx: TrainContext) -> int:
+    return ctx.config.model.resolution or ctx.model.default_resolution
+
+
+def sample_and_score(
+    ctx: TrainContext, step: int, plan_fn=sampling_plan, cfg: bool | None = None
+) -> SampledGroups | None:
+    """Rollouts of this iteration's groups, their rewards gathered over processes, and advantages.
+    Returns None (and the caller skips the iteration) when a reward is NaN/inf."""
+    config, model, acc = ctx.config, ctx.model, ctx.accelerator
+    algo = config.grpo if config.train.algorithm == "grpo" else config.nft
+    batch = ctx.sampler.batch(step)
+    guidance = config.sampling.guidance if cfg is None or cfg else 1.0
+    cond = model.encode(batch.prompts, cfg=guidance > 1)
+    size = _resolution(ctx)
+    noise = model.initial_noise(len(batch.prompts), size, size, ctx.generator(step, "noise"))
+    schedule = model.schedule(config.sampling.steps, noise.shape[1:])
+    plan = plan_fn(ctx, step, schedule)
+    with torch.no_grad(), ctx.clock("forward"):
+        trajectory = rollout(
+            model, cond, noise, schedule, plan, guidance=guidance, generator=ctx.generator(step, "sde")
+        )
+    with ctx.clock("reward"):
+        scored = ctx.reward(trajectory.images, batch.prompts, batch.metadata, batch.group_ids)
+    components = {k: acc.gather(v.float().contiguous()) for k, v in scored.components.items()}
+    group_ids = acc.gather(batch.group_ids.to(acc.device))
+    metrics = {f"reward_{k}": v.mean().item() for k, v in components.items()}
+    total = sum(ctx.reward.weights[k] * components[k] for k in components)
+    metrics["reward"] = total.mean().item()
+    if not all(torch.isfinite(v).all() for v in components.values()):
+        return None
+    advantages = multi_reward_advantages(
+        components, ctx.reward.weights, group_ids, mode=algo.multi_reward, scope=algo.std_scope
+    )
+    metrics["advantage_abs"] = advantages.abs().mean().item()
+    local = advantages.view(acc.num_processes, -1)[acc.process_index]
+    return SampledGroups(batch, cond, trajectory, local.to(model.device), metrics)
+
+
+def _trained_steps(ctx: TrainContext, step: int, trajectory: Rollout) -> list[int]:
+    """Stochastic steps to train: all but the schedule's last (Flow-GRPO), or a random subset."""
+    last = trajectory.plan.num_steps - 1
+    candidates = [i for i in trajectory.sde_steps.tolist() if i != last] or trajectory.sde_steps.tolist()
+    k = ctx.config.sampling.train_steps
+    if k is None or k >= len(candidates):
+        return candidates
+    pick = torch.randperm(len(candidates), generator=ctx.generator(step, "train_steps"))[:k]
+    return sorted(candidates[i] for i in pick.tolist())
+
+
+def _backward(ctx: TrainContext, loss: Tensor, sync: bool) -> None:
+    """Backward; gradients are all-reduced only on the last backward before an optimizer step."""
+    context = contextlib.nullcontext() if sync else ctx.accelerator.no_sync(ctx.model.net)
+    with context, ctx.clock("backward"):
+        ctx.accelerator.backward(loss)
+
+
+def _mean_metrics(rows: list[dict[str, Tensor | float]]) -> dict[str, float]:
+    keys = {k for row in rows for k in row}
+    return {k: float(sum(float(r[k]) for r in rows if k in r) / sum(k in r for r in rows)) for k in keys}
+
+
+def grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
+    """One Flow-GRPO (flow models) or DDPO (diffusion models) iteration."""
+    sampled = sample_and_score(ctx, step)
+    if sampled is None:
+        return {"skipped_nonfinite_reward": 1.0}
+    g, s = ctx.config.grpo, ctx.config.sampling
+    traj, cond, advantages = sampled.trajectory, sampled.cond, sampled.advantages
+    steps = _trained_steps(ctx, step, traj)
+    column = {i: c for c, i in enumerate(traj.sde_steps.tolist())}
+    n = traj.latents.shape[0]
+    rows: list[dict] = []
+    for epoch in range(g.inner_epochs):
+        order = torch.randperm(n, generator=ctx.generator(step, f"perm{epoch}")).to(traj.latents.device)
+        for chunk in order.split(g.minibatch_size):
+            sub = cond.select(chunk)
+            for position, i in enumerate(steps):
+                with ctx.clock("forward"):
+                    out = denoise_step(
+                        ctx.model, traj.latents[chunk, i], i, sub, traj.schedule, traj.plan, s.guidance,
+                        prev_sample=traj.latents[chunk, i + 1],
+                    )  # fmt: skip
+                old = traj.log_probs[chunk, column[i]]
+                log_ratio = None
+                if g.guard:
+                    log_ratio = guard_log_ratio(
+                        out.log_prob, old, out.mean, traj.means[chunk, column[i]], out.std, s.reduction
+                    )
+                loss, metrics = grpo_loss(
+                    out.log_prob,
+                    old,
+                    advantages[chunk],
+                    clip_range=g.clip_range,
+                    adv_clip=g.adv_clip,
+                    log_ratio=log_ratio,
+                )
+                if g.kl_beta > 0:
+                    with torch.no_grad(), ctx.model.reference(), ctx.clock("forward"):
+                        ref = denoise_step(
+                            ctx.model, traj.latents[chunk, i], i, sub, traj.schedule, traj.plan, s.guidance,
+                            prev_sample=traj.latents[chunk, i + 1],
+                        )  # fmt: skip
+                    dsigma = None
+                    if traj.schedule.kind == "flow" and traj.plan.dynamics != "cps":
+                        dsigma = traj.schedule.sigmas[i + 1] - traj.schedule.sigmas[i]
+                    kl = step_kl(
+                        out.mean, ref.mean, out.std, form=g.kl_form, dsigma=dsigma, reduction=s.reduction
+                    ).mean()
+                    loss = loss + g.kl_beta * kl
+                    metrics["kl"] = kl.detach()
+                _backward(ctx, loss / len(steps), sync=position == len(steps) - 1)
+                rows.append(metrics)
+            rows.append(ctx.optimizer_step())
+    if "ema" in ctx.emas:
+        ctx.emas["ema"].update(ctx.config.train.ema_decay)
+    return {**sampled.metrics, **_mean_metrics(rows), "trained_steps": float(len(steps))}
+
+
+def nft_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
+    """One DiffusionNFT iteration (flow models)."""
+    if ctx.model.kind != "flow":
+        raise ValueError(
+            "DiffusionNFT is defined for flow models; use train.algorithm=grpo (DDPO) for diffusion models."
+        )
+    with ctx.emas["old"].applied():
+        sampled = sample_and_score(ctx, step, cfg=False)
+    if sampled is None:
+        return {"skipped_nonfinite_reward": 1.0}
+    cfg = ctx.config.nft
+    x0_all, cond, advantages = sampled.trajectory.final, sampled.cond, sampled.advantages
+    schedule = sampled.trajectory.schedule
+    n, num_levels = x0_all.shape[0], schedule.num_steps
+    if cfg.timesteps_per_sample > num_levels:
+        raise ValueError(
+            f"nft.timesteps_per_sample={cfg.timesteps_per_sample} exceeds sampling.steps={num_levels}."
+        )
+    rows: list[dict] = []
+    old = ctx.emas["old"]
+    for epoch in range(cfg.inner_epochs):
+        gen = ctx.generator(step, f"nft{epoch}")
+        order = torch.randperm(n, generator=gen, device=gen.device)
+        # As the reference: each sample trains on the sampling schedule's noise levels in its own random order.
+        levels = torch.stack([torch.randperm(num_levels, generator=gen, device=gen.device) for _ in range(n)])
+        for chunk in order.split(cfg.minibatch_size):
+            sub, x0 = cond.select(chunk), x0_all[chunk]
+            for k in range(cfg.timesteps_per_sample):
+                index = levels[chunk, k]
+                sigma, timestep = schedule.sigmas[index], schedule.timesteps[index]
+                eps = torch.randn(x0.shape, generator=gen, device=gen.device)
+                s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+                x_t = (1 - s) * x0 + s * eps
+                with torch.no_grad(), old.applied(), ctx.clock("forward"):
+                    old_velocity = ctx.model.predict(x_t, timestep, sub, 1.0)
+                with ctx.clock("forward"):
+                    velocity = ctx.model.predict(x_t, timestep, sub, 1.0)
+                loss, metrics = nft_loss(
+                    velocity,
+                    old_velocity,
+                    x_t,
+                    x0,
+                    sigma,
+                    advantages[chunk],
+                    beta=cfg.beta,
+                    adv_clip=cfg.adv_clip,
+                )
+                _backward(ctx, loss / cfg.timesteps_per_sample, sync=k == cfg.timesteps_per_sample - 1)
+                rows.append(metrics)
+            rows.append(ctx.optimizer_step())
+    old.update(min(cfg.old_decay_max, cfg.old_decay_rate * step))
+    if "ema" in ctx.emas:
+        ctx.emas["ema"].update(ctx.config.train.ema_decay)
+    return {**sampled.metrics, **_mean_metrics(rows)}

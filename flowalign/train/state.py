@@ -1,0 +1,168 @@
+"""Training state that outlives a process: EMA of parameters, atomic checkpoints, exact resume.
+
+A checkpoint is a directory ``<output_dir>/checkpoints/step-<N>`` holding the trainable parameters
+(safetensors), the optimizer and LR-scheduler state, the EMA shadows, and ``state.json`` (step, config).
+It is written to ``step-<N>.tmp`` and renamed into place, so a crash mid-write never leaves a directory
+that loads wrong. Every random draw of the training loops derives from ``(seed, iteration)``, so the
+step counter is all the data position and RNG state a resume needs; the global RNG states are saved too
+for user code that uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["EMA", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+
+class EMA:
+    """Exponential moving average of a list of parameters: ``shadow <- d shadow + (1 - d) param``."""
+
+    def __init__(self, params: Sequence[nn.Parameter]):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for shadow, param in zip(self.shadow, self.params):
+            shadow.lerp_(param.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Temporarily load the shadow weights into the parameters (e.g. to evaluate or sample)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for param, shadow in zip(self.params, self.shadow):
+                param.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(self.params, backup):
+                    param.copy_(saved)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(i): s for i, s in enumerate(self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if len(state) != len(self.shadow):
+            raise ValueError(
+                f"EMA state has {len(state)} tensors, this model has {len(self.shadow)} trainable parameters."
+            )
+        for i, shadow in enumerate(self.shadow):
+            shadow.copy_(state[str(i)])
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    root = output_dir / "checkpoints"
+    found = []
+    for path in root.glob("step-*"):
+        if path.is_dir() and not path.name.endswith(".tmp") and (path / "state.json").is_file():
+            found.append((int(path.name.removeprefix("step-")), path))
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
+    """``resume`` is ``"latest"`` (newest complete checkpoint under ``output_dir``) or a checkpoint path."""
+    if resume == "latest":
+        found = _checkpoint_dirs(Path(output_dir))
+        if not found:
+            raise FileNotFoundError(
+                f"train.resume=latest but {output_dir}/checkpoints holds no complete checkpoint."
+            )
+        return found[-1][1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory (no state.json).")
+    return path
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    named_params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    emas: dict[str, EMA],
+    extra: dict[str, Any],
+    keep: int = 2,
+    lora_saver=None,
+) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the ``keep`` newest."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = root / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in named_params.items()},
+        str(tmp / "trainable.safetensors"),
+    )
+    for name, ema in emas.items():
+        save_file(
+            {k: v.contiguous().cpu() for k, v in ema.state_dict().items()},
+            str(tmp / f"ema_{name}.safetensors"),
+        )
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
+    )
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    rng = {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    torch.save(rng, tmp / "rng.pt")
+    if lora_saver is not None:
+        lora_saver(tmp / "lora")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for _, old in _checkpoint_dirs(Path(output_dir))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    named_params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    emas: dict[str, EMA],
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns ``state.json`` (with ``step``)."""
+    params = load_file(str(path / "trainable.safetensors"))
+    if set(params) != set(named_params):
+        missing, unexpected = set(named_params) - set(params), set(params) - set(named_params)
+        raise ValueError(
+            f"checkpoint {path} does not match this model's trainable parameters "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); check model.lora_rank/targets."
+        )
+    with torch.no_grad():
+        for name, param in named_params.items():
+            param.copy_(params[name])
+    for name, ema in emas.items():
+        ema.load_state_dict(load_file(str(path / f"ema_{name}.safetensors")))
+    state = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,123 @@
+"""The shared training loop and the online-RL recipes on tiny components: configs, parameter updates,
+exact resume, SIGTERM, non-finite rewards."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowalign.config import ConfigError, load_config
+from flowalign.train import run_training, train
+from flowalign.train.online import grpo_iteration
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
+def test_every_config_loads_and_validates(path):
+    config = load_config(path)
+    assert config.train.algorithm in ("grpo", "nft")
+
+
+def test_config_errors_name_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lrr: 0.1}\nreward: {incompressibility: {}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*optim\.lrr"):
+        load_config(bad)
+    bad.write_text("optim: {lr: fast}\nreward: {incompressibility: {}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*optim\.lr"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"override 'train\.stepz=3'.*train\.stepz"):
+        load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="data.group_size"):
+        load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["data.group_size=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def _config(path, tmp_path, *overrides):
+    return load_config(ROOT / path, [f"train.output_dir={tmp_path}", *overrides])
+
+
+def _lora_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    (checkpoint,) = sorted((run_dir / "checkpoints").glob("step-*"))[-1:]
+    return load_file(str(checkpoint / "trainable.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "path", ["configs/grpo/tiny_sd3.yaml", "configs/nft/tiny_sd3.yaml", "configs/grpo/tiny_sd_ddpo.yaml"]
+)
+def test_recipe_moves_trainable_parameters(path, tmp_path):
+    config = _config(path, tmp_path, "train.steps=1", "train.checkpoint_every=1")
+    result = train(config)
+    assert result.steps_done == 1 and not result.interrupted
+    params = _lora_params(tmp_path)
+    lora_b = [v for k, v in params.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero and must have moved"
+    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "step-000001" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_first_update_is_on_policy_and_kl_starts_at_zero(tmp_path):
+    seen = {}
+
+    def probe(ctx, step):
+        metrics = grpo_iteration(ctx, step)
+        seen.update(metrics)
+        return metrics
+
+    config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "grpo.minibatch_size=4")
+    run_training(config, probe)
+    assert seen["ratio"] == 1.0 and seen["clip_frac"] == 0.0 and seen["approx_kl"] == 0.0
+    assert seen["kl"] == 0.0  # one minibatch: every KL is computed before the first update, LoRA B == 0
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["grpo.minibatch_size=2", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
+    train(_config("configs/grpo/tiny_sd3.yaml", straight, "train.steps=4", *common))
+    train(_config("configs/grpo/tiny_sd3.yaml", resumed, "train.steps=2", *common))
+    train(_config("configs/grpo/tiny_sd3.yaml", resumed, "train.steps=4", "train.resume=latest", *common))
+    a, b = _lora_params(straight), _lora_params(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    def interrupting(ctx, step):
+        metrics = grpo_iteration(ctx, step)
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=3", "train.checkpoint_every=0")
+    result = run_training(config, interrupting)
+    assert result.interrupted and result.steps_done == 1
+    assert (tmp_path / "checkpoints" / "step-000001" / "state.json").is_file()
+
+
+def test_nonfinite_rewards_skip_the_update(tmp_path):
+    from rewards import Reward, RewardOutput, register_reward
+
+    @register_reward("nan_reward_for_test")
+    class NaNReward(Reward):
+        def score_batch(self, images, prompts, metadata):
+            return RewardOutput(torch.full((images.shape[0],), float("nan")))
+
+    config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "train.checkpoint_every=1")
+    config.reward = {"nan_reward_for_test": config.reward["incompressibility"]}
+    result = train(config)
+    assert result.last_metrics["skipped_nonfinite_reward"] == 1.0
+    assert all(v.abs().sum() == 0 for k, v in _lora_params(tmp_path).items() if "lora_B" in k)

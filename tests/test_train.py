@@ -121,3 +121,33 @@ def test_nonfinite_rewards_skip_the_update(tmp_path):
     result = train(config)
     assert result.last_metrics["skipped_nonfinite_reward"] == 1.0
     assert all(v.abs().sum() == 0 for k, v in _lora_params(tmp_path).items() if "lora_B" in k)
+
+
+def test_two_processes_give_the_same_advantages_as_one(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on a CPU-only machine (gloo) against one process,
+    same global batch."""
+    import subprocess
+    import sys
+
+    script = ROOT / "benchmarks" / "dist" / "advantage_equivalence.py"
+    config = "configs/grpo/tiny_sd3.yaml"
+    common = [f"train.output_dir={tmp_path}/run", "data.groups_per_step=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, str(script), config, str(tmp_path / "one.pt"), *common],
+        check=True,
+        cwd=ROOT,
+        env=env,
+    )
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]  # fmt: skip
+    subprocess.run(
+        [*launch, str(script), config, str(tmp_path / "two.pt"), *common], check=True, cwd=ROOT, env=env
+    )
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["num_processes"] == 1 and two["num_processes"] == 2
+    torch.testing.assert_close(one["images"], two["images"], rtol=0, atol=1e-5)
+    for key in one["rewards"]:
+        torch.testing.assert_close(one["rewards"][key], two["rewards"][key], rtol=0, atol=1e-6)
+    torch.testing.assert_close(one["advantages"], two["advantages"], rtol=0, atol=1e-5)
+    assert one["advantages"].abs().sum() > 0

@@ -93,6 +93,8 @@ class ModelAdapter:
         denoiser_name: ``"transformer"`` or ``"unet"``: the pipeline attribute that is trained.
         kind: ``"flow"`` or ``"diffusion"``.
         default_lora_targets: module names LoRA adapts by default.
+        pipeline_module: the module that defines the pipeline classes (``diffusers``, or the family's own
+            module for a pipeline defined in flowalign).
     """
 
     family: ClassVar[str]
@@ -100,6 +102,7 @@ class ModelAdapter:
     denoiser_name: ClassVar[str]
     kind: ClassVar[str]
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    pipeline_module: ClassVar[str] = "diffusers"
     prediction_type: str = "flow"
     default_steps: ClassVar[int] = 28
     default_guidance: ClassVar[float] = 7.0
@@ -143,7 +146,7 @@ class ModelAdapter:
         **kwargs: Any,
     ) -> ModelAdapter:
         """Load a diffusers pipeline from a local directory (or a hub id where a hub is reachable)."""
-        pipeline = _load_pipeline(path, cls.pipeline_classes, dtype, **kwargs)
+        pipeline = _load_pipeline(path, cls.pipeline_classes, dtype, cls.pipeline_module, **kwargs)
         return cls(pipeline, device=device, dtype=dtype)
 
     def _modules(self) -> dict[str, nn.Module]:
@@ -338,12 +341,12 @@ class ModelAdapter:
                 "samples per prompt."
             )
 
-    def initial_noise(
-        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """``[batch, *latent_shape]`` standard normal float32 noise, drawn on the model's device."""
-        shape = (batch, *self.latent_shape(height, width))
-        return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+    def initial_noise(self, batch: int, height: int, width: int, generator=None) -> Tensor:
+        """``[batch, *latent_shape]`` standard normal float32 noise, drawn on the model's device; ``generator``
+        is one generator or a list of ``batch`` (one per sample)."""
+        from flowalign.samplers.steps import randn
+
+        return randn((batch, *self.latent_shape(height, width)), generator, self.device)
 
     # ------------------------------------------------------------------ training state
 
@@ -475,9 +478,9 @@ def pipeline_class_name(path: str | Path) -> str | None:
     return json.loads(index.read_text())["_class_name"]
 
 
-def _load_pipeline(path: str | Path, accepted: tuple[str, ...], dtype: torch.dtype, **kwargs: Any):
-    import diffusers
-
+def _load_pipeline(
+    path: str | Path, accepted: tuple[str, ...], dtype: torch.dtype, module: str = "diffusers", **kwargs: Any
+):
     path = Path(path).expanduser()
     local = path.exists()
     looks_local = str(path).startswith((".", "/", "~")) or len(path.parts) != 2
@@ -495,7 +498,9 @@ def _load_pipeline(path: str | Path, accepted: tuple[str, ...], dtype: torch.dty
     if cls_name not in accepted:
         raise ModelLoadError(f"{str(path)!r} holds a {cls_name}; this adapter loads {', '.join(accepted)}.")
     try:
-        return getattr(diffusers, cls_name).from_pretrained(str(path), dtype=dtype, **kwargs)
+        return getattr(importlib.import_module(module), cls_name).from_pretrained(
+            str(path), dtype=dtype, **kwargs
+        )
     except OSError as err:
         raise ModelLoadError(
             f"could not load {str(path)!r}: {err}. Offline? Download it first and pass the local directory."

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from flowalign.samplers.plan import SamplingPlan
 from flowalign.samplers.schedules import Schedule
-from flowalign.samplers.steps import StepOutput, ddim_step, flow_ode_step, flow_sde_step
+from flowalign.samplers.steps import Generators, StepOutput, ddim_step, flow_ode_step, flow_sde_step
 
 __all__ = ["Denoiser", "Rollout", "denoise_step", "rollout"]
 
@@ -73,7 +73,7 @@ def denoise_step(
     plan: SamplingPlan,
     guidance: float = 1.0,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise: Tensor | None = None,
     prev_sample: Tensor | None = None,
 ) -> StepOutput:
@@ -122,7 +122,7 @@ def rollout(
     plan: SamplingPlan,
     *,
     guidance: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     decode: bool = True,
 ) -> Rollout:
     """Sample from ``x_T`` following ``plan`` and return the whole trajectory.
@@ -135,7 +135,8 @@ def rollout(
         schedule: the noise levels, ``N`` steps (``model.schedule(N, ...)``).
         plan: per-step SDE/ODE, gradient window and checkpointing, ``N`` steps.
         guidance: classifier-free guidance scale (1 = no guidance).
-        generator: draws the noise of the stochastic steps.
+        generator: draws the noise of the stochastic steps; a list of ``B`` generators gives each sample its
+            own stream (the draws then do not depend on the batch a sample is in).
         decode: also decode the output to images in ``[0, 1]``.
     """
     if plan.num_steps != schedule.num_steps:

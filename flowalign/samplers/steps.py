@@ -18,6 +18,7 @@ per-element log-density ``l_d = -(x'_d - mean_d)^2 / (2 std^2) - log std - log s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,7 @@ __all__ = [
     "flow_ode_step",
     "flow_sde_step",
     "gaussian_log_prob",
+    "randn",
     "velocity_to_eps",
     "velocity_to_x0",
 ]
@@ -122,9 +124,24 @@ def diffusion_to_eps_x0(
     return eps, x0
 
 
-def _draw(mean: Tensor, std: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str) -> Tensor:
+    """Standard normal float32 noise; with a list of ``B`` generators, row ``i`` comes from generator ``i``
+    (so a sample's noise does not depend on which batch or process it is drawn in)."""
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(
+                f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample."
+            )
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+
+
+def _draw(mean: Tensor, std: Tensor, noise: Tensor | None, generator: Generators) -> Tensor:
     if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        noise = randn(mean.shape, generator, mean.device)
     elif noise.shape != mean.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(mean.shape)}.")
     return mean + std * noise.float()
@@ -150,7 +167,7 @@ def flow_sde_step(
     noise_level: float = 0.7,
     sigma_at_one: float | None = None,
     noise: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     prev_sample: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> StepOutput:
@@ -215,7 +232,7 @@ def ddim_step(
     eta: float = 0.0,
     clip_sample: float | None = None,
     noise: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     prev_sample: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> StepOutput:

@@ -3,8 +3,8 @@ evaluation, SIGTERM. A recipe is a function ``iteration(ctx, step) -> metrics`` 
 its algorithm (sample, score, update); :func:`run_training` does everything around it.
 
     flowalign train configs/grpo/shapes.yaml train.steps=20           # one process
-    accelerate launch --num_processes 2 --cpu -m flowalign train ...    # several (DDP; FSDP/DeepSpeed
-                                                                        # through accelerate's config)
+    accelerate launch --multi_gpu --num_processes 2 -m flowalign train ...   # several processes (DDP;
+                                            # gloo on a CPU-only machine; FSDP/DeepSpeed via accelerate config)
 """
 
 from __future__ import annotations
@@ -75,12 +75,28 @@ class TrainContext:
     clock: Clock
     output_dir: Path
 
-    def generator(self, step: int, purpose: str) -> torch.Generator:
+    def _seed(self, step: int, purpose: str, stream: int) -> torch.Generator:
         salt = sum(ord(c) * 31**i for i, c in enumerate(purpose)) % 1_000_003
-        seed = (
-            (self.config.train.seed * 1_000_003 + step) * 1_000_003 + salt
-        ) * 64 + self.accelerator.process_index
+        seed = ((self.config.train.seed * 1_000_003 + step) * 1_000_003 + salt) * 1_000_003 + stream
         return torch.Generator(self.model.device).manual_seed(seed % (2**63 - 1))
+
+    def generator(self, step: int, purpose: str) -> torch.Generator:
+        """The generator of one random draw of iteration ``step`` on this process."""
+        return self._seed(step, purpose, self.accelerator.process_index)
+
+    def shared_generator(self, step: int, purpose: str) -> torch.Generator:
+        """A generator that draws the same on every process (choices all processes must agree on)."""
+        return self._seed(step, purpose, 0)
+
+    def sample_generators(self, step: int, purpose: str, group_ids: torch.Tensor) -> list[torch.Generator]:
+        """One generator per sample, keyed by (global group, index in group): a sample's randomness is the
+        same whichever process or batch it is drawn in, so runs on 1 or N processes draw the same samples."""
+        seen: dict[int, int] = {}
+        gens = []
+        for g in group_ids.tolist():
+            seen[g] = seen.get(g, -1) + 1
+            gens.append(self._seed(step, purpose, 1_000 + g * 4096 + seen[g]))
+        return gens
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -142,8 +158,13 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
 
     output_dir = Path(config.train.output_dir)
     trackers = _trackers(config)
+    # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu --num_processes N` run N
+    # gloo processes on the CPU (accelerate's own `--cpu --num_processes N` starts only one without mpirun).
     accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision, log_with=trackers or None, project_dir=str(output_dir)
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.train.mixed_precision,
+        log_with=trackers or None,
+        project_dir=str(output_dir),
     )
     set_seed(config.train.seed, device_specific=True)
     model = _setup_model(config, accelerator.device)

@@ -40,7 +40,7 @@ def sampling_plan(ctx: TrainContext, step: int, schedule) -> SamplingPlan:
         start, size = s.sde_window
         if s.sde_window_shift:
             start += int(
-                torch.randint(0, s.sde_window_shift + 1, (1,), generator=ctx.generator(step, "window"))
+                torch.randint(0, s.sde_window_shift + 1, (1,), generator=ctx.shared_generator(step, "window"))
             )
         window = (start, size)
     else:
@@ -62,6 +62,8 @@ class SampledGroups:
     trajectory: Rollout
     advantages: Tensor  # [n] this process's samples
     metrics: dict[str, float]
+    all_rewards: dict[str, Tensor]  # [N] every process's reward components, gathered
+    all_advantages: Tensor  # [N] every process's advantages
 
 
 def _resolution(ctx: TrainContext) -> int:
@@ -79,12 +81,20 @@ def sample_and_score(
     guidance = config.sampling.guidance if cfg is None or cfg else 1.0
     cond = model.encode(batch.prompts, cfg=guidance > 1)
     size = _resolution(ctx)
-    noise = model.initial_noise(len(batch.prompts), size, size, ctx.generator(step, "noise"))
+    noise = model.initial_noise(
+        len(batch.prompts), size, size, ctx.sample_generators(step, "noise", batch.group_ids)
+    )
     schedule = model.schedule(config.sampling.steps, noise.shape[1:])
     plan = plan_fn(ctx, step, schedule)
     with torch.no_grad(), ctx.clock("forward"):
         trajectory = rollout(
-            model, cond, noise, schedule, plan, guidance=guidance, generator=ctx.generator(step, "sde")
+            model,
+            cond,
+            noise,
+            schedule,
+            plan,
+            guidance=guidance,
+            generator=ctx.sample_generators(step, "sde", batch.group_ids),
         )
     with ctx.clock("reward"):
         scored = ctx.reward(trajectory.images, batch.prompts, batch.metadata, batch.group_ids)
@@ -100,7 +110,7 @@ def sample_and_score(
     )
     metrics["advantage_abs"] = advantages.abs().mean().item()
     local = advantages.view(acc.num_processes, -1)[acc.process_index]
-    return SampledGroups(batch, cond, trajectory, local.to(model.device), metrics)
+    return SampledGroups(batch, cond, trajectory, local.to(model.device), metrics, components, advantages)
 
 
 def _trained_steps(ctx: TrainContext, step: int, trajectory: Rollout) -> list[int]:
@@ -110,7 +120,7 @@ def _trained_steps(ctx: TrainContext, step: int, trajectory: Rollout) -> list[in
     k = ctx.config.sampling.train_steps
     if k is None or k >= len(candidates):
         return candidates
-    pick = torch.randperm(len(candidates), generator=ctx.generator(step, "train_steps"))[:k]
+    pick = torch.randperm(len(candidates), generator=ctx.shared_generator(step, "train_steps"))[:k]
     return sorted(candidates[i] for i in pick.tolist())
 
 

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
     "ALGORITHMS",
+    "BackpropConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -32,7 +33,7 @@ __all__ = [
     "validate",
 ]
 
-ALGORITHMS = ("grpo", "nft")
+ALGORITHMS = ("grpo", "nft", "backprop")
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,24 @@ class NFTConfig:
 
 
 @dataclass
+class BackpropConfig:
+    """Reward backpropagation through the sampler.
+
+    ``mode``: ``alignprop`` (random contiguous last-K, ``K ~ U{k_min..k}``), ``draft`` (DRaFT-K, last ``k``),
+    ``draft_lv`` (DRaFT-LV: the last step re-noised ``lv_repeats`` times), ``refl`` (one step drawn from
+    ``[k_min, k)``, reward on its x0 prediction), ``full`` (every step).
+    ``kl_beta``: weight of ``|v_theta - v_ref|^2`` over the differentiated steps (DRaFT+, IPRO).
+    """
+
+    mode: str = "alignprop"
+    k: int = 1
+    k_min: int = 1
+    checkpoint: bool = True
+    kl_beta: float = 0.0
+    lv_repeats: int = 2
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -170,6 +189,7 @@ class Config:
     reward: dict[str, RewardSpec] = field(default_factory=dict)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
+    backprop: BackpropConfig = field(default_factory=BackpropConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -236,11 +256,19 @@ def validate(config: Config, where: str = "config") -> None:
             )
     if s.reduction not in ("mean", "sum"):
         fail("sampling.reduction", f"must be mean or sum, got {s.reduction!r}")
-    if d.group_size < 2:
+    if d.group_size < 2 and t.algorithm in ("grpo", "nft"):
+        fail("data.group_size", f"group-relative advantages need >= 2 samples per prompt, got {d.group_size}")
+    if d.group_size < 1:
+        fail("data.group_size", f"must be >= 1, got {d.group_size}")
+    b = config.backprop
+    if b.mode not in ("alignprop", "draft", "draft_lv", "refl", "full"):
+        fail("backprop.mode", f"must be alignprop, draft, draft_lv, refl or full, got {b.mode!r}")
+    if t.algorithm == "backprop" and b.mode in ("alignprop", "draft") and not 1 <= b.k_min <= b.k <= s.steps:
         fail(
-            "data.group_size",
-            f"group-relative advantages need at least 2 samples per prompt, got {d.group_size}",
+            "backprop.k", f"need 1 <= k_min <= k <= sampling.steps ({s.steps}); got k_min={b.k_min}, k={b.k}"
         )
+    if t.algorithm == "backprop" and b.mode == "refl" and not 0 <= b.k_min < b.k <= s.steps:
+        fail("backprop.k", f"refl draws its step from [k_min, k) in [0, {s.steps}); got [{b.k_min}, {b.k})")
     if d.groups_per_step < 1:
         fail("data.groups_per_step", f"must be >= 1, got {d.groups_per_step}")
     if not config.reward:

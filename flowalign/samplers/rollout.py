@@ -50,6 +50,8 @@ class Rollout:
             prediction (ReFL).
         images: ``[B, 3, H, W]`` (``[B, T, 3, H, W]`` for video) decoded in ``[0, 1]``, or None.
         schedule: the schedule sampled; plan: the plan followed.
+        grad_outputs: ``[B, G, *latent_shape]`` the denoiser outputs of the ``G`` steps that carried gradients
+            (in order), with their graph: what a KL regularizer to the reference compares (DRaFT+, IPRO).
     """
 
     latents: Tensor
@@ -62,6 +64,7 @@ class Rollout:
     images: Tensor | None
     schedule: Schedule
     plan: SamplingPlan
+    grad_outputs: Tensor | None = None
 
 
 def denoise_step(
@@ -89,6 +92,12 @@ def denoise_step(
         output = activation_checkpoint(model.predict, x, timestep, cond, guidance, use_reentrant=False)
     else:
         output = model.predict(x, timestep, cond, guidance)
+    out = _apply_step(model, output, x, index, schedule, plan, noise, generator, prev_sample)
+    out.model_output = output
+    return out
+
+
+def _apply_step(model, output, x, index, schedule, plan, noise, generator, prev_sample) -> StepOutput:
     stochastic = plan.sde[index]
     if schedule.kind == "flow":
         sigmas = schedule.sigmas
@@ -143,7 +152,7 @@ def rollout(
         raise ValueError(f"the plan has {plan.num_steps} steps but the schedule has {schedule.num_steps}.")
     grad_enabled = torch.is_grad_enabled()
     x = x_T.float()
-    states, log_probs, means, stds, sde_steps = [x], [], [], [], []
+    states, log_probs, means, stds, sde_steps, outputs = [x], [], [], [], [], []
     out = None
     for i in range(plan.last_step + 1):
         with_grad = grad_enabled and plan.grad[i]
@@ -153,6 +162,8 @@ def rollout(
             out = denoise_step(model, x, i, cond, schedule, plan, guidance, generator=generator)
         x = out.prev_sample
         states.append(x)
+        if with_grad:
+            outputs.append(out.model_output)
         if out.log_prob is not None:
             sde_steps.append(i)
             log_probs.append(out.log_prob.detach())
@@ -176,4 +187,5 @@ def rollout(
         images=images,
         schedule=schedule,
         plan=plan,
+        grad_outputs=torch.stack(outputs, dim=1) if outputs else x.new_zeros(batch, 0, *shape),
     )

@@ -53,6 +53,7 @@ class StepOutput:
         log_prob: ``[B]`` float32 log-density of ``prev_sample`` under ``N(mean, std^2)`` with the
             requested reduction; None for deterministic steps.
         x0: ``[B, *S]`` float32, the model's clean-sample prediction at this step.
+        model_output: ``[B, *S]`` float32, the denoiser output the step used (set by ``denoise_step``).
     """
 
     prev_sample: Tensor
@@ -60,6 +61,7 @@ class StepOutput:
     std: Tensor
     log_prob: Tensor | None
     x0: Tensor
+    model_output: Tensor | None = None
 
 
 def _per_sample(level: float | Tensor, like: Tensor) -> Tensor:

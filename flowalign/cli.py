@@ -13,6 +13,11 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("flowalign.commands.sample", "generate images from prompts and save a PNG grid"),
+    "bench": (
+        "flowalign.commands.bench",
+        "GenEval-style benchmark of a model or a LoRA (results, table, grids)",
+    ),
+    "score": ("flowalign.commands.score", "score a folder of images against prompts with rewards"),
     "train": ("flowalign.commands.train", "fine-tune a model from a YAML config (online RL, ...)"),
 }
 

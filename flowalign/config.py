@@ -20,6 +20,7 @@ __all__ = [
     "BackpropConfig",
     "Config",
     "ConfigError",
+    "DPOConfig",
     "DataConfig",
     "EvalConfig",
     "GRPOConfig",
@@ -33,7 +34,7 @@ __all__ = [
     "validate",
 ]
 
-ALGORITHMS = ("grpo", "nft", "backprop")
+ALGORITHMS = ("grpo", "nft", "backprop", "dpo")
 
 
 class ConfigError(ValueError):
@@ -145,6 +146,29 @@ class BackpropConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Diffusion-DPO / Flow-DPO / InPO.
+
+    ``pairs``: ``online`` (best vs worst of each group under the reward) or a pair-file jsonl.
+    ``timesteps``: ``logit_normal`` (flow models, as flow_grpo's Flow-DPO) or ``uniform``.
+    ``inversion``: InPO — noise the data by DDIM/flow inversion with ``inversion_steps`` steps.
+    ``ref_refresh_every``: 0 keeps the reference fixed (the base model); N > 0 copies the trained weights
+    into the reference every N steps (online DPO).
+    """
+
+    beta: float = 100.0
+    pairs: str = "online"
+    pairs_per_step: int = 4
+    min_gap: float = 0.0
+    timesteps: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    inversion: bool = False
+    inversion_steps: int = 10
+    ref_refresh_every: int = 0
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -190,6 +214,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     backprop: BackpropConfig = field(default_factory=BackpropConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -271,7 +296,7 @@ def validate(config: Config, where: str = "config") -> None:
         fail("backprop.k", f"refl draws its step from [k_min, k) in [0, {s.steps}); got [{b.k_min}, {b.k})")
     if d.groups_per_step < 1:
         fail("data.groups_per_step", f"must be >= 1, got {d.groups_per_step}")
-    if not config.reward:
+    if not config.reward and not (t.algorithm == "dpo" and config.dpo.pairs != "online"):
         fail("reward", "name at least one reward, e.g. reward: {geneval: {weight: 1.0}}")
     for name, spec in config.reward.items():
         if spec.weight == 0:
@@ -279,6 +304,13 @@ def validate(config: Config, where: str = "config") -> None:
     for section, scope in (("grpo", config.grpo.std_scope), ("nft", config.nft.std_scope)):
         if scope not in ("group", "global"):
             fail(f"{section}.std_scope", f"must be group or global, got {scope!r}")
+    p = config.dpo
+    if p.timesteps not in ("logit_normal", "uniform"):
+        fail("dpo.timesteps", f"must be logit_normal or uniform, got {p.timesteps!r}")
+    if p.beta <= 0:
+        fail("dpo.beta", f"must be > 0, got {p.beta}")
+    if t.algorithm == "dpo" and p.pairs == "online" and d.group_size < 2:
+        fail("data.group_size", "online DPO mines pairs from groups: use group_size >= 2")
     if config.grpo.kl_form not in ("flow_grpo", "gaussian"):
         fail("grpo.kl_form", f"must be flow_grpo or gaussian, got {config.grpo.kl_form!r}")
     if config.model.lora_rank < 0:

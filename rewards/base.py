@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Reward", "RewardInputError", "RewardOutput", "validate_images"]
+__all__ = ["Reward", "RewardInputError", "RewardOutput", "flatten_frames", "validate_images"]
 
 
 class RewardInputError(ValueError):
@@ -82,27 +82,45 @@ class Reward:
     Instance attributes:
         device: where :meth:`score_batch` runs; inputs are moved there and scores come back on the
             caller's device.
-        max_batch_size: pointwise rewards split larger batches into chunks of this size.
+        dtype: the dtype of the reward's own weights (a model reward casts its network input to it);
+            images keep their float dtype on the way in and scores always come back as float32.
+        max_batch_size: pointwise rewards split larger batches into chunks of this size (a model reward's
+            memory bound); the scores are the same as one call on the whole batch.
+
+    A subclass may set ``differentiable`` per instance (e.g. the identity reward is differentiable with a
+    torch embedder only); the instance value is what :meth:`__call__` honours.
     """
 
     name: str = "reward"
     differentiable: bool = False
     groupwise: bool = False
 
-    def __init__(self, device: str | torch.device = "cpu", max_batch_size: int = 64):
-        if max_batch_size < 1:
-            raise ValueError(f"{self.name}: max_batch_size must be >= 1, got {max_batch_size}.")
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        max_batch_size: int = 64,
+        dtype: torch.dtype | str = torch.float32,
+    ):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"{self.name}: max_batch_size must be an integer >= 1, got {max_batch_size!r}.")
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
+        self.dtype = _as_dtype(dtype, self.name)
 
     def score_batch(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any]]) -> RewardOutput:
         """Score one chunk (or one group, for a groupwise reward) already validated and on ``device``."""
         raise NotImplementedError(f"{type(self).__name__} must implement score_batch")
 
     def to(self, device: str | torch.device) -> Reward:
-        """Move the reward's models to ``device``; subclasses holding modules extend this."""
+        """Move the reward (and every module of :meth:`modules`) to ``device``."""
         self.device = torch.device(device)
+        for module in self.modules():
+            module.to(self.device)
         return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules this reward owns (frozen, in eval mode); :meth:`to` moves them."""
+        return []
 
     def __call__(
         self,
@@ -150,6 +168,17 @@ class Reward:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, differentiable={self.differentiable}, device={self.device})"
+
+
+def _as_dtype(dtype: torch.dtype | str, name: str) -> torch.dtype:
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"{name}: unknown dtype {dtype!r}; use e.g. 'float32', 'float16' or 'bfloat16'.")
+        dtype = resolved
+    if not dtype.is_floating_point:
+        raise ValueError(f"{name}: dtype must be a floating-point dtype, got {dtype}.")
+    return dtype
 
 
 def _groups(prompts: list[str], group_ids, batch: int) -> list[list[int]]:
@@ -202,3 +231,11 @@ def _check_scores(scores: Tensor, expected: int, name: str) -> None:
         raise RuntimeError(
             f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected ({expected},)."
         )
+
+
+def flatten_frames(images: Tensor) -> tuple[Tensor, int]:
+    """``[B,3,H,W]`` -> (itself, 1); video ``[B,T,3,H,W]`` -> (``[B*T,3,H,W]``, T). Per-frame scores ``[B*T]``
+    go back to ``[B, T]`` with ``scores.view(B, T)``."""
+    if images.ndim == 5:
+        return images.flatten(0, 1), images.shape[1]
+    return images, 1

@@ -21,10 +21,19 @@ __all__ = ["ENTRY_POINT_GROUP", "available_rewards", "load_reward", "register_re
 
 ENTRY_POINT_GROUP = "flowalign.rewards"
 
-# name -> "module:attribute"; the rewards issue adds the remaining built-ins here.
+# name -> "module:attribute"; imported on first use, so heavy optional dependencies stay unloaded.
 _BUILTIN: dict[str, str] = {
+    "aesthetic": "rewards.aesthetic:AestheticReward",
+    "artifact": "rewards.artifact:ArtifactReward",
+    "clip": "rewards.clip:ClipReward",
     "compressibility": "rewards.compressibility:CompressibilityReward",
+    "geneval": "rewards.geneval_reward:GenEvalReward",
+    "hpsv2": "rewards.hpsv2:HPSv2Reward",
+    "identity": "rewards.identity:IdentityReward",
     "incompressibility": "rewards.compressibility:IncompressibilityReward",
+    "ocr": "rewards.ocr:OcrReward",
+    "pickscore": "rewards.pickscore:PickScoreReward",
+    "winrate": "rewards.winrate:WinRateReward",
 }
 _REGISTERED: dict[str, Callable[..., Reward]] = {}
 

@@ -81,7 +81,9 @@ class MixtureFlowModel:
         self.mixture = mixture
 
     def predict(self, x_t, timestep, cond=None, guidance=1.0):
-        return self.mixture.velocity(x_t, timestep / 1000)
+        # v = (x - E[x0|x]) / sigma is 0/0 at sigma = 0 (the clean end, where inversion starts); its limit is
+        # approached at a tiny sigma.
+        return self.mixture.velocity(x_t, (timestep / 1000).clamp(min=1e-5))
 
     def decode(self, latents):
         return latents

@@ -34,9 +34,12 @@ Iteration = Callable[["TrainContext", int], dict[str, float]]
 
 
 def build_reward(config: Config, device: torch.device):
-    """The configured reward: one reward, or a :class:`rewards.WeightedReward` that keeps every part's scores."""
+    """The configured rewards as a :class:`rewards.WeightedReward` that keeps every part's scores (None when
+    the recipe needs no reward, e.g. DPO on a pair file)."""
     from rewards import WeightedReward, load_reward
 
+    if not config.reward:
+        return None
     parts = {
         name: (load_reward(name, device=device, **spec.args), spec.weight)
         for name, spec in config.reward.items()
@@ -74,6 +77,7 @@ class TrainContext:
     emas: dict[str, EMA]
     clock: Clock
     output_dir: Path
+    cache: dict[str, Any] = field(default_factory=dict)
 
     def _seed(self, step: int, purpose: str, stream: int) -> torch.Generator:
         salt = sum(ord(c) * 31**i for i, c in enumerate(purpose)) % 1_000_003
@@ -184,6 +188,8 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
         emas["ema"] = EMA(params)
     if config.train.algorithm == "nft":
         emas["old"] = EMA(params)
+    if config.train.algorithm == "dpo" and (config.dpo.ref_refresh_every > 0 or not model.has_lora):
+        emas["ref"] = EMA(params)
     sampler = GroupSampler(
         load_prompt_set(config.data.train_prompts), config.data.group_size, config.data.groups_per_step,
         seed=config.train.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index,

@@ -61,6 +61,7 @@ class SampledGroups:
     cond: object
     trajectory: Rollout
     advantages: Tensor  # [n] this process's samples
+    rewards: Tensor  # [n] this process's weighted rewards
     metrics: dict[str, float]
     all_rewards: dict[str, Tensor]  # [N] every process's reward components, gathered
     all_advantages: Tensor  # [N] every process's advantages
@@ -76,7 +77,7 @@ def sample_and_score(
     """Rollouts of this iteration's groups, their rewards gathered over processes, and advantages.
     Returns None (and the caller skips the iteration) when a reward is NaN/inf."""
     config, model, acc = ctx.config, ctx.model, ctx.accelerator
-    algo = config.grpo if config.train.algorithm == "grpo" else config.nft
+    algo = config.nft if config.train.algorithm == "nft" else config.grpo
     batch = ctx.sampler.batch(step)
     guidance = config.sampling.guidance if cfg is None or cfg else 1.0
     cond = model.encode(batch.prompts, cfg=guidance > 1)
@@ -110,7 +111,10 @@ def sample_and_score(
     )
     metrics["advantage_abs"] = advantages.abs().mean().item()
     local = advantages.view(acc.num_processes, -1)[acc.process_index]
-    return SampledGroups(batch, cond, trajectory, local.to(model.device), metrics, components, advantages)
+    local_rewards = total.view(acc.num_processes, -1)[acc.process_index].to(model.device)
+    return SampledGroups(
+        batch, cond, trajectory, local.to(model.device), local_rewards, metrics, components, advantages
+    )
 
 
 def _trained_steps(ctx: TrainContext, step: int, trajectory: Rollout) -> list[int]:

@@ -10,7 +10,7 @@ The renderer that draws these sprites lives in :mod:`flowalign.worlds.shapes`; t
 :mod:`flowalign`.
 """
 
-from rewards.shapes.detector import MIN_CONFIDENCE, detect, detect_batch
+from rewards.shapes.detector import MIN_CONFIDENCE, ShapesDetector, detect, detect_batch
 from rewards.shapes.sprites import CODE_TO_COLOR, COLOR_TO_CODE, COLORS, SHAPES, SIZES, color_rgb, sprite_mask
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "MIN_CONFIDENCE",
     "SHAPES",
     "SIZES",
+    "ShapesDetector",
     "color_rgb",
     "detect",
     "detect_batch",

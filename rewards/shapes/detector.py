@@ -29,6 +29,8 @@ GenEval's detection threshold 0.3, below which the scorer ignores detections any
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -36,9 +38,9 @@ from torch import Tensor
 
 from rewards.base import RewardInputError
 from rewards.geneval.scorer import THRESHOLD, Detection
-from rewards.shapes.sprites import CODE_TO_COLOR, SHAPES, SIZES, sprite_mask
+from rewards.shapes.sprites import CODE_TO_COLOR, COLORS, SHAPES, SIZES, sprite_mask
 
-__all__ = ["MIN_CONFIDENCE", "detect", "detect_batch"]
+__all__ = ["MIN_CONFIDENCE", "ShapesDetector", "detect", "detect_batch"]
 
 MIN_CONFIDENCE = THRESHOLD
 """Default ``min_confidence``: GenEval's 0.3. The scorer keeps only detections above it, so dropping the
@@ -117,6 +119,25 @@ def detect_batch(images: Tensor, min_confidence: float = MIN_CONFIDENCE) -> list
     for dets in results:
         dets.sort(key=lambda d: (-d.confidence, d.bbox[1], d.bbox[0], d.class_name, d.color))
     return results
+
+
+@dataclass(frozen=True)
+class ShapesDetector:
+    """:func:`detect_batch` as a GenEval detector (``images -> detection lists``, with ``classes``/``colors``
+    vocabularies), the default detector of the ``geneval`` reward."""
+
+    min_confidence: float = MIN_CONFIDENCE
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return SHAPES
+
+    @property
+    def colors(self) -> tuple[str, ...]:
+        return tuple(COLORS)
+
+    def __call__(self, images: Tensor) -> list[list[Detection]]:
+        return detect_batch(images, self.min_confidence)
 
 
 def _to_numpy(images: Tensor) -> np.ndarray:

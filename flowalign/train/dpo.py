@@ -1,0 +1,160 @@
+"""Preference-optimization recipe on the shared loop: Diffusion-DPO, Flow-DPO, InPO; offline or online pairs.
+
+One iteration: pairs (offline: the next ``pairs_per_step`` from the pair file, latents encoded once and
+cached; online: sample groups, score, mine best-vs-worst pairs) -> per pair one ``t`` and one noise shared by
+winner and loser (or, for InPO, the inverted latents) -> denoising errors of the trained model and of the
+reference -> DPO loss -> optimizer step; the reference follows the trained weights every
+``ref_refresh_every`` steps when asked (online DPO).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flowalign.algorithms.dpo import denoising_error, dpo_loss
+from flowalign.data.pairs import PairRecord, load_image, load_pair_file, mine_pairs
+from flowalign.samplers.inversion import invert
+from flowalign.train.loop import TrainContext
+from flowalign.train.online import sample_and_score
+
+__all__ = ["dpo_iteration"]
+
+
+class _OfflinePairs:
+    """A pair file with its latents encoded once (VAE posterior mode) and kept in memory."""
+
+    def __init__(self, ctx: TrainContext):
+        self.records: list[PairRecord] = load_pair_file(ctx.config.dpo.pairs)
+        self.size = ctx.config.model.resolution or ctx.model.default_resolution
+        self.cache: dict[str, Tensor] = {}
+
+    def latent(self, ctx: TrainContext, path) -> Tensor:
+        key = str(path)
+        if key not in self.cache:
+            with torch.no_grad():
+                self.cache[key] = ctx.model.encode_images(
+                    load_image(path, self.size)[None].to(ctx.model.device)
+                )[0]
+        return self.cache[key]
+
+    def batch(self, ctx: TrainContext, step: int):
+        per = ctx.config.dpo.pairs_per_step
+        n = len(self.records)
+        shared = ctx.shared_generator(step // max(1, n // per), "pair_epoch")
+        order = torch.randperm(n, generator=shared).tolist()
+        start = (step * per) % n
+        chosen = [self.records[order[(start + i) % n]] for i in range(per)]
+        mine = chosen[ctx.accelerator.process_index :: ctx.accelerator.num_processes]
+        prompts = [r.prompt for r in mine]
+        x_w = torch.stack([self.latent(ctx, r.chosen) for r in mine])
+        x_l = torch.stack([self.latent(ctx, r.rejected) for r in mine])
+        return prompts, x_w, x_l, {}
+
+
+def _online_pairs(ctx: TrainContext, step: int):
+    sampled = sample_and_score(ctx, step)
+    if sampled is None:
+        return None
+    pairs = mine_pairs(sampled.rewards, sampled.batch.group_ids, ctx.config.dpo.min_gap)
+    metrics = dict(sampled.metrics)
+    metrics["pairs"] = float(len(pairs))
+    if not pairs:
+        return [], None, None, metrics
+    final = sampled.trajectory.final
+    prompts = [sampled.batch.prompts[w] for w, _ in pairs]
+    x_w = torch.stack([final[w] for w, _ in pairs])
+    x_l = torch.stack([final[l] for _, l in pairs])
+    return prompts, x_w, x_l, metrics
+
+
+def _noise_levels(ctx: TrainContext, count: int, gen: torch.Generator) -> Tensor:
+    """Flow: sigmas in (0, 1), logit-normal (SD3's training density) or uniform. Diffusion: indices into
+    the scheduler's ``alphas_cumprod``."""
+    p = ctx.config.dpo
+    if ctx.model.kind == "diffusion":
+        num_train = len(ctx.model.pipeline.scheduler.alphas_cumprod)
+        return torch.randint(0, num_train, (count,), generator=gen, device=gen.device)
+    if p.timesteps == "logit_normal":
+        return torch.sigmoid(
+            p.logit_mean + p.logit_std * torch.randn(count, generator=gen, device=gen.device)
+        )
+    return torch.rand(count, generator=gen, device=gen.device).clamp(1e-3, 1 - 1e-3)
+
+
+def _noised(ctx: TrainContext, x0: Tensor, level: Tensor, noise: Tensor):
+    """``(x_t, model timestep, target)`` for clean latents ``x0`` at ``level``."""
+    model = ctx.model
+    if model.kind == "flow":
+        s = level.view(-1, *([1] * (x0.ndim - 1)))
+        num_train = model.pipeline.scheduler.config.num_train_timesteps
+        return (1 - s) * x0 + s * noise, level * num_train, noise - x0
+    abar = model.pipeline.scheduler.alphas_cumprod.to(x0.device)[level].view(-1, *([1] * (x0.ndim - 1)))
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    if model.prediction_type == "v_prediction":
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    else:
+        target = noise
+    return x_t, level.float(), target
+
+
+def _inverted(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator):
+    """InPO: invert ``x0`` with the model to a random level of a short schedule; the noise the inverted latent
+    implies becomes the target (eps for diffusion, eps - x0 for flow)."""
+    model, p = ctx.model, ctx.config.dpo
+    schedule = model.schedule(p.inversion_steps, x0.shape[1:])
+    index = int(torch.randint(0, p.inversion_steps, (1,), generator=gen, device=gen.device))
+    x_t = invert(model, x0, cond, schedule, stop_index=index)[:, index]
+    if model.kind == "flow":
+        sigma = schedule.sigmas[index]
+        eps = (x_t - (1 - sigma) * x0) / sigma
+        return x_t, schedule.timesteps[index].expand(x0.shape[0]), eps - x0
+    abar = schedule.alphas_cumprod[index]
+    eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+    target = abar.sqrt() * eps - (1 - abar).sqrt() * x0 if model.prediction_type == "v_prediction" else eps
+    return x_t, schedule.timesteps[index].expand(x0.shape[0]), target
+
+
+def dpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
+    config, model, p = ctx.config, ctx.model, ctx.config.dpo
+    if p.pairs == "online":
+        mined = _online_pairs(ctx, step)
+        if mined is None:
+            return {"skipped_nonfinite_reward": 1.0}
+        prompts, x_w, x_l, metrics = mined
+    else:
+        if "offline_pairs" not in ctx.cache:
+            ctx.cache["offline_pairs"] = _OfflinePairs(ctx)
+        prompts, x_w, x_l, metrics = ctx.cache["offline_pairs"].batch(ctx, step)
+    if not prompts:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        return {**metrics, "skipped_no_pairs": 1.0}
+    gen = ctx.generator(step, "dpo")
+    cond = model.encode(prompts, cfg=False)
+    both = cond.select(list(range(len(prompts))) * 2)
+    x0 = torch.cat([x_w, x_l]).float()
+    if p.inversion:
+        x_t, timestep, target = _inverted(ctx, x0, both, gen)
+    else:
+        level = _noise_levels(ctx, len(prompts), gen).repeat(2)
+        noise = torch.randn(x_w.shape, generator=gen, device=gen.device).repeat(2, *([1] * (x_w.ndim - 1)))
+        x_t, timestep, target = _noised(ctx, x0, level, noise)
+    # The reference: a snapshot of the weights (refreshed for online DPO; the initial weights for full
+    # fine-tuning), or the LoRA disabled.
+    ref = ctx.emas.get("ref")
+    reference = ref.applied() if ref is not None else model.reference()
+    with torch.no_grad(), reference, ctx.clock("forward"):
+        ref_error = denoising_error(model.predict(x_t, timestep, both, 1.0), target)
+    with ctx.clock("forward"):
+        model_error = denoising_error(model.predict(x_t, timestep, both, 1.0), target)
+    n = len(prompts)
+    loss, terms = dpo_loss(model_error[:n], model_error[n:], ref_error[:n], ref_error[n:], p.beta)
+    with ctx.clock("backward"):
+        ctx.accelerator.backward(loss)
+    metrics.update({k: float(v) for k, v in terms.items()})
+    metrics.update(ctx.optimizer_step())
+    if ref is not None and p.ref_refresh_every > 0 and (step + 1) % p.ref_refresh_every == 0:
+        ref.update(0.0)
+    if "ema" in ctx.emas:
+        ctx.emas["ema"].update(config.train.ema_decay)
+    return metrics

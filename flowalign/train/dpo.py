@@ -64,7 +64,7 @@ def _online_pairs(ctx: TrainContext, step: int):
     final = sampled.trajectory.final
     prompts = [sampled.batch.prompts[w] for w, _ in pairs]
     x_w = torch.stack([final[w] for w, _ in pairs])
-    x_l = torch.stack([final[l] for _, l in pairs])
+    x_l = torch.stack([final[loser] for _, loser in pairs])
     return prompts, x_w, x_l, metrics
 
 

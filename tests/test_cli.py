@@ -1,0 +1,87 @@
+"""The command line as a user runs it: sample, optimize-noise, train (tiny components, in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flowalign.cli import main
+from rewards import Reward, RewardOutput, register_reward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@register_reward("blueness_for_cli_test")
+class Blueness(Reward):
+    differentiable = True
+
+    def score_batch(self, images, prompts, metadata):
+        return RewardOutput(images[:, 2].flatten(1).mean(1) - images[:, :2].flatten(1).mean(1))
+
+
+def test_sample_writes_a_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "tiny-sd3",
+                "--prompt",
+                "a red circle",
+                "--prompt",
+                "two squares",
+                "--num-images",
+                "3",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    with Image.open(out) as image:
+        assert image.size == (3 * 33 + 1, 2 * 33 + 1)  # 3 columns x 2 rows of 32 px with 1 px padding
+
+
+def test_optimize_noise_improves_the_reward(tmp_path):
+    out = tmp_path / "reno"
+    code = main([
+        "optimize-noise", "--model", "tiny-sd3", "--prompt", "a red circle", "--reward", "blueness_for_cli_test=1",
+        "--steps", "2", "--iterations", "6", "--out", str(out), "--resolution", "32",
+    ])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "trace.json").read_text())
+    assert summary["best_reward"][0] > summary["initial_reward"][0]
+    assert len(summary["trace"]) == 6
+    for name in ("before.png", "after.png", "before_after.png", "trace.png"):
+        assert (out / name).is_file()
+
+
+def test_optimize_noise_rejects_non_differentiable_rewards(tmp_path):
+    with pytest.raises(SystemExit, match="differentiable"):
+        main(
+            [
+                "optimize-noise",
+                "--model",
+                "tiny-sd3",
+                "--prompt",
+                "p",
+                "--reward",
+                "compressibility",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+
+
+def test_train_command_and_config_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["train", "configs/grpo/tiny_sd3.yaml", f"train.output_dir={tmp_path}", "train.steps=1"]) == 0
+    assert "finished after 1 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="optim.lrr"):
+        main(["train", "configs/grpo/tiny_sd3.yaml", "optim.lrr=1"])

@@ -26,8 +26,12 @@ def _repo_cwd(monkeypatch):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_every_config_loads_and_validates(path):
+    from rewards import resolve_reward_class
+
     config = load_config(path)
-    assert config.train.algorithm in ("grpo", "nft")
+    assert config.train.algorithm in ("grpo", "nft", "backprop", "dpo")
+    for name in config.reward:
+        resolve_reward_class(name)  # every reward a config names exists
 
 
 def test_config_errors_name_key_and_file(tmp_path):

@@ -65,8 +65,10 @@ class SamplingConfig:
     """Training rollouts.
 
     ``sde_window``: ``[start, size]`` of SDE steps (Flow-GRPO-Fast, MixGRPO); None = every step.
-    ``sde_window_shift``: draw the window's start per iteration uniformly from ``[0, sde_window_shift]``
-    steps after ``start`` (Flow-GRPO-Fast's random window).
+    ``sde_window_shift``: how far the window's start may move past ``start``. ``sde_window_mode``:
+    ``random`` draws the shift per iteration uniformly from ``[0, sde_window_shift]`` (Flow-GRPO-Fast);
+    ``sliding`` moves it one step every ``sde_window_interval`` iterations and wraps around (MixGRPO's
+    sliding window, Li et al. 2025).
     ``train_steps``: how many of the window's SDE steps are trained each iteration (a random subset,
     DanceGRPO's timestep fraction); None = all except the last step of the schedule (Flow-GRPO).
     """
@@ -77,6 +79,8 @@ class SamplingConfig:
     noise_level: float = 0.7
     sde_window: list[int] | None = None
     sde_window_shift: int = 0
+    sde_window_mode: str = "random"
+    sde_window_interval: int = 1
     train_steps: int | None = None
     reduction: str = "mean"
 
@@ -279,6 +283,8 @@ def validate(config: Config, where: str = "config") -> None:
                 "sampling.sde_window",
                 f"[{start}, {size}] shifted by up to {s.sde_window_shift} does not fit {s.steps} steps",
             )
+    if s.sde_window_mode not in ("random", "sliding") or s.sde_window_interval < 1:
+        fail("sampling.sde_window_mode", "must be random or sliding, with sde_window_interval >= 1")
     if s.reduction not in ("mean", "sum"):
         fail("sampling.reduction", f"must be mean or sum, got {s.reduction!r}")
     if d.group_size < 2 and t.algorithm in ("grpo", "nft"):

@@ -155,3 +155,52 @@ def test_two_processes_give_the_same_advantages_as_one(tmp_path):
         torch.testing.assert_close(one["rewards"][key], two["rewards"][key], rtol=0, atol=1e-6)
     torch.testing.assert_close(one["advantages"], two["advantages"], rtol=0, atol=1e-5)
     assert one["advantages"].abs().sum() > 0
+
+
+def test_sde_window_random_and_sliding():
+    from types import SimpleNamespace
+
+    from flowalign.samplers import flow_schedule
+    from flowalign.train.online import sampling_plan
+
+    common = ["sampling.steps=8", "sampling.sde_window=[1,2]", "sampling.sde_window_shift=3"]
+    schedule = flow_schedule(8)
+
+    def starts(mode):
+        config = load_config(
+            ROOT / "configs/grpo/tiny_sd3.yaml",
+            [*common, f"sampling.sde_window_mode={mode}", "sampling.sde_window_interval=2"],
+        )
+        ctx = SimpleNamespace(
+            config=config,
+            model=SimpleNamespace(kind="flow"),
+            shared_generator=lambda s, p: torch.Generator().manual_seed(s),
+        )
+        plans = [sampling_plan(ctx, step, schedule) for step in range(10)]
+        assert all(sum(p.sde) == 2 for p in plans)
+        return [p.sde.index(True) for p in plans]
+
+    assert starts("sliding") == [
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+        1,
+        1,
+    ]  # MixGRPO: one step every 2 iterations, wrapping
+    random_starts = starts("random")
+    assert set(random_starts) <= {1, 2, 3, 4} and len(set(random_starts)) > 1  # Flow-GRPO-Fast
+
+
+def test_pref_grpo_win_rate_reward_trains(tmp_path):
+    config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "train.checkpoint_every=1")
+    from flowalign.config import RewardSpec
+
+    config.reward = {"winrate": RewardSpec(args={"judge": "incompressibility"})}
+    result = train(config)
+    assert 0.0 <= result.last_metrics["reward_winrate"] <= 1.0
+    assert any(v.abs().sum() > 0 for k, v in _lora_params(tmp_path).items() if "lora_B" in k)

@@ -31,14 +31,16 @@ __all__ = ["SampledGroups", "grpo_iteration", "nft_iteration", "sample_and_score
 
 
 def sampling_plan(ctx: TrainContext, step: int, schedule) -> SamplingPlan:
-    """The iteration's plan: the configured SDE window (its start shifted at random when asked, as in
-    Flow-GRPO-Fast), or every step whose transition is stochastic."""
+    """The iteration's plan: the configured SDE window (its start shifted at random as in Flow-GRPO-Fast, or
+    sliding as in MixGRPO), or every step whose transition is stochastic."""
     s = ctx.config.sampling
     n = s.steps
     dynamics = "ddim" if ctx.model.kind == "diffusion" else s.dynamics
     if s.sde_window is not None:
         start, size = s.sde_window
-        if s.sde_window_shift:
+        if s.sde_window_shift and s.sde_window_mode == "sliding":
+            start += (step // s.sde_window_interval) % (s.sde_window_shift + 1)
+        elif s.sde_window_shift:
             start += int(
                 torch.randint(0, s.sde_window_shift + 1, (1,), generator=ctx.shared_generator(step, "window"))
             )

@@ -12,7 +12,7 @@ def train(config: Config) -> TrainResult:
     """Run the recipe ``config.train.algorithm`` names."""
     from flowalign.train.backprop import backprop_iteration
     from flowalign.train.dpo import dpo_iteration
-    from flowalign.train.evaluate import evaluate_rewards
+    from flowalign.train.evaluate import evaluate
     from flowalign.train.online import grpo_iteration, nft_iteration
 
     recipes = {
@@ -21,4 +21,4 @@ def train(config: Config) -> TrainResult:
         "backprop": backprop_iteration,
         "dpo": dpo_iteration,
     }
-    return run_training(config, recipes[config.train.algorithm], evaluate=evaluate_rewards)
+    return run_training(config, recipes[config.train.algorithm], evaluate=evaluate)

@@ -1,7 +1,10 @@
-"""Training-time evaluation: deterministic ODE samples on held-out prompts, scored by the training rewards.
+"""Training-time evaluation: deterministic ODE samples on held-out prompts, with the EMA weights when kept.
 
-Uses the EMA weights when the run keeps an EMA. Writes a PNG grid per evaluation under
-``<output_dir>/eval/`` and returns ``eval/reward_<name>`` metrics.
+- Prompts with GenEval metadata (``include`` clauses, e.g. the shapes world's test split) are judged by the
+  GenEval-style runner (:func:`flowalign.eval.geneval.run_geneval`) on the main process: metrics
+  ``eval/geneval_overall``, ``eval/geneval_<task>`` and ``eval/geneval_images``; a pass/fail PNG grid per
+  evaluation under ``<output_dir>/eval/``.
+- Other prompts are scored by the training rewards: ``eval/reward_<name>``, and a PNG grid.
 """
 
 from __future__ import annotations
@@ -14,14 +17,57 @@ from flowalign.data.prompts import load_prompt_set
 from flowalign.samplers import SamplingPlan, rollout
 from flowalign.train.loop import TrainContext
 
-__all__ = ["evaluate_rewards"]
+__all__ = ["evaluate"]
+
+
+@contextlib.contextmanager
+def _eval_weights(ctx: TrainContext):
+    """EMA weights if kept, and the unwrapped denoiser (no DDP collectives from a lone process)."""
+    model = ctx.model
+    wrapped = getattr(model, "_training_module", None)
+    model.set_training_module(None)
+    ema = ctx.emas.get("ema")
+    try:
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            yield
+    finally:
+        model.set_training_module(wrapped)
 
 
 @torch.no_grad()
-def evaluate_rewards(ctx: TrainContext, step: int) -> dict[str, float]:
+def evaluate(ctx: TrainContext, step: int) -> dict[str, float]:
+    e = ctx.config.eval
+    records = load_prompt_set(e.prompts)[: e.max_prompts]
+    if all("include" in r.metadata for r in records):
+        return _evaluate_geneval(ctx, step, records)
+    return _evaluate_rewards(ctx, step, records)
+
+
+def _evaluate_geneval(ctx: TrainContext, step: int, records) -> dict[str, float]:
+    from flowalign.eval.geneval import run_geneval, write_report
+
+    config, acc = ctx.config, ctx.accelerator
+    out: dict[str, float] = {}
+    if acc.is_main_process:
+        e = config.eval
+        prompts = [{"prompt": r.prompt, **r.metadata} for r in records]
+        with _eval_weights(ctx):
+            report = run_geneval(
+                ctx.model, prompts, images_per_prompt=e.images_per_prompt, steps=e.steps or config.sampling.steps,
+                guidance=config.sampling.guidance if e.guidance is None else e.guidance,
+                resolution=config.model.resolution, seed=config.train.seed, progress=False,
+            )  # fmt: skip
+        summary = report.summary
+        out = {"eval/geneval_overall": summary.overall, "eval/geneval_images": summary.image_accuracy}
+        out.update({f"eval/geneval_{task}": value for task, value in summary.task_accuracy.items()})
+        write_report(report, ctx.output_dir / "eval" / f"step-{step:06d}")
+    acc.wait_for_everyone()
+    return out
+
+
+def _evaluate_rewards(ctx: TrainContext, step: int, records) -> dict[str, float]:
     config, model, acc = ctx.config, ctx.model, ctx.accelerator
     e = config.eval
-    records = load_prompt_set(e.prompts)[: e.max_prompts]
     mine = records[acc.process_index :: acc.num_processes]
     if not mine:
         return {}
@@ -35,23 +81,18 @@ def evaluate_rewards(ctx: TrainContext, step: int) -> dict[str, float]:
     noise = model.initial_noise(len(prompts), size, size, generator)
     cond = model.encode(prompts, cfg=guidance > 1)
     schedule = model.schedule(steps, noise.shape[1:])
-    ema = ctx.emas.get("ema")
-    with ema.applied() if ema is not None else contextlib.nullcontext():
+    with _eval_weights(ctx):
         images = rollout(model, cond, noise, schedule, SamplingPlan.ode(steps), guidance=guidance).images
-    scored = ctx.reward(images, prompts, metadata)
-    out = {
-        f"eval/reward_{k}": acc.gather(v.float().contiguous()).mean().item()
-        for k, v in scored.components.items()
-    }
+    out: dict[str, float] = {}
+    if ctx.reward is not None:
+        scored = ctx.reward(images, prompts, metadata)
+        for name, value in scored.components.items():
+            out[f"eval/reward_{name}"] = acc.gather(value.float().contiguous()).mean().item()
     if acc.is_main_process:
         from torchvision.utils import save_image
 
         directory = ctx.output_dir / "eval"
         directory.mkdir(parents=True, exist_ok=True)
-        save_image(
-            images[: 8 * e.images_per_prompt],
-            directory / f"step-{step:06d}.png",
-            nrow=e.images_per_prompt * 4,
-            padding=1,
-        )
+        grid = images[: 8 * e.images_per_prompt]
+        save_image(grid, directory / f"step-{step:06d}.png", nrow=e.images_per_prompt * 4, padding=1)
     return out

@@ -205,6 +205,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     resume: str | None = None
+    max_minutes: float | None = None
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
 

@@ -238,6 +238,7 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
         disable=not (config.train.progress and accelerator.is_local_main_process), dynamic_ncols=True,
     )  # fmt: skip
     step = start
+    started = time.time()
     try:
         for step in progress:
             ctx.clock = Clock()
@@ -261,6 +262,15 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
             progress.set_postfix(
                 {k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "clip_frac", "step_time") if k in metrics}
             )
+            out_of_time = (
+                config.train.max_minutes is not None
+                and (time.time() - started) / 60 >= config.train.max_minutes
+            )
+            out_of_time, stop["requested"] = _agree(accelerator, out_of_time, stop["requested"])
+            if out_of_time and done < config.train.steps:
+                checkpoint(done)
+                accelerator.print(f"train.max_minutes reached: saved checkpoint at step {done} and stopped.")
+                return TrainResult(done, output_dir, metrics, True)
             if stop["requested"]:
                 checkpoint(done)
                 accelerator.print(f"SIGTERM: saved checkpoint at step {done} and stopped.")
@@ -274,6 +284,16 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
         if trackers:
             accelerator.end_training()
     return TrainResult(config.train.steps, output_dir, metrics, False)
+
+
+def _agree(accelerator, *flags: bool) -> tuple[bool, ...]:
+    """Each flag true on any process is true on all, so every process stops at the same step."""
+    if accelerator.num_processes == 1:
+        return flags
+    votes = accelerator.reduce(
+        torch.tensor([float(f) for f in flags], device=accelerator.device), reduction="sum"
+    )
+    return tuple(bool(v > 0) for v in votes.tolist())
 
 
 def _log(ctx: TrainContext, metrics: dict[str, float], step: int) -> None:

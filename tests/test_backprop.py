@@ -157,3 +157,18 @@ def test_backprop_refuses_non_differentiable_rewards(tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="differentiable rewards"):
         train(config)
+
+
+def test_noise_optimization_snapshots_hold_the_best_so_far():
+    def generate(z):
+        return z.sigmoid()
+
+    def reward(images):
+        return images.mean(1)
+
+    z = torch.zeros(2, 4)
+    result = optimize_noise(generate, reward, z, iterations=5, snapshot_at=(0, 2, 5), progress=False)
+    assert set(result.snapshots) == {0, 2, 5}
+    torch.testing.assert_close(result.snapshots[0], result.initial_images)
+    torch.testing.assert_close(result.snapshots[5], result.best_images)
+    assert (reward(result.snapshots[2]) <= reward(result.snapshots[5]) + 1e-6).all()

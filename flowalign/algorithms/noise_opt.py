@@ -38,6 +38,7 @@ class NoiseOptResult:
     best_rewards: ``[B]`` the weighted reward of the best iterate; initial_images / initial_rewards: iteration 0.
     trace: per iteration, ``{"reward": [B], "loss": [B], "norm": [B]}`` lists of floats.
     best_iteration: ``[B]`` the iteration each best iterate came from.
+    snapshots: iteration count -> ``[B, 3, H, W]`` best images so far (see ``snapshot_at``).
     """
 
     best_noise: Tensor
@@ -47,6 +48,7 @@ class NoiseOptResult:
     initial_rewards: Tensor
     best_iteration: Tensor
     trace: list[dict[str, list[float]]] = field(default_factory=list)
+    snapshots: dict[int, Tensor] = field(default_factory=dict)
 
 
 def optimize_noise(
@@ -60,12 +62,14 @@ def optimize_noise(
     nesterov: bool = True,
     grad_clip: float = 0.1,
     reg_weight: float = 0.01,
+    snapshot_at: tuple[int, ...] = (),
     progress: bool = True,
 ) -> NoiseOptResult:
     """Optimize ``noise`` ``[B, *S]`` so that ``reward_fn(generate(noise))`` (``[B]``, higher is better) grows.
 
     ``generate`` maps noise to images in ``[0, 1]`` differentiably (e.g. a rollout whose gradient window
-    covers every step of a few-step model, then decode).
+    covers every step of a few-step model, then decode). ``snapshot_at``: iteration counts ``k`` at which to
+    keep the best images among the first ``k`` evaluated iterates (``result.snapshots[k]``; 0 = initial).
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}.")
@@ -76,6 +80,7 @@ def optimize_noise(
     best_iteration = torch.zeros(z.shape[0], dtype=torch.long)
     initial_images = initial_rewards = None
     trace = []
+    snapshots: dict[int, Tensor] = {}
     for iteration in tqdm(range(iterations), desc="noise optimization", disable=not progress, leave=False):
         optimizer.zero_grad(set_to_none=True)
         images = generate(z)
@@ -91,6 +96,10 @@ def optimize_noise(
             best_noise[better] = z.detach()[better]
             best_images[better] = images.detach()[better]
             best_iteration[better.cpu()] = iteration
+            if iteration == 0 and 0 in snapshot_at:
+                snapshots[0] = initial_images.clone()
+            if iteration + 1 in snapshot_at:
+                snapshots[iteration + 1] = best_images.clone()
         trace.append(
             {
                 "reward": reward.detach().cpu().tolist(),
@@ -107,5 +116,12 @@ def optimize_noise(
             z.grad.mul_(scale.view(-1, *([1] * (z.ndim - 1))))
         optimizer.step()
     return NoiseOptResult(
-        best_noise, best_images, best_reward, initial_images, initial_rewards, best_iteration, trace
+        best_noise,
+        best_images,
+        best_reward,
+        initial_images,
+        initial_rewards,
+        best_iteration,
+        trace,
+        snapshots,
     )

@@ -67,22 +67,12 @@ def parse_reward_args(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
     """One dict per prompt with ``prompt``, optional ``file``/``files`` and metadata keys."""
-    if not path.is_file():
-        raise SystemExit(f"--prompts {str(path)!r} does not exist; pass a prompts.txt or prompts.jsonl file.")
-    if path.suffix == ".jsonl":
-        entries = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"{path}:{number}: not valid JSON ({err}).") from err
-            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-                raise SystemExit(f'{path}:{number}: each line must be an object with a "prompt" string.')
-            entries.append(entry)
-        return entries
-    return [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+    from flowalign.data.prompts import load_prompt_set
+
+    try:
+        return [{"prompt": r.prompt, **r.metadata} for r in load_prompt_set(path)]
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--prompts: {err}") from None
 
 
 def match_images(images_dir: Path, entries: list[dict[str, Any]]) -> list[tuple[Path, dict[str, Any]]]:

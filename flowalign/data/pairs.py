@@ -8,13 +8,14 @@ is at least ``min_gap`` and never when they tie.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from flowalign.data.prompts import read_jsonl
 
 __all__ = ["PairRecord", "load_pair_file", "load_image", "mine_pairs"]
 
@@ -32,13 +33,7 @@ def load_pair_file(path: str | Path) -> list[PairRecord]:
     if not path.is_file():
         raise FileNotFoundError(f"pair file {str(path)!r} does not exist.")
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
+    for number, item in read_jsonl(path):
         missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(item.get(k), str)]
         if missing:
             raise ValueError(

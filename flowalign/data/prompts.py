@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GroupBatch", "GroupSampler", "PromptRecord", "load_prompt_set"]
+__all__ = ["GroupBatch", "GroupSampler", "PromptRecord", "load_prompt_set", "read_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -27,24 +27,35 @@ class PromptRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-empty line of a jsonl file; an unreadable line is an error
+    naming the file and line."""
+    path = Path(path)
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object, got {type(item).__name__}.")
+        items.append((number, item))
+    return items
+
+
 def load_prompt_set(path: str | Path) -> list[PromptRecord]:
     """Read prompts from a ``.txt`` or ``.jsonl`` file; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist.")
     records: list[PromptRecord] = []
-    lines = path.read_text().splitlines()
     if path.suffix == ".txt":
-        records = [PromptRecord(line.strip()) for line in lines if line.strip()]
+        records = [PromptRecord(line.strip()) for line in path.read_text().splitlines() if line.strip()]
     elif path.suffix == ".jsonl":
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        for number, item in read_jsonl(path):
+            if not isinstance(item.get("prompt"), str):
                 raise ValueError(
                     f"{path}:{number}: each line must be an object with a string 'prompt' field."
                 )

@@ -184,7 +184,8 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic evaluation with deterministic ODE sampling on held-out prompts."""
+    """Periodic evaluation with deterministic ODE sampling on held-out prompts (also before the first
+    iteration of a fresh run when ``at_start``)."""
 
     prompts: str | None = "assets/shapes/prompts/test.jsonl"
     every: int = 10
@@ -192,6 +193,7 @@ class EvalConfig:
     max_prompts: int | None = 32
     steps: int | None = None
     guidance: float | None = None
+    at_start: bool = True
 
 
 @dataclass

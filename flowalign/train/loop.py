@@ -237,6 +237,9 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
         range(start, config.train.steps), initial=start, total=config.train.steps, desc="train",
         disable=not (config.train.progress and accelerator.is_local_main_process), dynamic_ncols=True,
     )  # fmt: skip
+    wants_eval = evaluate is not None and config.eval.prompts and config.eval.every > 0
+    if wants_eval and config.eval.at_start and start == 0:
+        _log(ctx, evaluate(ctx, 0), 0)
     step = start
     started = time.time()
     try:
@@ -251,12 +254,7 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
             metrics["model_time_share"] = model_seconds / elapsed if elapsed > 0 else 0.0
             metrics["lr"] = scheduler.get_last_lr()[0]
             done = step + 1
-            if (
-                evaluate is not None
-                and config.eval.prompts
-                and config.eval.every > 0
-                and done % config.eval.every == 0
-            ):
+            if wants_eval and done % config.eval.every == 0:
                 metrics.update(evaluate(ctx, done))
             _log(ctx, metrics, done)
             progress.set_postfix(

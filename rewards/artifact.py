@@ -7,9 +7,10 @@ are torch ops, so gradients reach the images.
 **Frozen features.** :class:`RandomConvFeatures` is a fixed random convolutional network (three stride-2
 3x3 conv + ReLU stages, 16/32/64 channels, Kaiming-normal weights drawn from a seed), applied to the image
 resized to ``image_size`` (bilinear, antialiased); per stage the spatial mean and standard deviation of
-every channel are the features (224 numbers). Random convolutional features are a classic
-no-training image descriptor (Jarrett et al. 2009; Saxe et al. 2011, "On Random Weights and Unsupervised
-Feature Learning"): they capture local colour, edge and texture statistics -- blur, noise, blotches, colour
+every channel are the features (224 numbers); ``ArtifactConfig.statistics`` can add the spatial maximum,
+which keeps a small local defect (a hole, a speck) from being averaged away. Random convolutional
+features are a classic no-training image descriptor (Jarrett et al. 2009; Saxe et al. 2011, "On Random
+Weights and Unsupervised Feature Learning"): they capture local colour, edge and texture statistics -- blur, noise, blotches, colour
 bleeding -- which is what generation artifacts change, and they need no download. The extractor's
 weights are saved inside the weights file with the head, so a file scores identically on any machine.
 
@@ -22,8 +23,15 @@ and binary cross-entropy.
     python -m rewards.artifact train --clean DIR --artifact DIR --out artifact.safetensors
 
 prints the train/validation accuracy and writes a ``.safetensors`` file (tensors + a JSON config in its
-metadata). The shapes world's default weights are trained by flowalign's shapes-world scripts; until they
-ship, ``weights_path`` is required.
+metadata).
+
+**Presets.** ``weights_path`` is required; besides a file it may name a preset of :data:`PRESETS`:
+``weights_path="shapes"`` loads the shapes world's classifier shipped in
+``assets/shapes/rewards/artifact_shapes.safetensors`` (clean renders vs. noise, broken and merged shapes,
+blur / colour bleeding and off-palette colours on 32x32 scenes; trained by
+``python -m flowalign.worlds.shapes.train_rewards artifact``, card in ``assets/shapes/rewards/README.md``).
+It is a preset rather than the default because it only knows the shapes world: on other images its
+score means nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ __all__ = [
     "ArtifactClassifier",
     "ArtifactConfig",
     "ArtifactReward",
+    "PRESETS",
     "RandomConvFeatures",
     "TrainReport",
     "load_classifier",
@@ -57,6 +66,11 @@ __all__ = [
 FORMAT = "flowalign-artifact-v1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TRAIN_HINT = "Train one with: python -m rewards.artifact train --clean DIR --artifact DIR --out FILE"
+STATISTICS: tuple[str, ...] = ("mean", "std", "max")
+_ASSETS = Path(__file__).resolve().parents[1] / "assets"
+PRESETS: dict[str, Path] = {"shapes": _ASSETS / "shapes" / "rewards" / "artifact_shapes.safetensors"}
+"""Named weights shipped with the project: ``weights_path="shapes"`` is the shapes world's classifier
+(repository root relative to this package, like the rest of the project's assets)."""
 
 
 @dataclass(frozen=True)
@@ -67,17 +81,33 @@ class ArtifactConfig:
     channels: tuple[int, ...] = (16, 32, 64)
     hidden: int = 64
     seed: int = 0
+    statistics: tuple[str, ...] = ("mean", "std")
+    """Per-channel spatial statistics of each stage, from :data:`STATISTICS`; files written before this
+    field existed hold mean and std."""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.statistics if s not in STATISTICS]
+        if unknown or not self.statistics:
+            raise ValueError(
+                f"ArtifactConfig.statistics must be a non-empty subset of {STATISTICS}, got {self.statistics!r}."
+            )
 
     @property
     def feature_dim(self) -> int:
-        return 2 * sum(self.channels)
+        return len(self.statistics) * sum(self.channels)
 
 
 class RandomConvFeatures(nn.Module):
-    """Frozen random conv features: per stage, the mean and std over space of each channel."""
+    """Frozen random conv features: per stage, spatial statistics (mean, std, optionally max) of each channel."""
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64), seed: int = 0):
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32, 64),
+        seed: int = 0,
+        statistics: Sequence[str] = ("mean", "std"),
+    ):
         super().__init__()
+        self.statistics = tuple(statistics)
         generator = torch.Generator().manual_seed(seed)
         layers = []
         in_channels = 3
@@ -93,13 +123,18 @@ class RandomConvFeatures(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, images: Tensor) -> Tensor:
-        """``[N, 3, S, S]`` in [0, 1] -> ``[N, 2 * sum(channels)]``."""
+        """``[N, 3, S, S]`` in [0, 1] -> ``[N, len(statistics) * sum(channels)]``."""
         x = images * 2 - 1
         stats = []
         for conv in self.stages:
             x = F.relu(conv(x))
-            stats.append(x.mean(dim=(2, 3)))
-            stats.append(x.flatten(2).std(dim=2, unbiased=False))
+            for statistic in self.statistics:
+                if statistic == "mean":
+                    stats.append(x.mean(dim=(2, 3)))
+                elif statistic == "std":
+                    stats.append(x.flatten(2).std(dim=2, unbiased=False))
+                else:
+                    stats.append(x.amax(dim=(2, 3)))
         return torch.cat(stats, dim=1)
 
 
@@ -109,7 +144,7 @@ class ArtifactClassifier(nn.Module):
     def __init__(self, config: ArtifactConfig):
         super().__init__()
         self.config = config
-        self.features = RandomConvFeatures(config.channels, config.seed)
+        self.features = RandomConvFeatures(config.channels, config.seed, config.statistics)
         self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
         self.register_buffer("feature_std", torch.ones(config.feature_dim))
         if config.hidden > 0:
@@ -165,7 +200,10 @@ def load_classifier(path: str | Path) -> ArtifactClassifier:
             f"{metadata.get('format')!r}, expected {FORMAT!r}). {TRAIN_HINT}"
         )
     raw = json.loads(metadata["config"])
-    config = ArtifactConfig(**{**raw, "channels": tuple(raw["channels"])})
+    raw["channels"] = tuple(raw["channels"])
+    if "statistics" in raw:
+        raw["statistics"] = tuple(raw["statistics"])
+    config = ArtifactConfig(**raw)
     classifier = ArtifactClassifier(config)
     classifier.load_state_dict(load_file(str(file)))
     return classifier.eval().requires_grad_(False)
@@ -178,12 +216,16 @@ class ArtifactReward(Reward):
     differentiable = True
 
     def __init__(self, weights_path: str | Path | None = None, **kwargs: Any):
+        """``weights_path``: a classifier file written by :func:`save_classifier`, or a :data:`PRESETS` name."""
         super().__init__(**kwargs)
         if weights_path is None:
             raise RewardWeightsError(
-                "artifact: no weights_path given. The shapes-world default classifier is not shipped yet; pass the "
-                f".safetensors file of a trained classifier. {TRAIN_HINT}"
+                "artifact: no weights_path given. Pass the .safetensors file of a trained classifier, or a preset: "
+                f"{', '.join(repr(k) for k in PRESETS)} (weights_path='shapes' is the shapes world's shipped "
+                f"classifier, for 32x32 shapes-world images). {TRAIN_HINT}"
             )
+        if isinstance(weights_path, str) and weights_path in PRESETS:
+            weights_path = PRESETS[weights_path]
         self.classifier = load_classifier(weights_path).to(device=self.device, dtype=self.dtype)
 
     def modules(self) -> list[nn.Module]:
@@ -307,6 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--out", required=True, help="output .safetensors file")
     train.add_argument("--image-size", type=int, default=ArtifactConfig.image_size)
     train.add_argument("--hidden", type=int, default=ArtifactConfig.hidden, help="hidden units (0: logistic)")
+    train.add_argument(
+        "--statistics",
+        nargs="+",
+        choices=STATISTICS,
+        default=list(ArtifactConfig.statistics),
+        help="per-channel spatial statistics of each feature stage",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--epochs", type=int, default=300)
     train.add_argument("--lr", type=float, default=1e-2)
@@ -314,7 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not str(args.out).endswith(".safetensors"):
         parser.error(f"--out must end with .safetensors, got {args.out!r}")
-    config = ArtifactConfig(image_size=args.image_size, hidden=args.hidden, seed=args.seed)
+    config = ArtifactConfig(
+        image_size=args.image_size, hidden=args.hidden, seed=args.seed, statistics=tuple(args.statistics)
+    )
     _, report = train_artifact_classifier(
         args.clean,
         args.artifact,

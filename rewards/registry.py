@@ -33,6 +33,7 @@ _BUILTIN: dict[str, str] = {
     "incompressibility": "rewards.compressibility:IncompressibilityReward",
     "ocr": "rewards.ocr:OcrReward",
     "pickscore": "rewards.pickscore:PickScoreReward",
+    "shapes_match": "rewards.shapes_match:ShapesMatchReward",
     "winrate": "rewards.winrate:WinRateReward",
 }
 _REGISTERED: dict[str, Callable[..., Reward]] = {}

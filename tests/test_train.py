@@ -204,3 +204,17 @@ def test_pref_grpo_win_rate_reward_trains(tmp_path):
     result = train(config)
     assert 0.0 <= result.last_metrics["reward_winrate"] <= 1.0
     assert any(v.abs().sum() > 0 for k, v in _lora_params(tmp_path).items() if "lora_B" in k)
+
+
+def test_training_evaluates_geneval_prompts_before_and_during(tmp_path):
+    import json
+
+    config = _config(
+        "configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "eval.prompts=assets/shapes/prompts/test.jsonl",
+        "eval.max_prompts=2", "eval.images_per_prompt=1", "eval.every=1", "eval.steps=2",
+    )  # fmt: skip
+    train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and 0.0 <= rows[0]["eval/geneval_overall"] <= 1.0
+    assert rows[-1]["step"] == 1 and "eval/geneval_overall" in rows[-1]
+    assert (tmp_path / "eval" / "step-000001" / "summary.md").is_file()

@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
 
     from flowalign.config import load_config
@@ -73,7 +74,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*args.overrides, f"train.output_dir={out / 'run'}", f"train.max_minutes={args.minutes}"]
     config = load_config(args.config, overrides)
-    torch.set_num_threads(2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_model(config.model.path, family=config.model.family)
     splits = ("test", "unseen")
     before = {

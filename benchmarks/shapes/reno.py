@@ -35,7 +35,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    torch.set_num_threads(2)
 
     from torchvision.utils import save_image
 

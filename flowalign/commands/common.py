@@ -6,19 +6,20 @@ import argparse
 
 import torch
 
-DEFAULT_MODEL = "tiny-sd3"
+# The shipped shapes-world model (assets/shapes/model, see its README.md); load_model resolves the name.
+DEFAULT_MODEL = "shapes"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"diffusers directory, hub id or tiny-<family> (default: {DEFAULT_MODEL})",
+        help="diffusers directory, hub id, tiny-<family>, or shapes: the shipped shapes-world model (default)",
     )
     parser.add_argument(
         "--family",
         default=None,
-        help="adapter family (sd3, flux, sd, sdxl); read from the model directory if omitted",
+        help="adapter family (sd3, flux, sd, sdxl, shapes); read from the model directory if omitted",
     )
     parser.add_argument("--lora", default=None, help="directory of a diffusers-format LoRA to load")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -10,11 +10,13 @@ from flowalign.models.base import Cond, ModelAdapter, ModelLoadError, pipeline_c
 from flowalign.models.flux import FluxAdapter
 from flowalign.models.sd import StableDiffusionAdapter, StableDiffusionXLAdapter
 from flowalign.models.sd3 import SD3Adapter
+from flowalign.models.shapes import ShapesAdapter
 
 __all__ = ["ADAPTERS", "Cond", "ModelAdapter", "ModelLoadError", "load_model"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    cls.family: cls for cls in (SD3Adapter, FluxAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter)
+    cls.family: cls
+    for cls in (SD3Adapter, FluxAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter, ShapesAdapter)
 }
 
 
@@ -37,14 +39,19 @@ def load_model(
     """Load a model adapter.
 
     Args:
-        model: a local diffusers directory, a hub id (with ``family``, where a hub is reachable), or
+        model: a local diffusers directory, a hub id (with ``family``, where a hub is reachable),
+            ``"shapes"`` for the shipped shapes-world model (``assets/shapes/model``), or
             ``"tiny-<family>"`` for a tiny random pipeline built in code (tests and demos).
-        family: the adapter to use (``sd3``, ``flux``, ``sd``, ``sdxl``); read from ``model_index.json``
+        family: the adapter to use (``sd3``, ``flux``, ``sd``, ``sdxl``, ``shapes``); read from ``model_index.json``
             when omitted.
     """
     if family is not None and family not in ADAPTERS:
         raise ModelLoadError(f"unknown model family {family!r}; known families: {', '.join(ADAPTERS)}.")
     name = str(model)
+    if name == "shapes":
+        from flowalign.models.shapes import SHIPPED_MODEL
+
+        name = str(SHIPPED_MODEL)
     if name.startswith("tiny-"):
         from flowalign.models.tiny import tiny_pipeline
 
@@ -53,7 +60,11 @@ def load_model(
             raise ModelLoadError(
                 f"unknown tiny model {name!r}; choose one of {', '.join('tiny-' + f for f in ADAPTERS)}."
             )
-        return ADAPTERS[tiny_family](tiny_pipeline(tiny_family), device=device, dtype=dtype, **kwargs)
+        if tiny_family == "shapes":  # the shapes family builds its own (untrained) pipeline
+            from flowalign.models.shapes import tiny_shapes_pipeline as build
+        else:
+            build = lambda: tiny_pipeline(tiny_family)  # noqa: E731
+        return ADAPTERS[tiny_family](build(), device=device, dtype=dtype, **kwargs)
     if family is None:
         class_name = pipeline_class_name(Path(name).expanduser())
         if class_name is None:

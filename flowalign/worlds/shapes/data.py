@@ -1,0 +1,139 @@
+"""Procedural (caption, image) pairs of the shapes world for pretraining, never showing a held-out pair.
+
+:func:`sample_training_prompt` draws GenEval metadata from the world's prompt templates -- a task by
+``task_weights``, then its classes, colours, counts and relation uniformly, in a random phrasing (clause
+order, "A left of B" or "B right of A") -- i.e. from the distribution whose support is the train and test
+splits' prompts. :class:`SceneStream` renders a scene for each (:func:`sample_scene`, no distractors).
+Neither a caption nor an image ever contains a (shape, colour) pair of ``unseen_pairs`` (default
+:data:`UNSEEN_PAIRS`): captions naming one are redrawn, and scenes in which an object got a held-out pair
+as its random colour are redrawn, which is exactly sampling those colours uniformly from the allowed ones.
+
+All randomness comes from one ``numpy.random.Generator``; :meth:`SceneStream.state` /
+:meth:`SceneStream.set_state` save and restore it as JSON, so a training run resumes on the very batch
+it would have drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from flowalign.worlds.shapes.prompts import (
+    NUMBERS,
+    UNSEEN_PAIRS,
+    color_attr_prompt,
+    colors_prompt,
+    counting_prompt,
+    position_prompt,
+    single_object_prompt,
+    two_object_prompt,
+)
+from flowalign.worlds.shapes.sampler import sample_scene
+from flowalign.worlds.shapes.scene import Scene, render_scenes
+from rewards.geneval.scorer import TASKS
+from rewards.shapes.sprites import COLORS, SHAPES
+
+__all__ = ["SceneBatch", "SceneStream", "names_held_out_pair", "sample_training_prompt"]
+
+_RELATIONS = ("left of", "right of", "above", "below")
+
+
+def names_held_out_pair(metadata: Mapping[str, Any], pairs: Sequence[tuple[str, str]] = UNSEEN_PAIRS) -> bool:
+    """Whether an include clause of ``metadata`` asks for a (shape, colour) pair of ``pairs``."""
+    held = set(pairs)
+    return any((c["class"], c.get("color")) in held for c in metadata["include"])
+
+
+def _pick(rng: np.random.Generator, items: Sequence, k: int = 1) -> list:
+    return [items[i] for i in rng.choice(len(items), size=k, replace=False)]
+
+
+def sample_training_prompt(
+    rng: np.random.Generator,
+    task_weights: Sequence[float] | None = None,
+    unseen_pairs: Sequence[tuple[str, str]] = UNSEEN_PAIRS,
+) -> dict[str, Any]:
+    """One GenEval metadata dict from the world's templates (module docstring); ``task_weights`` are
+    per task in :data:`rewards.geneval.TASKS` order (default uniform)."""
+    weights = np.asarray(task_weights if task_weights is not None else [1.0] * len(TASKS), dtype=np.float64)
+    if weights.shape != (len(TASKS),) or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(
+            f"task_weights must be {len(TASKS)} non-negative numbers ({', '.join(TASKS)}), got {task_weights!r}."
+        )
+    task = TASKS[int(rng.choice(len(TASKS), p=weights / weights.sum()))]
+    colors = list(COLORS)
+    while True:
+        if task == "single_object":
+            metadata = single_object_prompt(_pick(rng, SHAPES)[0])
+        elif task == "two_object":
+            metadata = two_object_prompt(*_pick(rng, SHAPES, 2))
+        elif task == "counting":
+            metadata = counting_prompt(_pick(rng, SHAPES)[0], int(_pick(rng, sorted(NUMBERS))[0]))
+        elif task == "colors":
+            metadata = colors_prompt(_pick(rng, SHAPES)[0], _pick(rng, colors)[0])
+        elif task == "position":
+            a, b = _pick(rng, SHAPES, 2)
+            metadata = position_prompt(a, _pick(rng, _RELATIONS)[0], b)
+        else:
+            (a, b), (ca, cb) = _pick(rng, SHAPES, 2), _pick(rng, colors, 2)
+            metadata = color_attr_prompt(a, ca, b, cb)
+        if not names_held_out_pair(metadata, unseen_pairs):
+            return metadata
+
+
+@dataclass
+class SceneBatch:
+    """``B`` training pairs: ``images [B, 3, H, W]`` float32 in {0, 1}, their ``captions`` and metadata."""
+
+    images: Tensor
+    captions: list[str]
+    metadata: list[dict[str, Any]]
+    scenes: list[Scene]
+
+
+class SceneStream:
+    """An endless stream of (caption, rendered scene) batches driven by one seeded numpy generator."""
+
+    def __init__(
+        self,
+        seed: int,
+        task_weights: Sequence[float] | None = None,
+        unseen_pairs: Sequence[tuple[str, str]] = UNSEEN_PAIRS,
+    ):
+        self.rng = np.random.default_rng(seed)
+        self.task_weights = None if task_weights is None else list(task_weights)
+        self.unseen_pairs = tuple(tuple(p) for p in unseen_pairs)
+        for shape, color in self.unseen_pairs:
+            if shape not in SHAPES or color not in COLORS:
+                raise ValueError(
+                    f"unseen pair {(shape, color)!r} is not a (shape, colour) of the shapes world."
+                )
+
+    def sample(self) -> tuple[dict[str, Any], Scene]:
+        metadata = sample_training_prompt(self.rng, self.task_weights, self.unseen_pairs)
+        held = set(self.unseen_pairs)
+        while True:
+            scene = sample_scene(metadata, self.rng)
+            if not any((o.shape, o.color) in held for o in scene.objects):
+                return metadata, scene
+
+    def next_batch(self, batch_size: int) -> SceneBatch:
+        pairs = [self.sample() for _ in range(batch_size)]
+        scenes = [s for _, s in pairs]
+        return SceneBatch(
+            images=render_scenes(scenes),
+            captions=[m["prompt"] for m, _ in pairs],
+            metadata=[m for m, _ in pairs],
+            scenes=scenes,
+        )
+
+    def state(self) -> dict[str, Any]:
+        """The generator state, JSON-serialisable."""
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.rng.bit_generator.state = dict(state)

@@ -87,11 +87,17 @@ class SamplingConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts: ``.txt`` (one per line), ``.jsonl`` with a ``prompt`` field, or GenEval metadata jsonl."""
+    """Prompts: ``.txt`` (one per line), ``.jsonl`` with a ``prompt`` field, or GenEval metadata jsonl.
+
+    ``balance_by``: a metadata key (``tag`` for GenEval tasks) whose values are drawn uniformly, then a
+    prompt among those with the value (see :class:`flowalign.data.prompts.GroupSampler`); None draws
+    prompts uniformly without replacement.
+    """
 
     train_prompts: str = "assets/shapes/prompts/train.jsonl"
     group_size: int = 8
     groups_per_step: int = 4
+    balance_by: str | None = None
 
 
 @dataclass

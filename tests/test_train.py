@@ -218,3 +218,27 @@ def test_training_evaluates_geneval_prompts_before_and_during(tmp_path):
     assert rows[0]["step"] == 0 and 0.0 <= rows[0]["eval/geneval_overall"] <= 1.0
     assert rows[-1]["step"] == 1 and "eval/geneval_overall" in rows[-1]
     assert (tmp_path / "eval" / "step-000001" / "summary.md").is_file()
+
+
+def test_group_sampler_splits_the_global_batch_and_balances_tasks():
+    from collections import Counter
+
+    from flowalign.data.prompts import GroupSampler, PromptRecord
+
+    records = [PromptRecord(f"p{i}", {"tag": "rare" if i < 2 else "common"}) for i in range(20)]
+    # Plain sampling: an epoch is a permutation, so 20 groups over 5 iterations see every prompt once.
+    plain = GroupSampler(records, group_size=2, groups_per_step=4, seed=3)
+    assert sorted(i for it in range(5) for i in plain.global_indices(it)) == list(range(20))
+    # Two processes hold contiguous halves of the same global batch.
+    halves = [GroupSampler(records, 2, 4, seed=3, num_processes=2, process_index=k).batch(7) for k in (0, 1)]
+    whole = plain.batch(7)
+    assert halves[0].prompts + halves[1].prompts == whole.prompts
+    # Balanced: each tag is drawn about half the time although "rare" is 10% of the set.
+    balanced = GroupSampler(records, 2, 4, seed=3, balance_by="tag")
+    tags = Counter(records[i].metadata["tag"] for it in range(500) for i in balanced.global_indices(it))
+    assert abs(tags["rare"] / 2000 - 0.5) < 0.05
+    assert balanced.global_indices(11) == GroupSampler(
+        records, 2, 4, seed=3, balance_by="tag"
+    ).global_indices(11)
+    with pytest.raises(ValueError, match="balance_by='task'.*no metadata key"):
+        GroupSampler(records, 2, 4, balance_by="task")

@@ -83,8 +83,15 @@ class GroupBatch:
 
 
 class GroupSampler:
-    """Draws ``groups_per_step`` prompts per iteration (without replacement within an epoch over the set)
-    and gives each of ``num_processes`` processes a contiguous share of whole groups."""
+    """Draws ``groups_per_step`` prompts per iteration and gives each of ``num_processes`` processes a
+    contiguous share of whole groups.
+
+    By default prompts are drawn without replacement within an epoch over the set. With ``balance_by``
+    (a metadata key, e.g. GenEval's ``"tag"``) every group first draws a value of that key uniformly, then a
+    prompt uniformly among those having it: each task is trained equally often however unequal the set
+    is, which matches a benchmark whose score is the mean over tasks (GenEval's overall). Every draw is a
+    function of ``(seed, iteration)``, so resumed runs and every process see the same prompts.
+    """
 
     def __init__(
         self,
@@ -95,6 +102,7 @@ class GroupSampler:
         seed: int = 0,
         num_processes: int = 1,
         process_index: int = 0,
+        balance_by: str | None = None,
     ):
         if groups_per_step % num_processes:
             raise ValueError(
@@ -103,9 +111,28 @@ class GroupSampler:
             )
         self.records, self.group_size, self.groups_per_step = records, group_size, groups_per_step
         self.seed, self.num_processes, self.process_index = seed, num_processes, process_index
+        self.strata: list[list[int]] | None = None
+        if balance_by is not None:
+            strata: dict[Any, list[int]] = {}
+            for index, record in enumerate(records):
+                if balance_by not in record.metadata:
+                    raise ValueError(
+                        f"data.balance_by={balance_by!r}: prompt {index} ({record.prompt!r}) has no "
+                        f"metadata key {balance_by!r}; use a metadata jsonl whose every line has it, or unset "
+                        "data.balance_by."
+                    )
+                strata.setdefault(str(record.metadata[balance_by]), []).append(index)
+            self.strata = [strata[k] for k in sorted(strata)]
 
     def global_indices(self, iteration: int) -> list[int]:
         """Indices into the prompt set of this iteration's groups (all processes)."""
+        if self.strata is not None:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+            out = []
+            for _ in range(self.groups_per_step):
+                stratum = self.strata[int(torch.randint(len(self.strata), (1,), generator=gen))]
+                out.append(stratum[int(torch.randint(len(stratum), (1,), generator=gen))])
+            return out
         n = len(self.records)
         start = iteration * self.groups_per_step
         out: list[int] = []

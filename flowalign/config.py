@@ -71,6 +71,10 @@ class SamplingConfig:
     sliding window, Li et al. 2025).
     ``train_steps``: how many of the window's SDE steps are trained each iteration (a random subset,
     DanceGRPO's timestep fraction); None = all except the last step of the schedule (Flow-GRPO).
+    ``group_noise``: ``independent`` initial noise per sample (Flow-GRPO) or ``shared`` by the samples of a
+    group (DanceGRPO, Xue et al. 2025, Sec. 3: "samples from the same prompt share the same initialization
+    noise"), so that a group's reward differences come only from the SDE steps being trained. Needs SDE
+    steps to make the group's samples differ (GRPO only).
     """
 
     steps: int = 10
@@ -83,6 +87,7 @@ class SamplingConfig:
     sde_window_interval: int = 1
     train_steps: int | None = None
     reduction: str = "mean"
+    group_noise: str = "independent"
 
 
 @dataclass
@@ -292,6 +297,14 @@ def validate(config: Config, where: str = "config") -> None:
                 "sampling.sde_window",
                 f"[{start}, {size}] shifted by up to {s.sde_window_shift} does not fit {s.steps} steps",
             )
+    if s.group_noise not in ("independent", "shared"):
+        fail("sampling.group_noise", f"must be independent or shared, got {s.group_noise!r}")
+    if s.group_noise == "shared" and t.algorithm != "grpo":
+        fail(
+            "sampling.group_noise",
+            f"shared initial noise needs SDE rollouts to make a group's samples differ; {t.algorithm} samples "
+            "with the ODE, so its groups would be identical. Use independent.",
+        )
     if s.sde_window_mode not in ("random", "sliding") or s.sde_window_interval < 1:
         fail("sampling.sde_window_mode", "must be random or sliding, with sde_window_interval >= 1")
     if s.reduction not in ("mean", "sum"):

@@ -242,3 +242,32 @@ def test_group_sampler_splits_the_global_batch_and_balances_tasks():
     ).global_indices(11)
     with pytest.raises(ValueError, match="balance_by='task'.*no metadata key"):
         GroupSampler(records, 2, 4, balance_by="task")
+
+
+@pytest.mark.parametrize("group_noise", ["independent", "shared"])
+def test_group_noise_shares_the_initial_noise_within_a_group_only_when_asked(tmp_path, group_noise):
+    from flowalign.train.online import sample_and_score
+
+    seen = {}
+
+    def probe(ctx, step):
+        sampled = sample_and_score(ctx, step)
+        seen["x0"], seen["groups"] = sampled.trajectory.latents[:, 0], sampled.batch.group_ids
+        seen["final"] = sampled.trajectory.latents[:, -1]
+        return {}
+
+    config = _config(
+        "configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", f"sampling.group_noise={group_noise}"
+    )
+    run_training(config, probe)
+    x0, groups, final = seen["x0"], seen["groups"], seen["final"]
+    same_group = groups[0] == groups[1]
+    assert same_group and groups[0] != groups[2]
+    assert torch.equal(x0[0], x0[1]) == (group_noise == "shared")
+    assert not torch.equal(x0[0], x0[2])
+    assert not torch.equal(final[0], final[1])  # the SDE steps still make the group's samples differ
+
+
+def test_shared_group_noise_is_rejected_for_ode_recipes(tmp_path):
+    with pytest.raises(ConfigError, match="sampling.group_noise"):
+        load_config(ROOT / "configs/nft/tiny_sd3.yaml", ["sampling.group_noise=shared"])

@@ -92,14 +92,17 @@ class TrainContext:
         """A generator that draws the same on every process (choices all processes must agree on)."""
         return self._seed(step, purpose, 0)
 
-    def sample_generators(self, step: int, purpose: str, group_ids: torch.Tensor) -> list[torch.Generator]:
+    def sample_generators(
+        self, step: int, purpose: str, group_ids: torch.Tensor, per_group: bool = False
+    ) -> list[torch.Generator]:
         """One generator per sample, keyed by (global group, index in group): a sample's randomness is the
-        same whichever process or batch it is drawn in, so runs on 1 or N processes draw the same samples."""
+        same whichever process or batch it is drawn in, so runs on 1 or N processes draw the same samples.
+        ``per_group``: the samples of a group get identically seeded generators (shared initial noise)."""
         seen: dict[int, int] = {}
         gens = []
         for g in group_ids.tolist():
             seen[g] = seen.get(g, -1) + 1
-            gens.append(self._seed(step, purpose, 1_000 + g * 4096 + seen[g]))
+            gens.append(self._seed(step, purpose, 1_000 + g * 4096 + (0 if per_group else seen[g])))
         return gens
 
     @property

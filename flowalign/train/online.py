@@ -84,8 +84,12 @@ def sample_and_score(
     guidance = config.sampling.guidance if cfg is None or cfg else 1.0
     cond = model.encode(batch.prompts, cfg=guidance > 1)
     size = _resolution(ctx)
+    shared = config.sampling.group_noise == "shared"
     noise = model.initial_noise(
-        len(batch.prompts), size, size, ctx.sample_generators(step, "noise", batch.group_ids)
+        len(batch.prompts),
+        size,
+        size,
+        ctx.sample_generators(step, "noise", batch.group_ids, per_group=shared),
     )
     schedule = model.schedule(config.sampling.steps, noise.shape[1:])
     plan = plan_fn(ctx, step, schedule)

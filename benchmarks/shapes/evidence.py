@@ -164,25 +164,36 @@ def _curve(metrics_path: Path, png: Path, base: float, final: float) -> None:
         total += row.get("step_time", 0.0)
         elapsed.append(total / 60)
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(
-        elapsed,
-        [r.get("reward", float("nan")) for r in rows],
-        color="tab:blue",
-        alpha=0.6,
-        label="train reward",
-    )
-    ax.set_xlabel("training minutes")
+    rewards = [r.get("reward", float("nan")) for r in rows]
+    ax.plot(elapsed, rewards, color="tab:blue", alpha=0.25, label="train reward")
+    window = 10
+    smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1])
+              for i in range(len(rewards))]  # fmt: skip
+    ax.plot(elapsed, smooth, color="tab:blue", label=f"train reward, mean of {window} iterations")
+    ax.set_xlabel("training minutes (evaluation time excluded)")
     ax.set_ylabel("mean train reward")
     ax2 = ax.twinx()
     evals = [(m, r["eval/geneval_overall"]) for m, r in zip(elapsed, rows) if "eval/geneval_overall" in r]
-    points = [(0.0, base), *evals]
-    ax2.plot(*zip(*points), color="tab:red", marker="o", label="held-out GenEval overall (subset)")
-    ax2.axhline(final, color="tab:red", linestyle=":", label=f"final, full test split: {final:.3f}")
+    ax2.plot(*zip(*evals), color="tab:red", marker="o", label="held-out GenEval overall (eval subset)")
+    ax2.axhline(base, color="black", linestyle="--", label=f"base, full test split: {base:.3f}")
+    ax2.axhline(final, color="tab:red", linestyle=":", label=f"tuned, full test split: {final:.3f}")
     ax2.set_ylabel("GenEval overall accuracy")
-    fig.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    fig.legend(loc="upper center", ncol=2, fontsize=7, bbox_to_anchor=(0.5, 1.0))
+    fig.subplots_adjust(top=0.85)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+
+
+def replot(out: Path) -> None:
+    """Redraw ``curve.png`` of a finished run from its ``results.json`` and metrics."""
+    summary = json.loads((out / "results.json").read_text())
+    test = summary["splits"]["test"]
+    _curve(
+        out / "run" / "metrics.jsonl", out / "curve.png", test["before"]["overall"], test["after"]["overall"]
+    )
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--replot"]:
+        replot(Path(sys.argv[2]))
+    else:
+        main()

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rewards.base import Reward, RewardOutput, flatten_frames
-from rewards.weights import RewardWeightsError, require_path
+from rewards.weights import RewardWeightsError, read_config_metadata, require_path
 
 __all__ = [
     "ArtifactClassifier",
@@ -181,25 +181,12 @@ def save_classifier(classifier: ArtifactClassifier, path: str | Path) -> None:
 
 def load_classifier(path: str | Path) -> ArtifactClassifier:
     """Read a classifier written by :func:`save_classifier` (``.safetensors`` with a JSON config)."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = require_path(
         path, "weights_path", "an artifact classifier (.safetensors)", TRAIN_HINT, kind="file"
     )
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as err:
-        raise RewardWeightsError(
-            f"weights_path={str(path)!r} is not a safetensors file ({err}). {TRAIN_HINT}"
-        ) from err
-    if metadata.get("format") != FORMAT:
-        raise RewardWeightsError(
-            f"weights_path={str(path)!r} is not an artifact classifier (metadata format "
-            f"{metadata.get('format')!r}, expected {FORMAT!r}). {TRAIN_HINT}"
-        )
-    raw = json.loads(metadata["config"])
+    raw = read_config_metadata(path, file, FORMAT, "an artifact classifier", TRAIN_HINT)
     raw["channels"] = tuple(raw["channels"])
     if "statistics" in raw:
         raw["statistics"] = tuple(raw["statistics"])

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from rewards.base import Reward, RewardInputError, RewardOutput, flatten_frames
-from rewards.weights import RewardWeightsError, require_path
+from rewards.weights import RewardWeightsError, read_config_metadata, require_path
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -322,23 +322,10 @@ def save_match_model(
 
 def load_match_model(path: str | Path) -> ShapesMatchModel:
     """Read a model written by :func:`save_match_model`; frozen, in eval mode."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = require_path(path, "weights_path", "shapes_match weights (.safetensors)", TRAIN_HINT, kind="file")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as err:
-        raise RewardWeightsError(
-            f"weights_path={str(path)!r} is not a safetensors file ({err}). {TRAIN_HINT}"
-        ) from err
-    if metadata.get("format") != FORMAT:
-        raise RewardWeightsError(
-            f"weights_path={str(path)!r} is not a shapes_match model (metadata format {metadata.get('format')!r}, "
-            f"expected {FORMAT!r}). {TRAIN_HINT}"
-        )
-    raw = json.loads(metadata["config"])
+    raw = read_config_metadata(path, file, FORMAT, "a shapes_match model", TRAIN_HINT)
     model = ShapesMatchModel(ShapesMatchConfig(**{**raw, "vocabulary": tuple(raw["vocabulary"])}))
     model.load_state_dict(load_file(str(file)))
     return model.eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["RewardWeightsError", "load_state_dict", "require_path"]
+__all__ = ["RewardWeightsError", "load_state_dict", "read_config_metadata", "require_path"]
 
 
 class RewardWeightsError(FileNotFoundError):
@@ -71,3 +71,26 @@ def load_state_dict(
             f"{argument}={str(path)!r} does not hold a dict of tensors (got {type(obj).__name__}); expected {what}."
         )
     return dict(obj)
+
+
+def read_config_metadata(path: str | Path, file: Path, expected_format: str, kind: str, hint: str) -> dict:
+    """The JSON ``config`` stored in the metadata of a safetensors weights file written with
+    ``metadata={"format": expected_format, "config": json.dumps(...)}``; a file that is not safetensors or
+    holds another format is a :class:`RewardWeightsError` naming ``kind`` (e.g. "a shapes_match model")."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as err:
+        raise RewardWeightsError(
+            f"weights_path={str(path)!r} is not a safetensors file ({err}). {hint}"
+        ) from err
+    if metadata.get("format") != expected_format:
+        raise RewardWeightsError(
+            f"weights_path={str(path)!r} is not {kind} (metadata format {metadata.get('format')!r}, "
+            f"expected {expected_format!r}). {hint}"
+        )
+    return json.loads(metadata["config"])

@@ -73,6 +73,27 @@ def test_recipe_moves_trainable_parameters(path, tmp_path):
     assert (tmp_path / "checkpoints" / "step-000001" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_checkpoint_holds_the_ema_lora_next_to_the_trained_one(tmp_path):
+    config = _config(
+        "configs/grpo/tiny_sd3.yaml",
+        tmp_path,
+        "train.steps=2",
+        "train.ema_decay=0.5",
+        "train.checkpoint_every=2",
+    )
+    train(config)
+    checkpoint = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
+
+    def norms(tensors):  # LoRA files and trainable tensors name parameters differently; compare values
+        return sorted(round(float(v.float().norm()), 6) for v in tensors.values())
+
+    lora = load_file(str(checkpoint / "lora" / "pytorch_lora_weights.safetensors"))
+    lora_ema = load_file(str(checkpoint / "lora_ema" / "pytorch_lora_weights.safetensors"))
+    assert norms(lora) == norms(load_file(str(checkpoint / "trainable.safetensors")))
+    assert norms(lora_ema) == norms(load_file(str(checkpoint / "ema_ema.safetensors")))
+    assert norms(lora_ema) != norms(lora)
+
+
 def test_first_update_is_on_policy_and_kl_starts_at_zero(tmp_path):
     seen = {}
 

@@ -3,7 +3,7 @@
 1. The base model's GenEval-style benchmark on the test and unseen splits (4 images per prompt).
 2. Training with the given config for at most ``--minutes`` (periodic evaluation on a fixed test subset
    gives the accuracy curve).
-3. The tuned model (the final LoRA) on the same splits with the same noise.
+3. The tuned model (the final LoRA, its EMA when the run keeps one) on the same splits with the same noise.
 
 Writes ``results.json`` / ``results.md`` (per-task accuracy before/after, gains, wall time, accuracy gained
 per minute), ``curve.png`` (training reward and held-out accuracy against wall time) and before/after PNG
@@ -90,7 +90,9 @@ def main() -> None:
 
     tuned = load_model(config.model.path, family=config.model.family)
     checkpoints = sorted((out / "run" / "checkpoints").glob("step-*"))
-    tuned.load_lora(checkpoints[-1] / "lora")
+    # The EMA weights when the run keeps them (train.ema_decay): they are what its evaluations used.
+    lora = checkpoints[-1] / "lora_ema"
+    tuned.load_lora(lora if lora.is_dir() else checkpoints[-1] / "lora")
     after = {
         s: benchmark(tuned, s, args.images_per_prompt, config.train.seed, config, out, "after")
         for s in splits

@@ -99,7 +99,10 @@ def save_checkpoint(
     keep: int = 2,
     lora_saver=None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the ``keep`` newest."""
+    """Write checkpoint ``step`` atomically and keep only the ``keep`` newest.
+
+    With ``lora_saver``, ``lora/`` holds the trained LoRA and, when an ``"ema"`` average is kept,
+    ``lora_ema/`` the averaged one (both in diffusers' LoRA format)."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
@@ -127,6 +130,9 @@ def save_checkpoint(
     torch.save(rng, tmp / "rng.pt")
     if lora_saver is not None:
         lora_saver(tmp / "lora")
+        if "ema" in emas:  # the weights evaluation uses, loadable by Pipeline.load_lora_weights
+            with emas["ema"].applied():
+                lora_saver(tmp / "lora_ema")
     (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
     if final.exists():
         shutil.rmtree(final)

@@ -169,6 +169,10 @@ class DPOConfig:
     ``inversion``: InPO — noise the data by DDIM/flow inversion with ``inversion_steps`` steps.
     ``ref_refresh_every``: 0 keeps the reference fixed (the base model); N > 0 copies the trained weights
     into the reference every N steps (online DPO).
+    ``pairs_per_group``: online pairs per group, the i-th best against the i-th worst (1: best vs worst,
+    as Diffusion-DPO's and flow_grpo's online recipes).
+    ``timesteps_per_pair``: noise levels drawn per pair and iteration, each followed by an optimizer step
+    (1: the papers' recipe; more reuses each sampled pair, which pays when sampling dominates the cost).
     """
 
     beta: float = 100.0
@@ -181,6 +185,8 @@ class DPOConfig:
     inversion: bool = False
     inversion_steps: int = 10
     ref_refresh_every: int = 0
+    pairs_per_group: int = 1
+    timesteps_per_pair: int = 1
 
 
 @dataclass
@@ -337,6 +343,9 @@ def validate(config: Config, where: str = "config") -> None:
         fail("dpo.timesteps", f"must be logit_normal or uniform, got {p.timesteps!r}")
     if p.beta <= 0:
         fail("dpo.beta", f"must be > 0, got {p.beta}")
+    for key in ("pairs_per_group", "timesteps_per_pair", "inversion_steps"):
+        if getattr(p, key) < 1:
+            fail(f"dpo.{key}", f"must be >= 1, got {getattr(p, key)}")
     if t.algorithm == "dpo" and p.pairs == "online" and d.group_size < 2:
         fail("data.group_size", "online DPO mines pairs from groups: use group_size >= 2")
     if config.grpo.kl_form not in ("flow_grpo", "gaussian"):

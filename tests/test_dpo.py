@@ -79,6 +79,16 @@ def test_pair_mining_skips_ties_and_small_gaps():
     assert mine_pairs(rewards, groups, min_gap=0.5) == [(1, 0), (7, 6)]
 
 
+def test_pair_mining_pairs_ranks_from_both_ends():
+    rewards = torch.tensor([0.3, 0.9, 0.0, 0.6, 0.6, 0.1, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    # group 0 by reward: 1 (0.9), 3, 4 (0.6 tie, first index first), 0 (0.3), 5 (0.1), 2 (0.0)
+    assert mine_pairs(rewards, groups, per_group=3) == [(1, 2), (3, 5), (4, 0)]
+    assert mine_pairs(rewards, groups, min_gap=0.5, per_group=3) == [(1, 2), (3, 5)]
+    assert mine_pairs(rewards, groups, per_group=1) == [(1, 2)]  # group 1 ties: skipped
+    assert mine_pairs(rewards, groups, per_group=10) == [(1, 2), (3, 5), (4, 0)]  # capped at half a group
+
+
 def test_pair_file_errors(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "p", "chosen": "a.png"}) + "\n")
@@ -140,6 +150,31 @@ def test_online_flow_dpo_moves_parameters(tmp_path, monkeypatch):
         math.log(2), abs=1e-4
     )
     assert _lora_moved(tmp_path)
+
+
+@pytest.mark.parametrize("inversion", [False, True])
+def test_online_dpo_reuses_each_pair_for_several_levels(inversion, tmp_path, monkeypatch):
+    from flowalign.train import run_training
+    from flowalign.train.dpo import dpo_iteration
+
+    monkeypatch.chdir(ROOT)
+    seen = {}
+
+    def probe(ctx, step):
+        metrics = dpo_iteration(ctx, step)
+        seen["updates"] = {int(state["step"]) for state in ctx.optimizer.state.values()}
+        seen.update(metrics)
+        return metrics
+
+    config = load_config(
+        ROOT / "configs/dpo/tiny_sd3_online.yaml",
+        [f"train.output_dir={tmp_path}", "train.steps=1", "data.group_size=4", "dpo.pairs_per_group=2",
+         "dpo.timesteps_per_pair=3", f"dpo.inversion={inversion}", "dpo.inversion_steps=4"],
+    )  # fmt: skip
+    run_training(config, probe)
+    assert seen["pairs"] == 4  # two groups of four, two pairs each (random rewards never tie)
+    assert seen["updates"] == {3}  # one optimizer step per drawn level
+    assert seen["loss"] != pytest.approx(math.log(2), abs=1e-6)  # later levels see updated weights
 
 
 @pytest.mark.parametrize("family,inversion", [("sd", False), ("sd", True), ("sd3", True)])

@@ -2,8 +2,8 @@
 
 A pair file is jsonl, one pair per line: ``{"prompt": ..., "chosen": "a.png", "rejected": "b.png", ...}``;
 image paths are relative to the file's directory; other keys become metadata. Online pairs take, in each
-group of samples of one prompt, the best against the worst sample under the reward, when their reward gap
-is at least ``min_gap`` and never when they tie.
+group of samples of one prompt, the best against the worst sample under the reward (or the ``k`` best
+against the ``k`` worst, rank by rank), when their reward gap is at least ``min_gap`` and never when they tie.
 """
 
 from __future__ import annotations
@@ -65,17 +65,26 @@ def load_image(path: Path, size: int) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def mine_pairs(rewards: Tensor, group_ids: Tensor, min_gap: float = 0.0) -> list[tuple[int, int]]:
-    """``(winner, loser)`` indices: per group the best and the worst sample (first index on ties), kept only
-    when ``best - worst >= min_gap`` and ``best > worst`` (ties are skipped)."""
+def mine_pairs(
+    rewards: Tensor, group_ids: Tensor, min_gap: float = 0.0, per_group: int = 1
+) -> list[tuple[int, int]]:
+    """``(winner, loser)`` indices mined in each group: the ``i``-th best against the ``i``-th worst for
+    ``i < per_group`` (``per_group=1``: best vs worst, first index on ties), each pair kept only when
+    ``best - worst >= min_gap`` and ``best > worst`` (ties are skipped). A sample is in at most one pair, so
+    ``per_group`` is capped at half the group."""
     if rewards.shape != group_ids.shape or rewards.ndim != 1:
         raise ValueError("rewards and group_ids must both be [n].")
+    if per_group < 1:
+        raise ValueError(f"per_group must be >= 1, got {per_group}.")
     pairs = []
     for g in torch.unique(group_ids, sorted=True).tolist():
         idx = (group_ids == g).nonzero().flatten()
         r = rewards[idx]
-        best, worst = idx[int(torch.argmax(r))].item(), idx[int(torch.argmin(r))].item()
-        gap = (rewards[best] - rewards[worst]).item()
-        if gap > 0 and gap >= min_gap:
-            pairs.append((best, worst))
+        k = min(per_group, max(1, len(idx) // 2))
+        best = idx[torch.sort(r, descending=True, stable=True).indices[:k]].tolist()
+        worst = idx[torch.sort(r, stable=True).indices[:k]].tolist()
+        for winner, loser in zip(best, worst):
+            gap = (rewards[winner] - rewards[loser]).item()
+            if gap > 0 and gap >= min_gap:
+                pairs.append((winner, loser))
     return pairs

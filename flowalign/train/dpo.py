@@ -3,8 +3,8 @@
 One iteration: pairs (offline: the next ``pairs_per_step`` from the pair file, latents encoded once and
 cached; online: sample groups, score, mine best-vs-worst pairs) -> per pair one ``t`` and one noise shared by
 winner and loser (or, for InPO, the inverted latents) -> denoising errors of the trained model and of the
-reference -> DPO loss -> optimizer step; the reference follows the trained weights every
-``ref_refresh_every`` steps when asked (online DPO).
+reference -> DPO loss -> optimizer step, repeated ``timesteps_per_pair`` times with fresh levels; the
+reference follows the trained weights every ``ref_refresh_every`` steps when asked (online DPO).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flowalign.algorithms.dpo import denoising_error, dpo_loss
 from flowalign.data.pairs import PairRecord, load_image, load_pair_file, mine_pairs
 from flowalign.samplers.inversion import invert
 from flowalign.train.loop import TrainContext
-from flowalign.train.online import sample_and_score
+from flowalign.train.online import _mean_metrics, sample_and_score
 
 __all__ = ["dpo_iteration"]
 
@@ -56,7 +56,8 @@ def _online_pairs(ctx: TrainContext, step: int):
     sampled = sample_and_score(ctx, step)
     if sampled is None:
         return None
-    pairs = mine_pairs(sampled.rewards, sampled.batch.group_ids, ctx.config.dpo.min_gap)
+    p = ctx.config.dpo
+    pairs = mine_pairs(sampled.rewards, sampled.batch.group_ids, p.min_gap, p.pairs_per_group)
     metrics = dict(sampled.metrics)
     metrics["pairs"] = float(len(pairs))
     if not pairs:
@@ -98,21 +99,32 @@ def _noised(ctx: TrainContext, x0: Tensor, level: Tensor, noise: Tensor):
     return x_t, level.float(), target
 
 
-def _inverted(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator):
-    """InPO: invert ``x0`` with the model to a random level of a short schedule; the noise the inverted latent
-    implies becomes the target (eps for diffusion, eps - x0 for flow)."""
+def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator):
+    """InPO: invert ``x0`` with the model up a short schedule, to the noisiest of ``timesteps_per_pair``
+    random levels; returns a function giving, for the ``k``-th level, the inverted latent and the noise it
+    implies as the target (eps for diffusion, eps - x0 for flow)."""
     model, p = ctx.model, ctx.config.dpo
     schedule = model.schedule(p.inversion_steps, x0.shape[1:])
-    index = int(torch.randint(0, p.inversion_steps, (1,), generator=gen, device=gen.device))
-    x_t = invert(model, x0, cond, schedule, stop_index=index)[:, index]
-    if model.kind == "flow":
-        sigma = schedule.sigmas[index]
-        eps = (x_t - (1 - sigma) * x0) / sigma
-        return x_t, schedule.timesteps[index].expand(x0.shape[0]), eps - x0
-    abar = schedule.alphas_cumprod[index]
-    eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
-    target = abar.sqrt() * eps - (1 - abar).sqrt() * x0 if model.prediction_type == "v_prediction" else eps
-    return x_t, schedule.timesteps[index].expand(x0.shape[0]), target
+    indices = torch.randint(0, p.inversion_steps, (p.timesteps_per_pair,), generator=gen, device=gen.device)
+    states = invert(model, x0, cond, schedule, stop_index=int(indices.min()))
+
+    def level(k: int):
+        index = int(indices[k])
+        x_t = states[:, index]
+        if model.kind == "flow":
+            sigma = schedule.sigmas[index]
+            eps = (x_t - (1 - sigma) * x0) / sigma
+            return x_t, schedule.timesteps[index].expand(x0.shape[0]), eps - x0
+        abar = schedule.alphas_cumprod[index]
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        v_target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+        return (
+            x_t,
+            schedule.timesteps[index].expand(x0.shape[0]),
+            (v_target if model.prediction_type == "v_prediction" else eps),
+        )
+
+    return level
 
 
 def dpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
@@ -130,29 +142,33 @@ def dpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
         ctx.optimizer.zero_grad(set_to_none=True)
         return {**metrics, "skipped_no_pairs": 1.0}
     gen = ctx.generator(step, "dpo")
+    n = len(prompts)
     cond = model.encode(prompts, cfg=False)
-    both = cond.select(list(range(len(prompts))) * 2)
+    both = cond.select(list(range(n)) * 2)
     x0 = torch.cat([x_w, x_l]).float()
-    if p.inversion:
-        x_t, timestep, target = _inverted(ctx, x0, both, gen)
-    else:
-        level = _noise_levels(ctx, len(prompts), gen).repeat(2)
-        noise = torch.randn(x_w.shape, generator=gen, device=gen.device).repeat(2, *([1] * (x_w.ndim - 1)))
-        x_t, timestep, target = _noised(ctx, x0, level, noise)
     # The reference: a snapshot of the weights (refreshed for online DPO; the initial weights for full
     # fine-tuning), or the LoRA disabled.
     ref = ctx.emas.get("ref")
-    reference = ref.applied() if ref is not None else model.reference()
-    with torch.no_grad(), reference, ctx.clock("forward"):
-        ref_error = denoising_error(model.predict(x_t, timestep, both, 1.0), target)
-    with ctx.clock("forward"):
-        model_error = denoising_error(model.predict(x_t, timestep, both, 1.0), target)
-    n = len(prompts)
-    loss, terms = dpo_loss(model_error[:n], model_error[n:], ref_error[:n], ref_error[n:], p.beta)
-    with ctx.clock("backward"):
-        ctx.accelerator.backward(loss)
-    metrics.update({k: float(v) for k, v in terms.items()})
-    metrics.update(ctx.optimizer_step())
+    inverted = _inversion(ctx, x0, both, gen) if p.inversion else None
+    rows: list[dict[str, float]] = []
+    for k in range(p.timesteps_per_pair):
+        if inverted is not None:
+            x_t, timestep, target = inverted(k)
+        else:
+            level = _noise_levels(ctx, n, gen).repeat(2)
+            noise = torch.randn(x_w.shape, generator=gen, device=gen.device).repeat(
+                2, *([1] * (x_w.ndim - 1))
+            )
+            x_t, timestep, target = _noised(ctx, x0, level, noise)
+        with torch.no_grad(), ref.applied() if ref is not None else model.reference(), ctx.clock("forward"):
+            ref_error = denoising_error(model.predict(x_t, timestep, both, 1.0), target)
+        with ctx.clock("forward"):
+            model_error = denoising_error(model.predict(x_t, timestep, both, 1.0), target)
+        loss, terms = dpo_loss(model_error[:n], model_error[n:], ref_error[:n], ref_error[n:], p.beta)
+        with ctx.clock("backward"):
+            ctx.accelerator.backward(loss)
+        rows.append({**{name: float(v) for name, v in terms.items()}, **ctx.optimizer_step()})
+    metrics.update(_mean_metrics(rows))
     if ref is not None and p.ref_refresh_every > 0 and (step + 1) % p.ref_refresh_every == 0:
         ref.update(0.0)
     if "ema" in ctx.emas:

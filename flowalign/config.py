@@ -113,7 +113,13 @@ class RewardSpec:
 
 @dataclass
 class GRPOConfig:
-    """Flow-GRPO / DDPO. ``kl_form``: ``flow_grpo`` or ``gaussian`` (see ``algorithms.grpo.step_kl``)."""
+    """Flow-GRPO / DDPO. ``kl_form``: ``flow_grpo`` or ``gaussian`` (see ``algorithms.grpo.step_kl``).
+
+    ``skip_zero_advantage``: drop samples whose advantage is exactly 0 (every sample of a group scored the
+    same) before minibatching. Without KL their clipped-ratio loss and its gradient are exactly 0, so this
+    only saves their forward and backward passes (minibatch means then run over the informative samples).
+    Single-process only: processes must run the same number of backward passes.
+    """
 
     clip_range: float = 1e-4
     adv_clip: float = 5.0
@@ -124,6 +130,7 @@ class GRPOConfig:
     guard: bool = False
     inner_epochs: int = 1
     minibatch_size: int = 8
+    skip_zero_advantage: bool = False
 
 
 @dataclass
@@ -348,6 +355,10 @@ def validate(config: Config, where: str = "config") -> None:
             fail(f"dpo.{key}", f"must be >= 1, got {getattr(p, key)}")
     if t.algorithm == "dpo" and p.pairs == "online" and d.group_size < 2:
         fail("data.group_size", "online DPO mines pairs from groups: use group_size >= 2")
+    if config.grpo.skip_zero_advantage and config.grpo.kl_beta > 0:
+        fail(
+            "grpo.skip_zero_advantage", "needs grpo.kl_beta=0: the KL term trains zero-advantage samples too"
+        )
     if config.grpo.kl_form not in ("flow_grpo", "gaussian"):
         fail("grpo.kl_form", f"must be flow_grpo or gaussian, got {config.grpo.kl_form!r}")
     if config.model.lora_rank < 0:

@@ -292,3 +292,41 @@ def test_group_noise_shares_the_initial_noise_within_a_group_only_when_asked(tmp
 def test_shared_group_noise_is_rejected_for_ode_recipes(tmp_path):
     with pytest.raises(ConfigError, match="sampling.group_noise"):
         load_config(ROOT / "configs/nft/tiny_sd3.yaml", ["sampling.group_noise=shared"])
+
+
+def test_skipping_zero_advantage_samples_leaves_the_update_unchanged(tmp_path, monkeypatch):
+    """Zero-advantage samples carry no gradient (kl_beta=0): with one minibatch, Adam's first step is
+    invariant to the loss's scale, so dropping them must give the same parameters."""
+    import flowalign.train.online as online
+
+    real = online.multi_reward_advantages
+
+    def half_zero(*args, **kwargs):
+        advantages = real(*args, **kwargs)
+        advantages[: len(advantages) // 2] = 0.0  # the first group: every sample scored the same
+        return advantages
+
+    monkeypatch.setattr(online, "multi_reward_advantages", half_zero)
+    seen = {}
+
+    def probe(ctx, step):
+        metrics = grpo_iteration(ctx, step)
+        seen.update(metrics)
+        return metrics
+
+    params = {}
+    for skip in (False, True):
+        out = tmp_path / str(skip)
+        overrides = ["train.steps=1", "train.checkpoint_every=1", "grpo.kl_beta=0", "grpo.minibatch_size=4"]
+        overrides.append("optim.eps=1e-30")  # Adam's eps would break the scale invariance of tiny gradients
+        run_training(
+            _config("configs/grpo/tiny_sd3.yaml", out, *overrides, f"grpo.skip_zero_advantage={skip}"), probe
+        )
+        assert seen["informative_fraction"] == (0.5 if skip else 1.0)
+        params[skip] = _lora_params(out)
+    moved = [k for k in params[True] if "lora_B" in k and params[True][k].abs().sum() > 0]
+    assert moved
+    for key in params[True]:
+        torch.testing.assert_close(params[True][key], params[False][key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="grpo.skip_zero_advantage"):
+        load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["grpo.skip_zero_advantage=true"])  # kl_beta 0.01

@@ -156,9 +156,20 @@ def grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     steps = _trained_steps(ctx, step, traj)
     column = {i: c for c, i in enumerate(traj.sde_steps.tolist())}
     n = traj.latents.shape[0]
+    kept = torch.arange(n, device=traj.latents.device)
+    if g.skip_zero_advantage:
+        if ctx.accelerator.num_processes > 1:
+            raise ValueError(
+                "grpo.skip_zero_advantage runs on one process only (processes must run the same number of "
+                "backward passes); set grpo.skip_zero_advantage=false for multi-process training."
+            )
+        kept = (advantages != 0).nonzero().flatten()
+        if len(kept) == 0:
+            return {**sampled.metrics, "informative_fraction": 0.0}
     rows: list[dict] = []
     for epoch in range(g.inner_epochs):
-        order = torch.randperm(n, generator=ctx.generator(step, f"perm{epoch}")).to(traj.latents.device)
+        perm = torch.randperm(len(kept), generator=ctx.generator(step, f"perm{epoch}")).to(kept.device)
+        order = kept[perm]
         for chunk in order.split(g.minibatch_size):
             sub = cond.select(chunk)
             for position, i in enumerate(steps):
@@ -200,7 +211,8 @@ def grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
             rows.append(ctx.optimizer_step())
     if "ema" in ctx.emas:
         ctx.emas["ema"].update(ctx.config.train.ema_decay)
-    return {**sampled.metrics, **_mean_metrics(rows), "trained_steps": float(len(steps))}
+    informative = {"informative_fraction": len(kept) / n, "trained_steps": float(len(steps))}
+    return {**sampled.metrics, **_mean_metrics(rows), **informative}
 
 
 def nft_iteration(ctx: TrainContext, step: int) -> dict[str, float]:

@@ -180,6 +180,7 @@ class DPOConfig:
     as Diffusion-DPO's and flow_grpo's online recipes).
     ``timesteps_per_pair``: noise levels drawn per pair and iteration, each followed by an optimizer step
     (1: the papers' recipe; more reuses each sampled pair, which pays when sampling dominates the cost).
+    InPO inverts once per iteration, with the weights before that iteration's updates.
     """
 
     beta: float = 100.0

@@ -38,7 +38,9 @@ def main() -> None:
     if not runs:
         parser.error("none of the given directories holds a metrics.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4))
-    lines = ["| run | iterations | eval subset: first | best | last | mean train reward: first 20 / last 20 |"]
+    lines = [
+        "| run | iterations | eval subset: first | best | last | mean train reward: first 20 / last 20 |"
+    ]
     lines.append("|---|---|---|---|---|---|")
     for run in runs:
         steps, accuracy, rewards = load_curve(run)

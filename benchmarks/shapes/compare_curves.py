@@ -1,7 +1,7 @@
 """Held-out accuracy curves of several training runs on one plot, and a table of their evaluations.
 
 Reads each run's ``metrics.jsonl`` (written by the training loop; ``eval/geneval_overall`` at every
-evaluation) and its ``config.yaml``, and plots the evaluation subset's GenEval overall accuracy against the
+evaluation) and plots the evaluation subset's GenEval overall accuracy against the
 iteration. Used for pilots that were stopped before a full benchmark. Example:
 
     python benchmarks/shapes/compare_curves.py benchmarks/results/shapes_grpo_pilots/* \

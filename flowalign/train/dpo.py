@@ -15,8 +15,8 @@ from torch import Tensor
 from flowalign.algorithms.dpo import denoising_error, dpo_loss
 from flowalign.data.pairs import PairRecord, load_image, load_pair_file, mine_pairs
 from flowalign.samplers.inversion import invert
-from flowalign.train.loop import TrainContext
-from flowalign.train.online import _mean_metrics, sample_and_score
+from flowalign.train.loop import TrainContext, mean_metrics
+from flowalign.train.online import sample_and_score
 
 __all__ = ["dpo_iteration"]
 
@@ -117,12 +117,11 @@ def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator):
             return x_t, schedule.timesteps[index].expand(x0.shape[0]), eps - x0
         abar = schedule.alphas_cumprod[index]
         eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
-        v_target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
-        return (
-            x_t,
-            schedule.timesteps[index].expand(x0.shape[0]),
-            (v_target if model.prediction_type == "v_prediction" else eps),
-        )
+        if model.prediction_type == "v_prediction":
+            target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+        else:
+            target = eps
+        return x_t, schedule.timesteps[index].expand(x0.shape[0]), target
 
     return level
 
@@ -168,7 +167,7 @@ def dpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
         with ctx.clock("backward"):
             ctx.accelerator.backward(loss)
         rows.append({**{name: float(v) for name, v in terms.items()}, **ctx.optimizer_step()})
-    metrics.update(_mean_metrics(rows))
+    metrics.update(mean_metrics(rows))
     if ref is not None and p.ref_refresh_every > 0 and (step + 1) % p.ref_refresh_every == 0:
         ref.update(0.0)
     if "ema" in ctx.emas:

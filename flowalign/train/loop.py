@@ -28,7 +28,7 @@ from flowalign.data.prompts import GroupSampler, load_prompt_set
 from flowalign.models import ModelAdapter, load_model
 from flowalign.train.state import EMA, find_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainContext", "TrainResult", "build_reward", "run_training"]
+__all__ = ["TrainContext", "TrainResult", "build_reward", "mean_metrics", "run_training"]
 
 Iteration = Callable[["TrainContext", int], dict[str, float]]
 
@@ -296,6 +296,12 @@ def _agree(accelerator, *flags: bool) -> tuple[bool, ...]:
         torch.tensor([float(f) for f in flags], device=accelerator.device), reduction="sum"
     )
     return tuple(bool(v > 0) for v in votes.tolist())
+
+
+def mean_metrics(rows: list[dict[str, torch.Tensor | float]]) -> dict[str, float]:
+    """Per key, the mean over the rows that hold it (one row per minibatch or inner step)."""
+    keys = {k for row in rows for k in row}
+    return {k: float(sum(float(r[k]) for r in rows if k in r) / sum(k in r for r in rows)) for k in keys}
 
 
 def _log(ctx: TrainContext, metrics: dict[str, float], step: int) -> None:

@@ -25,7 +25,7 @@ from flowalign.algorithms.grpo import grpo_loss, guard_log_ratio, step_kl
 from flowalign.algorithms.nft import nft_loss
 from flowalign.data.prompts import GroupBatch
 from flowalign.samplers import Rollout, SamplingPlan, denoise_step, rollout
-from flowalign.train.loop import TrainContext
+from flowalign.train.loop import TrainContext, mean_metrics
 
 __all__ = ["SampledGroups", "grpo_iteration", "nft_iteration", "sample_and_score", "sampling_plan"]
 
@@ -141,11 +141,6 @@ def _backward(ctx: TrainContext, loss: Tensor, sync: bool) -> None:
         ctx.accelerator.backward(loss)
 
 
-def _mean_metrics(rows: list[dict[str, Tensor | float]]) -> dict[str, float]:
-    keys = {k for row in rows for k in row}
-    return {k: float(sum(float(r[k]) for r in rows if k in r) / sum(k in r for r in rows)) for k in keys}
-
-
 def grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     """One Flow-GRPO (flow models) or DDPO (diffusion models) iteration."""
     sampled = sample_and_score(ctx, step)
@@ -212,7 +207,7 @@ def grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     if "ema" in ctx.emas:
         ctx.emas["ema"].update(ctx.config.train.ema_decay)
     informative = {"informative_fraction": len(kept) / n, "trained_steps": float(len(steps))}
-    return {**sampled.metrics, **_mean_metrics(rows), **informative}
+    return {**sampled.metrics, **mean_metrics(rows), **informative}
 
 
 def nft_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
@@ -268,4 +263,4 @@ def nft_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     old.update(min(cfg.old_decay_max, cfg.old_decay_rate * step))
     if "ema" in ctx.emas:
         ctx.emas["ema"].update(ctx.config.train.ema_decay)
-    return {**sampled.metrics, **_mean_metrics(rows)}
+    return {**sampled.metrics, **mean_metrics(rows)}

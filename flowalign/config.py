@@ -8,6 +8,7 @@ that names the key and the file (or the override). :func:`validate` adds the che
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,13 +97,16 @@ class DataConfig:
 
     ``balance_by``: a metadata key (``tag`` for GenEval tasks) whose values are drawn uniformly, then a
     prompt among those with the value (see :class:`flowalign.data.prompts.GroupSampler`); None draws
-    prompts uniformly without replacement.
+    prompts uniformly without replacement. ``balance_weights``: a weight for every value of ``balance_by``
+    (e.g. ``{counting: 2, position: 2, color_attr: 2, colors: 1, single_object: 0, two_object: 0}``): the
+    values are drawn in those proportions instead of uniformly.
     """
 
     train_prompts: str = "assets/shapes/prompts/train.jsonl"
     group_size: int = 8
     groups_per_step: int = 4
     balance_by: str | None = None
+    balance_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -327,6 +331,11 @@ def validate(config: Config, where: str = "config") -> None:
         fail("data.group_size", f"group-relative advantages need >= 2 samples per prompt, got {d.group_size}")
     if d.group_size < 1:
         fail("data.group_size", f"must be >= 1, got {d.group_size}")
+    if d.balance_weights is not None:
+        if d.balance_by is None:
+            fail("data.balance_weights", "weighs the values of data.balance_by, which is not set (e.g. tag)")
+        if any(not math.isfinite(w) or w < 0 for w in d.balance_weights.values()):
+            fail("data.balance_weights", f"weights must be finite and >= 0, got {d.balance_weights}")
     b = config.backprop
     if b.mode not in ("alignprop", "draft", "draft_lv", "refl", "full"):
         fail("backprop.mode", f"must be alignprop, draft, draft_lv, refl or full, got {b.mode!r}")

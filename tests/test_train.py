@@ -46,6 +46,10 @@ def test_config_errors_name_key_and_file(tmp_path):
         load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["train.stepz=3"])
     with pytest.raises(ConfigError, match="data.group_size"):
         load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["data.group_size=1"])
+    with pytest.raises(ConfigError, match=r"data\.balance_weights.*balance_by, which is not set"):
+        load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["data.balance_weights={a: 1}"])
+    with pytest.raises(ConfigError, match=r"data\.balance_weights.*>= 0"):
+        load_config(ROOT / "configs/grpo/shapes.yaml", ["data.balance_weights.counting=-1"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
 
@@ -263,6 +267,20 @@ def test_group_sampler_splits_the_global_batch_and_balances_tasks():
     ).global_indices(11)
     with pytest.raises(ValueError, match="balance_by='task'.*no metadata key"):
         GroupSampler(records, 2, 4, balance_by="task")
+    # Weighted: "rare" drawn 3x as often as "common"; a weight of 0 never draws its value.
+    weighted = GroupSampler(records, 2, 4, seed=3, balance_by="tag", balance_weights={"rare": 3, "common": 1})
+    tags = Counter(records[i].metadata["tag"] for it in range(500) for i in weighted.global_indices(it))
+    assert abs(tags["rare"] / 2000 - 0.75) < 0.05
+    only = GroupSampler(records, 2, 4, seed=3, balance_by="tag", balance_weights={"rare": 0, "common": 1})
+    assert all(i >= 2 for it in range(100) for i in only.global_indices(it))
+    with pytest.raises(
+        ValueError, match=r"must name every value.*missing \['common'\], unknown \['Common'\]"
+    ):
+        GroupSampler(records, 2, 4, balance_by="tag", balance_weights={"Common": 1, "rare": 1})
+    with pytest.raises(ValueError, match="positive sum"):
+        GroupSampler(records, 2, 4, balance_by="tag", balance_weights={"rare": 0, "common": 0})
+    with pytest.raises(ValueError, match="balance_by, which is not set"):
+        GroupSampler(records, 2, 4, balance_weights={"rare": 1})
 
 
 @pytest.mark.parametrize("group_noise", ["independent", "shared"])

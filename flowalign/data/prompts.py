@@ -12,6 +12,7 @@ batch without communication. Each prompt's group of ``group_size`` samples stays
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ class GroupSampler:
     By default prompts are drawn without replacement within an epoch over the set. With ``balance_by``
     (a metadata key, e.g. GenEval's ``"tag"``) every group first draws a value of that key uniformly, then a
     prompt uniformly among those having it: each task is trained equally often however unequal the set
-    is, which matches a benchmark whose score is the mean over tasks (GenEval's overall). Every draw is a
+    is, which matches a benchmark whose score is the mean over tasks (GenEval's overall). ``balance_weights``
+    (a weight for every value of the key) draws the values in those proportions instead, e.g. to spend the
+    samples on the tasks a model still fails (a weight of 0 never draws that value). Every draw is a
     function of ``(seed, iteration)``, so resumed runs and every process see the same prompts.
     """
 
@@ -103,6 +106,7 @@ class GroupSampler:
         num_processes: int = 1,
         process_index: int = 0,
         balance_by: str | None = None,
+        balance_weights: Mapping[str, float] | None = None,
     ):
         if groups_per_step % num_processes:
             raise ValueError(
@@ -112,6 +116,7 @@ class GroupSampler:
         self.records, self.group_size, self.groups_per_step = records, group_size, groups_per_step
         self.seed, self.num_processes, self.process_index = seed, num_processes, process_index
         self.strata: list[list[int]] | None = None
+        self.weights: torch.Tensor | None = None
         if balance_by is not None:
             strata: dict[Any, list[int]] = {}
             for index, record in enumerate(records):
@@ -123,6 +128,13 @@ class GroupSampler:
                     )
                 strata.setdefault(str(record.metadata[balance_by]), []).append(index)
             self.strata = [strata[k] for k in sorted(strata)]
+            if balance_weights is not None:
+                self.weights = _stratum_weights(balance_by, balance_weights, sorted(strata))
+        elif balance_weights is not None:
+            raise ValueError(
+                "data.balance_weights weighs the values of data.balance_by, which is not set; set "
+                "data.balance_by (e.g. tag) or remove data.balance_weights."
+            )
 
     def global_indices(self, iteration: int) -> list[int]:
         """Indices into the prompt set of this iteration's groups (all processes)."""
@@ -130,7 +142,11 @@ class GroupSampler:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
             out = []
             for _ in range(self.groups_per_step):
-                stratum = self.strata[int(torch.randint(len(self.strata), (1,), generator=gen))]
+                if self.weights is None:
+                    choice = torch.randint(len(self.strata), (1,), generator=gen)
+                else:
+                    choice = torch.multinomial(self.weights, 1, generator=gen)
+                stratum = self.strata[int(choice)]
                 out.append(stratum[int(torch.randint(len(stratum), (1,), generator=gen))])
             return out
         n = len(self.records)
@@ -153,3 +169,20 @@ class GroupSampler:
             metadata += [dict(record.metadata) for _ in range(self.group_size)]
             groups += [group] * self.group_size
         return GroupBatch(prompts, metadata, torch.tensor(groups, dtype=torch.long))
+
+
+def _stratum_weights(key: str, weights: Mapping[str, float], values: list[str]) -> torch.Tensor:
+    """``weights`` as a tensor in the order of ``values``; every value must be named, with a weight >= 0."""
+    missing = [v for v in values if v not in weights]
+    unknown = [str(k) for k in weights if str(k) not in values]
+    if missing or unknown:
+        raise ValueError(
+            f"data.balance_weights must name every value of data.balance_by={key!r} in the prompt set "
+            f"({values}); missing {missing}, unknown {unknown}. Give a weight of 0 to leave a value out."
+        )
+    out = torch.tensor([float(weights[v]) for v in values], dtype=torch.float64)
+    if not torch.isfinite(out).all() or (out < 0).any() or out.sum() <= 0:
+        raise ValueError(
+            f"data.balance_weights must be finite and >= 0 with a positive sum, got {dict(weights)}."
+        )
+    return out

@@ -196,7 +196,7 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
     sampler = GroupSampler(
         load_prompt_set(config.data.train_prompts), config.data.group_size, config.data.groups_per_step,
         seed=config.train.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-        balance_by=config.data.balance_by,
+        balance_by=config.data.balance_by, balance_weights=config.data.balance_weights,
     )  # fmt: skip
     ctx = TrainContext(
         config,

@@ -59,10 +59,8 @@ def main() -> None:
         parser.error("--iterations must be at least 2 (cosines need two gradients)")
 
     from flowalign.config import load_config
+    from flowalign.train import recipe as recipe_for
     from flowalign.train import run_training
-    from flowalign.train.backprop import backprop_iteration
-    from flowalign.train.dpo import dpo_iteration
-    from flowalign.train.online import grpo_iteration, nft_iteration
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,12 +75,7 @@ def main() -> None:
         "eval.every=0",
     ]
     config = load_config(args.config, overrides)
-    recipe = {
-        "grpo": grpo_iteration,
-        "nft": nft_iteration,
-        "backprop": backprop_iteration,
-        "dpo": dpo_iteration,
-    }[config.train.algorithm]
+    recipe = recipe_for(config.train.algorithm)
     gradients: list[torch.Tensor] = []
     samples: list[float] = []
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from flowalign.config import Config
-from flowalign.train.loop import TrainContext, TrainResult, run_training
+from flowalign.train.loop import Iteration, TrainContext, TrainResult, run_training
 
-__all__ = ["TrainContext", "TrainResult", "run_training", "train"]
+__all__ = ["TrainContext", "TrainResult", "recipe", "run_training", "train"]
 
 
-def train(config: Config) -> TrainResult:
-    """Run the recipe ``config.train.algorithm`` names."""
+def recipe(algorithm: str) -> Iteration:
+    """The iteration function of ``train.algorithm`` (``grpo``, ``nft``, ``backprop`` or ``dpo``)."""
     from flowalign.train.backprop import backprop_iteration
     from flowalign.train.dpo import dpo_iteration
-    from flowalign.train.evaluate import evaluate
     from flowalign.train.online import grpo_iteration, nft_iteration
 
     recipes = {
@@ -21,4 +20,11 @@ def train(config: Config) -> TrainResult:
         "backprop": backprop_iteration,
         "dpo": dpo_iteration,
     }
-    return run_training(config, recipes[config.train.algorithm], evaluate=evaluate)
+    return recipes[algorithm]
+
+
+def train(config: Config) -> TrainResult:
+    """Run the recipe ``config.train.algorithm`` names."""
+    from flowalign.train.evaluate import evaluate
+
+    return run_training(config, recipe(config.train.algorithm), evaluate=evaluate)

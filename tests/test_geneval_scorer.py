@@ -6,6 +6,7 @@ import ast
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rewards.geneval import (
@@ -94,10 +95,20 @@ def test_colour_is_checked_on_top_count_by_confidence():
     m = meta("colors", [{"class": "circle", "count": 1, "color": "red"}])
     assert not evaluate([det("circle", "red", conf=0.7), det("circle", "blue", conf=0.8)], m).correct
     assert evaluate([det("circle", "red", conf=0.8), det("circle", "blue", conf=0.7)], m).correct
-    # Ties keep the detector's order (stable sort).
-    assert evaluate([det("circle", "red"), det("circle", "blue")], m).correct
-    result = evaluate([det("circle", "blue"), det("circle", "red")], m)
+    # Ties go to the later detection, as GenEval's `np.argsort(scores)[::-1]` orders them.
+    assert evaluate([det("circle", "blue"), det("circle", "red")], m).correct
+    result = evaluate([det("circle", "red"), det("circle", "blue")], m)
     assert result.reason == "expected red circle>=1, found 0 red; and 1 blue"
+    three = [
+        det("circle", "red", conf=0.9),
+        det("circle", "blue"),
+        det("circle", "green"),
+        det("circle", "red"),
+    ]
+    order = np.argsort(np.array([d.confidence for d in three]), kind="stable")[::-1]
+    assert [three[i].color for i in order] == ["red", "green", "blue", "red"]
+    m3 = meta("colors", [{"class": "circle", "count": 3, "color": "red"}])
+    assert evaluate(three, m3).reason.endswith("found 1 red; and 1 red, 1 green, 1 blue")
 
 
 def test_include_clauses_are_anded_and_exclude_clauses_ored():

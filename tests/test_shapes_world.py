@@ -133,17 +133,25 @@ def test_same_colour_objects_at_min_gap_stay_separate():
     assert scene_from_detections(detect(render_scene(scene))) == scene
 
 
-def test_confidence_is_iou_times_purity():
+def test_confidence_is_about_the_object_not_its_pixels():
     scene = Scene((SceneObject("triangle", "magenta", 11, 5, 7),))
     image = render_scene(scene)
-    (washed,) = detect(image * 0.8 + 0.1)  # every channel 0.1 from its corner -> purity 0.9
-    assert washed.class_name == "triangle" and washed.color == "magenta"
-    assert washed.confidence == pytest.approx(0.9, abs=1e-6)
+    # Washed-out colours on the right side of the threshold do not change the verdict or the confidence.
+    (washed,) = detect(image * 0.8 + 0.1)
+    assert (washed.class_name, washed.color, washed.confidence) == ("triangle", "magenta", 1.0)
+    # A soft or slightly irregular edge keeps it above GenEval's counting threshold 0.9.
     damaged = image.clone()
-    damaged[:, 7 + 10, 5:8] = 0  # remove 3 base pixels: IoU 58/61 with the 11-px triangle
+    damaged[:, 7 + 10, 5:8] = 0  # 3 base pixels missing
     (d,) = detect(damaged)
-    assert d.class_name == "triangle" and d.confidence == pytest.approx(58 / 61)
-    assert d.pixel_count == 58
+    assert d.class_name == "triangle" and d.confidence > 0.9 and d.pixel_count == 58
+    # Half of it is no longer a whole triangle (below the detection threshold 0.3).
+    half = image.clone()
+    half[:, :, 11:] = 0
+    assert detect(half) == [] and detect(half, min_confidence=0.0)[0].confidence < 0.3
+    # Two same-colour objects drawn into one blob are not one object of either class.
+    blob = render_scene(Scene((SceneObject("circle", "red", 11, 4, 4),)))
+    blob = torch.maximum(blob, render_scene(Scene((SceneObject("circle", "red", 11, 9, 6),))))
+    assert detect(blob) == []
     # A channel is on when value * 255 >= 128, also for uint8 images converted with / 255.
     for level, on in ((127, False), (128, True)):
         pixel = torch.zeros(3, 5, 5)
@@ -152,10 +160,11 @@ def test_confidence_is_iou_times_purity():
     # 0.51 is on, 0.5 is off.
     assert detect(image * 0.51)[0].color == "magenta" and detect(image * 0.5) == []
     assert detect(torch.zeros(3, 32, 32)) == []
-    # Low-confidence specks are dropped by min_confidence, kept when asked for.
+    # Specks are dropped by min_confidence, kept (with confidence 0) when asked for.
     speck = torch.zeros(3, 32, 32)
     speck[0, 3, 3] = 1
-    assert detect(speck) == [] and detect(speck, min_confidence=0.0)[0].pixel_count == 1
+    (kept,) = detect(speck, min_confidence=0.0)
+    assert detect(speck) == [] and kept.pixel_count == 1 and kept.confidence == 0.0
 
 
 def test_detections_are_sorted_by_confidence_then_position():
@@ -163,9 +172,9 @@ def test_detections_are_sorted_by_confidence_then_position():
         Scene((SceneObject("circle", "red", 9, 20, 2), SceneObject("square", "blue", 9, 2, 20)))
     )
     assert [d.class_name for d in detect(image)] == ["circle", "square"]  # reading order on ties
-    image[2, 20:29, 2:11] *= 0.7  # dim the square only
+    image[:, 2, 24:26] = 0  # two pixels off the circle's top edge
     dets = detect(image)
-    assert [d.class_name for d in dets] == ["circle", "square"] and dets[1].confidence < 1
+    assert [d.class_name for d in dets] == ["square", "circle"] and dets[1].confidence < 1
 
 
 @pytest.mark.parametrize(

@@ -250,9 +250,9 @@ def evaluate(
     GenEval (``evaluate_images.py``: ``evaluate_image`` then ``evaluate``):
 
     1. Keep detections with ``confidence > counting_threshold`` for tag ``counting`` and
-       ``> threshold`` otherwise; group them by class, sort each group by confidence (descending, stable,
-       so ties keep the detector's order) and keep the first ``max_objects`` (no NMS: GenEval's default
-       ``max_overlap`` is 1).
+       ``> threshold`` otherwise; group them by class, sort each group by confidence in GenEval's order
+       (``np.argsort(scores)[::-1]``: descending, ties to the *later* detection in the detector's list) and
+       keep the first ``max_objects`` (no NMS: GenEval's default ``max_overlap`` is 1).
     2. Include clauses, ANDed, in order. Clause ``k`` takes the top-``count`` detections of its class; fewer
        than ``count`` fails. With ``color``, fewer than ``count`` of them having that colour fails. With
        ``position = [relation, i]`` (checked only if the clause has not failed yet), clause ``i`` must
@@ -291,6 +291,8 @@ def evaluate(
         if det.confidence > cutoff:
             by_class.setdefault(det.class_name, []).append(det)
     for name, group in by_class.items():
+        # GenEval orders by `np.argsort(scores)[::-1]`: descending, ties to the later detection.
+        group.reverse()
         group.sort(key=lambda d: -d.confidence)
         by_class[name] = group[:max_objects]
 

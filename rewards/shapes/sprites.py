@@ -38,6 +38,7 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "color_rgb",
+    "shape_mask",
     "sprite_mask",
 ]
 
@@ -73,21 +74,39 @@ def color_rgb(color: str) -> tuple[int, int, int]:
 @cache
 def sprite_mask(shape: str, size: int) -> np.ndarray:
     """Boolean ``[size, size]`` mask of a sprite (read-only; see the module docstring for the rules)."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; the shapes world has shapes {list(SHAPES)}.")
     if size not in SIZES:
         raise ValueError(f"unsupported sprite size {size!r}; sprites come in sizes {list(SIZES)} px.")
+    return shape_mask(shape, size)
+
+
+@cache
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """Boolean ``[size, size]`` mask of ``shape`` drawn in a box of any side ``size >= 3`` (read-only).
+
+    The shapes are continuous figures in the box ``[0, size]^2`` -- the disc inscribed in it, the box
+    itself, the triangle with apex at the top centre and the bottom edge as base, the square rotated by
+    45 degrees touching the middle of each edge -- and a pixel is on when its centre lies inside. For
+    the sprite sizes this is exactly :func:`sprite_mask` (the module docstring's rules); for other sides
+    it is the same figure scaled, which is what the detector compares scaled objects with. With
+    ``u = 2 j + 1 - size`` and ``v = 2 i + 1 - size`` (twice the centre's offset from the box centre, so
+    everything stays in integers): circle ``u^2 + v^2 <= size^2``; triangle ``2 |u| <= v + size``;
+    diamond ``|u| + |v| <= size``. (At even sides the triangle's apex row is empty: no pixel centre lies
+    on the apex column.)
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; the shapes world has shapes {list(SHAPES)}.")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 3:
+        raise ValueError(f"shape size must be an integer >= 3 pixels, got {size!r}.")
     i, j = np.mgrid[0:size, 0:size]
-    c = (size - 1) // 2
+    u, v = 2 * j + 1 - size, 2 * i + 1 - size
     if shape == "circle":
-        # Compare squared distances times 4 to stay in integers: (2i - 2c)^2 + ... <= size^2.
-        mask = (2 * (i - c)) ** 2 + (2 * (j - c)) ** 2 <= size**2
+        mask = u**2 + v**2 <= size**2
     elif shape == "square":
         mask = np.ones((size, size), dtype=bool)
     elif shape == "triangle":
-        mask = 2 * np.abs(j - c) <= i
+        mask = 2 * np.abs(u) <= v + size
     else:  # diamond
-        mask = np.abs(i - c) + np.abs(j - c) <= c
+        mask = np.abs(u) + np.abs(v) <= size
     mask = np.ascontiguousarray(mask, dtype=bool)
     mask.flags.writeable = False
     return mask

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("flowalign.commands.sample", "generate images from prompts and save a PNG grid"),
     "bench": (
         "flowalign.commands.bench",
-        "GenEval-style benchmark of a model or a LoRA (results, table, grids)",
+        "GenEval-style benchmark of a model or a LoRA, with confidence intervals; paired comparison of two runs",
     ),
     "score": ("flowalign.commands.score", "score a folder of images against prompts with rewards"),
     "train": ("flowalign.commands.train", "fine-tune a model from a YAML config (online RL, ...)"),

@@ -29,13 +29,14 @@ __all__ = [
     "NFTConfig",
     "OptimConfig",
     "RewardSpec",
+    "SFTConfig",
     "SamplingConfig",
     "TrainConfig",
     "load_config",
     "validate",
 ]
 
-ALGORITHMS = ("grpo", "nft", "backprop", "dpo")
+ALGORITHMS = ("grpo", "nft", "backprop", "dpo", "sft")
 
 
 class ConfigError(ValueError):
@@ -202,6 +203,21 @@ class DPOConfig:
 
 
 @dataclass
+class SFTConfig:
+    """The control recipe (``train.algorithm: sft``): continued supervised fine-tuning of the shapes model
+    with its own pretraining objective (rectified flow, the shipped model's sigma density and caption
+    dropout) on fresh procedural scenes, through the same LoRA the reward recipes train
+    (:mod:`flowalign.train.sft`). It samples no images, so it needs no reward; a ``reward`` section, if
+    given, only scores the loop's evaluation of prompts without GenEval metadata, never a training batch.
+
+    ``batch_size``: scenes per iteration over all processes (one optimizer step each); the default is
+    pretraining's batch.
+    """
+
+    batch_size: int = 32
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -214,12 +230,23 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     """Periodic evaluation with deterministic ODE sampling on held-out prompts (also before the first
-    iteration of a fresh run when ``at_start``)."""
+    iteration of a fresh run when ``at_start``).
+
+    ``max_prompts``: read only the first N prompts of the file (None: all of them).
+    ``images_per_prompt``: images per prompt; with ``images_per_task``, the fewest a prompt gets.
+    ``images_per_task``: for GenEval prompt files, measure every task on exactly this many images (the
+    same per-task balance as ``flowalign bench geneval``): per task, ``min(prompts of the task,
+    images_per_task // images_per_prompt)`` prompts spread evenly over the file (of the first
+    ``max_prompts``) share the images as evenly as possible. None: every prompt read, ``images_per_prompt``
+    images each. The evaluation logs ``eval/geneval_overall`` with its 95% interval bounds
+    ``eval/geneval_overall_lo`` and ``eval/geneval_overall_hi``.
+    """
 
     prompts: str | None = "assets/shapes/prompts/test.jsonl"
     every: int = 10
     images_per_prompt: int = 2
     max_prompts: int | None = 32
+    images_per_task: int | None = None
     steps: int | None = None
     guidance: float | None = None
     at_start: bool = True
@@ -251,6 +278,7 @@ class Config:
     nft: NFTConfig = field(default_factory=NFTConfig)
     backprop: BackpropConfig = field(default_factory=BackpropConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -347,7 +375,8 @@ def validate(config: Config, where: str = "config") -> None:
         fail("backprop.k", f"refl draws its step from [k_min, k) in [0, {s.steps}); got [{b.k_min}, {b.k})")
     if d.groups_per_step < 1:
         fail("data.groups_per_step", f"must be >= 1, got {d.groups_per_step}")
-    if not config.reward and not (t.algorithm == "dpo" and config.dpo.pairs != "online"):
+    needs_reward = t.algorithm != "sft" and not (t.algorithm == "dpo" and config.dpo.pairs != "online")
+    if not config.reward and needs_reward:
         fail("reward", "name at least one reward, e.g. reward: {geneval: {weight: 1.0}}")
     for name, spec in config.reward.items():
         if spec.weight == 0:
@@ -371,5 +400,18 @@ def validate(config: Config, where: str = "config") -> None:
         )
     if config.grpo.kl_form not in ("flow_grpo", "gaussian"):
         fail("grpo.kl_form", f"must be flow_grpo or gaussian, got {config.grpo.kl_form!r}")
+    if config.sft.batch_size < 1:
+        fail("sft.batch_size", f"must be >= 1 (scenes per iteration), got {config.sft.batch_size}")
+    ev = config.eval
+    if ev.images_per_prompt < 1:
+        fail("eval.images_per_prompt", f"must be >= 1, got {ev.images_per_prompt}")
+    if ev.max_prompts is not None and ev.max_prompts < 1:
+        fail("eval.max_prompts", f"must be >= 1 or null (every prompt of eval.prompts), got {ev.max_prompts}")
+    if ev.images_per_task is not None and ev.images_per_task < ev.images_per_prompt:
+        fail(
+            "eval.images_per_task",
+            f"must be >= eval.images_per_prompt ({ev.images_per_prompt}, the fewest images a prompt gets), got "
+            f"{ev.images_per_task}; e.g. 16, or null for every prompt",
+        )
     if config.model.lora_rank < 0:
         fail("model.lora_rank", f"must be >= 0 (0 = full fine-tuning), got {config.model.lora_rank}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowalign.config import ConfigError, load_config
+from flowalign.config import ALGORITHMS, ConfigError, load_config
 from flowalign.train import run_training, train
 from flowalign.train.online import grpo_iteration
 
@@ -29,7 +29,7 @@ def test_every_config_loads_and_validates(path):
     from rewards import resolve_reward_class
 
     config = load_config(path)
-    assert config.train.algorithm in ("grpo", "nft", "backprop", "dpo")
+    assert config.train.algorithm in ALGORITHMS
     for name in config.reward:
         resolve_reward_class(name)  # every reward a config names exists
 
@@ -243,6 +243,24 @@ def test_training_evaluates_geneval_prompts_before_and_during(tmp_path):
     assert rows[0]["step"] == 0 and 0.0 <= rows[0]["eval/geneval_overall"] <= 1.0
     assert rows[-1]["step"] == 1 and "eval/geneval_overall" in rows[-1]
     assert (tmp_path / "eval" / "step-000001" / "summary.md").is_file()
+
+
+def test_training_evaluation_measures_every_task_on_images_per_task(tmp_path):
+    import json
+
+    config = _config(
+        "configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "eval.prompts=assets/shapes/prompts/test.jsonl",
+        "eval.max_prompts=null", "eval.images_per_task=2", "eval.images_per_prompt=1", "eval.at_start=false",
+        "eval.every=1", "eval.steps=2",
+    )  # fmt: skip
+    train(config)
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["eval/geneval_overall_lo"] <= row["eval/geneval_overall"] <= row["eval/geneval_overall_hi"]
+    tasks = json.loads((tmp_path / "eval" / "step-000001" / "results.json").read_text())["stats"]["tasks"]
+    assert {tag: (t["prompts"], t["images"]) for tag, t in tasks.items()} == dict.fromkeys(tasks, (2, 2))
+    assert len(tasks) == 6
+    with pytest.raises(ConfigError, match=r"eval\.images_per_task.*>= eval\.images_per_prompt \(2"):
+        _config("configs/grpo/shapes.yaml", tmp_path, "eval.images_per_task=1")
 
 
 def test_group_sampler_splits_the_global_batch_and_balances_tasks():

@@ -1,11 +1,17 @@
-"""``flowalign bench geneval``: GenEval-style benchmark of a model (or a LoRA) on a prompt file.
+"""``flowalign bench``: GenEval-style benchmark of a model (or a LoRA), and paired comparison of two runs.
 
-Example::
+Examples::
 
-    flowalign bench geneval --prompts assets/shapes/prompts/test.jsonl --images-per-prompt 4 --out bench/test
+    flowalign bench geneval --prompts assets/shapes/prompts/test.jsonl --out bench/base
+    flowalign bench geneval --lora runs/grpo_shapes/checkpoints/step-100/lora --out bench/tuned
+    flowalign bench compare bench/base bench/tuned --out bench/tuned_vs_base
 
-writes ``results.json``, ``summary.md`` and ``grids/<task>.png`` to ``--out`` (see
-:mod:`flowalign.eval.geneval`).
+``geneval`` writes ``results.json``, ``summary.md`` and ``grids/<task>.png`` to ``--out`` (see
+:mod:`flowalign.eval.geneval`). By default every task is measured on at least 96 images (tasks with few
+prompts get more images per prompt, never fewer than ``--images-per-prompt``); ``--min-images-per-task 0``
+is GenEval's uniform protocol. Every accuracy comes with its 95% interval. ``compare`` reads two such runs
+made on the same prompts, seed and settings and reports ``B - A`` per task and overall with paired 95%
+intervals (:mod:`flowalign.eval.compare`).
 """
 
 from __future__ import annotations
@@ -16,28 +22,56 @@ from pathlib import Path
 
 from flowalign.commands.common import add_model_arguments, load_model_from_args
 
-BENCHMARKS = ("geneval",)
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = "assets/shapes/prompts/test.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark to run")
-    add_model_arguments(parser)
-    parser.add_argument(
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    geneval = sub.add_parser(
+        "geneval", help="GenEval-style benchmark with 95%% intervals", description="GenEval-style benchmark"
+    )
+    add_model_arguments(geneval)
+    geneval.add_argument(
         "--prompts",
         default=DEFAULT_PROMPTS,
         help=f"GenEval metadata jsonl (default {DEFAULT_PROMPTS}, relative to the repository if not found here)",
     )
-    parser.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (default 4)")
-    parser.add_argument("--steps", type=int, default=None, help="ODE sampling steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    parser.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of the per-image noise (default 0)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per sampler call (default 32)")
-    parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    geneval.add_argument(
+        "--images-per-prompt",
+        type=int,
+        default=4,
+        help="images per prompt, the least any prompt gets (default 4)",
+    )
+    geneval.add_argument(
+        "--min-images-per-task",
+        type=int,
+        default=96,
+        help="give the prompts of a task enough images for at least this many per task (default 96; 0: "
+        "GenEval's uniform --images-per-prompt)",
+    )
+    geneval.add_argument("--steps", type=int, default=None, help="ODE sampling steps (default: the model's)")
+    geneval.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    geneval.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
+    geneval.add_argument("--seed", type=int, default=0, help="base seed of the per-image noise (default 0)")
+    geneval.add_argument("--batch-size", type=int, default=32, help="images per sampler call (default 32)")
+    geneval.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts")
+    geneval.add_argument("--out", required=True, help="output directory")
+    geneval.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    compare = sub.add_parser(
+        "compare",
+        help="paired difference B - A of two geneval runs on the same prompts and noise",
+        description="Paired difference B - A of two `flowalign bench geneval` runs made on the same prompts, "
+        "seed and settings: per task and overall, with 95% intervals and whether they exclude zero.",
+    )
+    compare.add_argument("a", metavar="A_DIR", help="--out directory of the reference run")
+    compare.add_argument("b", metavar="B_DIR", help="--out directory of the run compared with it")
+    compare.add_argument("--out", default=None, help="also write comparison.json and comparison.md here")
+
+
+def run(args: argparse.Namespace) -> int:
+    return _compare(args) if args.benchmark == "compare" else _geneval(args)
 
 
 def _resolve_prompts(path: str) -> Path:
@@ -50,8 +84,8 @@ def _resolve_prompts(path: str) -> Path:
     raise SystemExit(f"prompt file {path!r} not found (looked in the current directory and in {_REPO}).")
 
 
-def run(args: argparse.Namespace) -> int:
-    from flowalign.eval.geneval import run_geneval, write_report
+def _geneval(args: argparse.Namespace) -> int:
+    from flowalign.eval.geneval import balanced_images_per_prompt, run_geneval, stats_text, write_report
     from flowalign.worlds.shapes.prompts import load_prompts
 
     prompts_path = _resolve_prompts(args.prompts)
@@ -61,10 +95,24 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(str(err)) from None
     if args.max_prompts is not None:
         prompts = prompts[: args.max_prompts]
+    if args.images_per_prompt < 1:
+        raise SystemExit(
+            f"flowalign bench geneval: --images-per-prompt must be >= 1, got {args.images_per_prompt}."
+        )
+    if args.min_images_per_task < 0:
+        raise SystemExit(
+            f"flowalign bench geneval: --min-images-per-task must be >= 0 (0: GenEval's uniform protocol), got "
+            f"{args.min_images_per_task}."
+        )
+    counts = balanced_images_per_prompt(
+        [p["tag"] for p in prompts],
+        images_per_prompt=args.images_per_prompt,
+        min_images_per_task=args.min_images_per_task,
+    )
     model = load_model_from_args(args)
     try:
         report = run_geneval(
-            model, prompts, images_per_prompt=args.images_per_prompt, steps=args.steps, guidance=args.guidance,
+            model, prompts, images_per_prompt=counts, steps=args.steps, guidance=args.guidance,
             resolution=args.resolution, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
         )  # fmt: skip
     except ValueError as err:
@@ -72,11 +120,25 @@ def run(args: argparse.Namespace) -> int:
     report.model = {"model": str(args.model), "lora": args.lora, "prompts": str(args.prompts)}
     paths = write_report(report, args.out, command=_command(args, report.config))
     s = report.summary
-    tasks = ", ".join(f"{t} {a:.3f}" for t, a in s.task_accuracy.items())
+    print(stats_text(report.stats))
     print(
-        f"overall {s.overall:.3f} ({tasks}); {s.image_accuracy:.1%} images, {s.prompt_accuracy:.1%} prompts correct"
+        f"{s.prompt_accuracy:.1%} of prompts have a correct image; wrote {paths['results']} and {paths['summary']}"
     )
-    print(f"wrote {paths['results']} and {paths['summary']}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from flowalign.eval.compare import compare_runs, comparison_markdown, load_run, write_comparison
+
+    try:
+        a, b = load_run(args.a), load_run(args.b)
+        comparison = compare_runs(a, b)
+    except ValueError as err:
+        raise SystemExit(f"flowalign bench compare: {err}") from None
+    print(comparison_markdown(a, b, comparison), end="")
+    if args.out:
+        paths = write_comparison(a, b, comparison, args.out)
+        print(f"wrote {paths['json']} and {paths['markdown']}")
     return 0
 
 
@@ -87,16 +149,11 @@ def _command(args: argparse.Namespace, config) -> str:
         parts += ["--family", args.family]
     if args.lora:
         parts += ["--lora", args.lora]
-    parts += ["--prompts", str(args.prompts), "--images-per-prompt", str(config.images_per_prompt)]
-    parts += [
-        "--steps",
-        str(config.steps),
-        "--guidance",
-        str(config.guidance),
-        "--resolution",
-        str(config.resolution),
-    ]
-    parts += ["--seed", str(config.seed), "--batch-size", str(config.batch_size)]
+    parts += ["--prompts", str(args.prompts), "--images-per-prompt", str(args.images_per_prompt)]
+    parts += ["--min-images-per-task", str(args.min_images_per_task)]
+    parts += ["--steps", str(config.steps), "--guidance", str(config.guidance)]
+    parts += ["--resolution", str(config.resolution), "--seed", str(config.seed)]
+    parts += ["--batch-size", str(config.batch_size)]
     if args.max_prompts is not None:
         parts += ["--max-prompts", str(args.max_prompts)]
     parts += ["--out", str(args.out)]

@@ -2,8 +2,10 @@
 
 - Prompts with GenEval metadata (``include`` clauses, e.g. the shapes world's test split) are judged by the
   GenEval-style runner (:func:`flowalign.eval.geneval.run_geneval`) on the main process: metrics
-  ``eval/geneval_overall``, ``eval/geneval_<task>`` and ``eval/geneval_images``; a pass/fail PNG grid per
-  evaluation under ``<output_dir>/eval/``.
+  ``eval/geneval_overall`` with its 95% interval bounds ``eval/geneval_overall_lo`` / ``_hi`` (stratified
+  bootstrap, :mod:`flowalign.eval.stats`), ``eval/geneval_<task>`` and ``eval/geneval_images``; a report
+  with a pass/fail PNG grid per task under ``<output_dir>/eval/step-N/``. With ``eval.images_per_task``
+  every task is measured on the same number of images (:func:`flowalign.eval.geneval.balanced_subset`).
 - Other prompts are scored by the training rewards: ``eval/reward_<name>``, and a PNG grid.
 """
 
@@ -40,25 +42,40 @@ def evaluate(ctx: TrainContext, step: int) -> dict[str, float]:
     records = load_prompt_set(e.prompts)[: e.max_prompts]
     if all("include" in r.metadata for r in records):
         return _evaluate_geneval(ctx, step, records)
+    if e.images_per_task is not None:
+        raise ValueError(
+            f"eval.images_per_task balances GenEval tasks, but eval.prompts {e.prompts!r} holds prompts without "
+            "GenEval metadata ('include'); set eval.images_per_task=null for this file."
+        )
     return _evaluate_rewards(ctx, step, records)
 
 
 def _evaluate_geneval(ctx: TrainContext, step: int, records) -> dict[str, float]:
-    from flowalign.eval.geneval import run_geneval, write_report
+    from flowalign.eval.geneval import balanced_subset, run_geneval, write_report
 
     config, acc = ctx.config, ctx.accelerator
     out: dict[str, float] = {}
     if acc.is_main_process:
         e = config.eval
+        counts: int | list[int] = e.images_per_prompt
+        if e.images_per_task is not None:
+            tags = [r.metadata.get("tag") for r in records]
+            subset = balanced_subset(tags, e.images_per_task, images_per_prompt=e.images_per_prompt)
+            records, counts = [records[i] for i, _ in subset], [n for _, n in subset]
         prompts = [{"prompt": r.prompt, **r.metadata} for r in records]
         with _eval_weights(ctx):
             report = run_geneval(
-                ctx.model, prompts, images_per_prompt=e.images_per_prompt, steps=e.steps or config.sampling.steps,
+                ctx.model, prompts, images_per_prompt=counts, steps=e.steps or config.sampling.steps,
                 guidance=config.sampling.guidance if e.guidance is None else e.guidance,
                 resolution=config.model.resolution, seed=config.train.seed, progress=False,
             )  # fmt: skip
-        summary = report.summary
-        out = {"eval/geneval_overall": summary.overall, "eval/geneval_images": summary.image_accuracy}
+        summary, overall = report.summary, report.stats.overall
+        out = {
+            "eval/geneval_overall": summary.overall,
+            "eval/geneval_overall_lo": overall.low,
+            "eval/geneval_overall_hi": overall.high,
+            "eval/geneval_images": summary.image_accuracy,
+        }
         out.update({f"eval/geneval_{task}": value for task, value in summary.task_accuracy.items()})
         write_report(report, ctx.output_dir / "eval" / f"step-{step:06d}")
     acc.wait_for_everyone()

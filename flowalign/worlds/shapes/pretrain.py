@@ -152,22 +152,33 @@ class PretrainResult:
 
 
 def sample_sigmas(config: PretrainConfig, batch: int, generator: torch.Generator) -> Tensor:
-    """``[batch]`` training noise levels in ``(0, 1)`` (see the module docstring)."""
+    """``[batch]`` training noise levels in ``(0, 1)`` on the generator's device (see the module docstring)."""
+    device = generator.device
     if config.sigma_sampling == "uniform":
-        sigmas = torch.rand(batch, generator=generator)
+        sigmas = torch.rand(batch, generator=generator, device=device)
     else:
-        sigmas = torch.sigmoid(config.logit_mean + config.logit_std * torch.randn(batch, generator=generator))
+        normal = torch.randn(batch, generator=generator, device=device)
+        sigmas = torch.sigmoid(config.logit_mean + config.logit_std * normal)
     return shift_sigmas(sigmas, config.sigma_shift) if config.sigma_shift != 1 else sigmas
 
 
 def flow_matching_loss(
-    pipeline: ShapesPipeline, x0: Tensor, captions: list[str], sigmas: Tensor, noise: Tensor
+    pipeline: ShapesPipeline,
+    x0: Tensor,
+    captions: list[str],
+    sigmas: Tensor,
+    noise: Tensor,
+    unet: nn.Module | None = None,
 ) -> Tensor:
-    """``mean || v_theta(x_sigma, 1000 sigma, c) - (eps - x0) ||^2`` with ``x_sigma = (1 - sigma) x0 + sigma eps``."""
+    """``mean || v_theta(x_sigma, 1000 sigma, c) - (eps - x0) ||^2`` with ``x_sigma = (1 - sigma) x0 + sigma eps``.
+
+    ``unet``: the velocity network to call, ``pipeline.unet`` by default; the training loop passes its
+    accelerate-prepared wrapper of the same (LoRA-adapted) UNet (:mod:`flowalign.train.sft`)."""
     s = sigmas.view(-1, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * noise
     embeds = pipeline.encode_prompt(captions)
-    velocity = pipeline.unet(x_sigma, sigmas * 1000, encoder_hidden_states=embeds).sample
+    net = pipeline.unet if unet is None else unet
+    velocity = net(x_sigma, sigmas * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
     return F.mse_loss(velocity, noise - x0)
 
 

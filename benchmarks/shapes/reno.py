@@ -80,6 +80,16 @@ def main() -> None:
         before_after.append(torch.stack([result.initial_images, result.best_images], dim=1).flatten(0, 1))
     seconds = time.time() - started
     summaries = {k: summarize(v) for k, v in verdicts.items()}
+    # 95% intervals (flowalign.eval.stats): one image per prompt; the paired difference is against the
+    # initial noise (iteration 0) of the same prompts.
+    from flowalign.eval.stats import Verdicts, benchmark_stats, paired_comparison
+
+    judged = {
+        k: Verdicts.from_images(list(range(len(v))), [r.tag for r in v], [r.correct for r in v])
+        for k, v in verdicts.items()
+    }
+    stats = {k: benchmark_stats(v) for k, v in judged.items()}
+    gains = {k: paired_comparison(judged[0], v) for k, v in judged.items() if k}
     save_image(torch.cat(before_after)[:64], out / "before_after.png", nrow=8, padding=1)
     command = "python benchmarks/shapes/reno.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = {
@@ -89,19 +99,35 @@ def main() -> None:
         "guidance": guidance,
         "seconds_per_prompt": seconds / len(prompts),
         "accuracy": {
-            k: {"overall": s.overall, "images": s.image_accuracy, "tasks": s.task_accuracy}
+            k: {
+                "overall": s.overall,
+                "images": s.image_accuracy,
+                "tasks": s.task_accuracy,
+                "stats": stats[k].as_json(),
+            }
             for k, s in summaries.items()
         },
+        "gain_over_iteration_0": {k: g.as_json() for k, g in gains.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     tasks = list(summaries[0].task_accuracy)
     lines = [f"Command: `{command}`", "", f"{len(prompts)} {args.split} prompts, {args.steps} sampling steps, guidance {guidance}; "
              f"{seconds / len(prompts):.1f} s per prompt ({args.iterations} iterations) on this machine.", "",
-             "| iterations | overall | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]  # fmt: skip
+             "| iterations | overall [95% CI] | gain over iteration 0 [paired 95% CI] | " + " | ".join(tasks) + " |",
+             "|---" * (len(tasks) + 3) + "|"]  # fmt: skip
     for k, s in summaries.items():
-        lines.append(
-            f"| {k} | {s.overall:.3f} | " + " | ".join(f"{s.task_accuracy[t]:.3f}" for t in tasks) + " |"
+        o = stats[k].overall
+        gain = (
+            f"{gains[k].overall.estimate:+.3f} [{gains[k].overall.low:+.3f}, {gains[k].overall.high:+.3f}]"
+            if k
+            else ""
         )
+        lines.append(
+            f"| {k} | {s.overall:.3f} [{o.low:.3f}, {o.high:.3f}] | {gain} | "
+            + " | ".join(f"{s.task_accuracy[t]:.3f}" for t in tasks)
+            + " |"
+        )
+    lines += ["", stats[0].method]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -243,6 +243,13 @@ def test_training_evaluates_geneval_prompts_before_and_during(tmp_path):
     assert rows[0]["step"] == 0 and 0.0 <= rows[0]["eval/geneval_overall"] <= 1.0
     assert rows[-1]["step"] == 1 and "eval/geneval_overall" in rows[-1]
     assert (tmp_path / "eval" / "step-000001" / "summary.md").is_file()
+    # Later evaluations pair their images with the first one's (same prompts and noise).
+    assert "eval/geneval_gain" not in rows[0]
+    last = rows[-1]
+    assert last["eval/geneval_gain"] == pytest.approx(
+        last["eval/geneval_overall"] - rows[0]["eval/geneval_overall"]
+    )
+    assert last["eval/geneval_gain_lo"] <= last["eval/geneval_gain"] <= last["eval/geneval_gain_hi"]
 
 
 def test_training_evaluation_measures_every_task_on_images_per_task(tmp_path):

@@ -77,9 +77,52 @@ def _evaluate_geneval(ctx: TrainContext, step: int, records) -> dict[str, float]
             "eval/geneval_images": summary.image_accuracy,
         }
         out.update({f"eval/geneval_{task}": value for task, value in summary.task_accuracy.items()})
+        out.update(_gain_since_first_evaluation(ctx.output_dir / "eval", report))
         write_report(report, ctx.output_dir / "eval" / f"step-{step:06d}")
+        if config.train.progress:
+            from tqdm.auto import tqdm
+
+            line = f"step {step}: held-out GenEval overall {overall.estimate:.3f} [{overall.low:.3f}, {overall.high:.3f}]"
+            if "eval/geneval_gain" in out:
+                line += (
+                    f"; gain since the first evaluation {out['eval/geneval_gain']:+.3f} "
+                    f"[{out['eval/geneval_gain_lo']:+.3f}, {out['eval/geneval_gain_hi']:+.3f}] (same images, 95%)"
+                )
+            tqdm.write(line)
     acc.wait_for_everyone()
     return out
+
+
+def _gain_since_first_evaluation(eval_dir, report) -> dict[str, float]:
+    """The overall's gain over this run's first evaluation (before training when ``eval.at_start``; same
+    prompts, same noise: the paired
+    stratified bootstrap of :func:`flowalign.eval.stats.paired_comparison`), as ``eval/geneval_gain`` and
+    its 95% interval ``eval/geneval_gain_lo`` / ``_hi``. Empty before the first evaluation is written or
+    when the settings changed since (a resumed run with other eval settings)."""
+    from flowalign.eval.compare import load_run
+    from flowalign.eval.stats import paired_comparison
+
+    first = sorted(eval_dir.glob("step-*/results.json"))
+    if not first:
+        return {}
+    try:
+        start = load_run(first[0].parent)
+        c, settings = report.config, start.protocol
+        if (settings.steps, settings.guidance, settings.seed, settings.resolution) != (
+            c.steps,
+            float(c.guidance),
+            c.seed,
+            c.resolution,
+        ) or list(settings.prompts) != [p["prompt"] for p in report.prompts]:
+            return {}
+        gain = paired_comparison(start.verdicts, report.verdicts).overall
+    except ValueError:  # another image layout: nothing to pair with
+        return {}
+    return {
+        "eval/geneval_gain": gain.estimate,
+        "eval/geneval_gain_lo": gain.low,
+        "eval/geneval_gain_hi": gain.high,
+    }
 
 
 def _evaluate_rewards(ctx: TrainContext, step: int, records) -> dict[str, float]:

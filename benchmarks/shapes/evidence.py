@@ -100,7 +100,7 @@ def base_benchmark(
             print(f"base benchmark {out.name}: reusing {entry}")
             shutil.copytree(entry, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("images.pt"))
             images = entry / "images.pt"
-            return Benchmark(out, torch.load(images).float() if images.is_file() else None)
+            return Benchmark(out, torch.load(images, weights_only=True).float() if images.is_file() else None)
         print(f"base benchmark {out.name}: the cached one in {entry} does not match; recomputing it")
     result = benchmark(model, model_desc, split, guidance, protocol, config, out)
     if entry is not None:

@@ -23,16 +23,6 @@ from pathlib import Path
 TARGET = 0.97
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion ``k / n``."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def judge_suite(cases, batch_size: int = 256):
     """GenEval verdicts of the shapes detector on each case (list of bools)."""
     import torch
@@ -73,6 +63,8 @@ def confusion(cases, verdicts) -> dict:
 
 
 def markdown(table: dict, command: str, seconds: float) -> str:
+    from flowalign.eval.stats import wilson_interval
+
     lines = [
         "# Shapes judge calibration",
         "",
@@ -85,8 +77,8 @@ def markdown(table: dict, command: str, seconds: float) -> str:
     ]
     for tag, t in table.items():
         tp, p, tn, n = t["positives_correct"], t["positives"], t["negatives_incorrect"], t["negatives"]
-        lo_p, hi_p = wilson(tp, p)
-        lo_n, hi_n = wilson(tn, n)
+        pos, neg = wilson_interval(tp, p), wilson_interval(tn, n)
+        lo_p, hi_p, lo_n, hi_n = pos.low, pos.high, neg.low, neg.high
         met = "yes" if tp / p >= TARGET and tn / n >= TARGET else "**no**"
         lines.append(
             f"| {tag} | {tp} / {p} | {tp / p:.3f} [{lo_p:.3f}, {hi_p:.3f}] | {tn} / {n} | "

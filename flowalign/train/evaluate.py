@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -77,8 +78,9 @@ def _evaluate_geneval(ctx: TrainContext, step: int, records) -> dict[str, float]
             "eval/geneval_images": summary.image_accuracy,
         }
         out.update({f"eval/geneval_{task}": value for task, value in summary.task_accuracy.items()})
-        out.update(_gain_since_first_evaluation(ctx.output_dir / "eval", report))
-        write_report(report, ctx.output_dir / "eval" / f"step-{step:06d}")
+        here = ctx.output_dir / "eval" / f"step-{step:06d}"
+        write_report(report, here)
+        out.update(_gain_since_first_evaluation(here))
         if config.train.progress:
             from tqdm.auto import tqdm
 
@@ -93,30 +95,20 @@ def _evaluate_geneval(ctx: TrainContext, step: int, records) -> dict[str, float]
     return out
 
 
-def _gain_since_first_evaluation(eval_dir, report) -> dict[str, float]:
-    """The overall's gain over this run's first evaluation (before training when ``eval.at_start``; same
-    prompts, same noise: the paired
-    stratified bootstrap of :func:`flowalign.eval.stats.paired_comparison`), as ``eval/geneval_gain`` and
-    its 95% interval ``eval/geneval_gain_lo`` / ``_hi``. Empty before the first evaluation is written or
-    when the settings changed since (a resumed run with other eval settings)."""
-    from flowalign.eval.compare import load_run
-    from flowalign.eval.stats import paired_comparison
+def _gain_since_first_evaluation(here: Path) -> dict[str, float]:
+    """The overall's gain of the evaluation written to ``here`` over this run's first evaluation (its
+    earliest ``step-*`` sibling: before training when ``eval.at_start``), paired on the same prompts and
+    noise (:func:`flowalign.eval.compare.compare_runs`), as ``eval/geneval_gain`` and its 95% interval
+    ``eval/geneval_gain_lo`` / ``_hi``. Empty at the first evaluation and when the two do not pair (a
+    resumed run with other eval settings)."""
+    from flowalign.eval.compare import compare_runs, load_run
 
-    first = sorted(eval_dir.glob("step-*/results.json"))
-    if not first:
+    first = sorted(here.parent.glob("step-*/results.json"))[0].parent
+    if first == here:
         return {}
     try:
-        start = load_run(first[0].parent)
-        c, settings = report.config, start.protocol
-        if (settings.steps, settings.guidance, settings.seed, settings.resolution) != (
-            c.steps,
-            float(c.guidance),
-            c.seed,
-            c.resolution,
-        ) or list(settings.prompts) != [p["prompt"] for p in report.prompts]:
-            return {}
-        gain = paired_comparison(start.verdicts, report.verdicts).overall
-    except ValueError:  # another image layout: nothing to pair with
+        gain = compare_runs(load_run(first), load_run(here)).overall
+    except ValueError:
         return {}
     return {
         "eval/geneval_gain": gain.estimate,

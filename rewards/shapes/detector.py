@@ -224,7 +224,7 @@ def _fit(crop: np.ndarray, area: int) -> ShapeFit:
     ]  # [3, 3, W, W]
     counts = np.tensordot(windows, b.kernels, axes=([2, 3], [2, 3])).reshape(9, -1, 3)  # [placements, n, 3]
     log_odds, signed_weight, overlap = np.moveaxis(counts, -1, 0)
-    inside_window = np.tensordot(windows, np.ones((_WINDOW, _WINDOW)), axes=([2, 3], [0, 1])).reshape(9, 1)
+    inside_window = windows.sum(axis=(2, 3)).reshape(9, 1)
     outside = area - inside_window
     log_lik = log_odds + b.log_off + outside * _MARGIN_LOG_ON
     disagreement = signed_weight + b.weight_inside + outside

@@ -222,13 +222,14 @@ def _blur(image: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
 
 def _boundary_noise(image: np.ndarray, masks: Sequence[np.ndarray], figures, rng, p: float = 0.15):
     out = image.copy()
-    for m, f in zip(masks, figures):
+    grown = [ndimage.binary_dilation(m, np.ones((3, 3), bool)) for m in masks]
+    for i, (m, f) in enumerate(zip(masks, figures)):
         inner = m & ~ndimage.binary_erosion(m)
         outer = ~m & ndimage.binary_dilation(m)
         others = np.zeros_like(m)
-        for m2 in masks:
-            if m2 is not m:
-                others |= ndimage.binary_dilation(m2, np.ones((3, 3), bool))
+        for j, g in enumerate(grown):
+            if j != i:
+                others |= g
         erase = inner & (rng.random(m.shape) < p)
         draw = outer & ~others & (rng.random(m.shape) < p)
         out[:, erase] = 0.0

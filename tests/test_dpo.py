@@ -154,15 +154,17 @@ def test_online_flow_dpo_moves_parameters(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("inversion", [False, True])
 def test_online_dpo_reuses_each_pair_for_several_levels(inversion, tmp_path, monkeypatch):
+    from probes import probe as make_probe
+
     from flowalign.train import run_training
-    from flowalign.train.dpo import dpo_iteration
+    from flowalign.train.dpo import DPORecipe
 
     monkeypatch.chdir(ROOT)
     seen = {}
 
-    def probe(ctx, step):
-        metrics = dpo_iteration(ctx, step)
-        seen["updates"] = {int(state["step"]) for state in ctx.optimizer.state.values()}
+    def probe(recipe, step):
+        metrics = DPORecipe.iteration(recipe, step)
+        seen["updates"] = {int(state["step"]) for state in recipe.ctx.optimizer.state.values()}
         seen.update(metrics)
         return metrics
 
@@ -171,7 +173,7 @@ def test_online_dpo_reuses_each_pair_for_several_levels(inversion, tmp_path, mon
         [f"train.output_dir={tmp_path}", "train.steps=1", "data.group_size=4", "dpo.pairs_per_group=2",
          "dpo.timesteps_per_pair=3", f"dpo.inversion={inversion}", "dpo.inversion_steps=4"],
     )  # fmt: skip
-    run_training(config, probe)
+    run_training(config, make_probe(probe, DPORecipe))
     assert seen["pairs"] == 4  # two groups of four, two pairs each (random rewards never tie)
     assert seen["updates"] == {3}  # one optimizer step per drawn level
     assert seen["loss"] != pytest.approx(math.log(2), abs=1e-6)  # later levels see updated weights

@@ -12,13 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from probes import probe as make_probe
 from safetensors.torch import load_file
 
 from flowalign.config import ConfigError, load_config
 from flowalign.models import load_model
 from flowalign.train import run_training, train
 from flowalign.train.loop import Clock, TrainContext
-from flowalign.train.sft import PRETRAINING, draw_batch, sft_iteration
+from flowalign.train.sft import PRETRAINING, SFTRecipe, draw_batch
 from flowalign.worlds.shapes.data import SceneStream, names_held_out_pair
 from flowalign.worlds.shapes.pretrain import PretrainConfig, flow_matching_loss, sample_sigmas
 
@@ -37,7 +38,7 @@ def _config(tmp_path, *overrides):
 
 def _context(config, model, process_index=0, num_processes=1) -> TrainContext:
     accelerator = SimpleNamespace(process_index=process_index, num_processes=num_processes)
-    return TrainContext(config, accelerator, model, None, None, None, None, {}, Clock(), Path("."))
+    return TrainContext(config, accelerator, model, None, None, None, None, None, Clock(), Path("."))
 
 
 def test_the_control_uses_the_shipped_models_pretraining_recipe():
@@ -85,17 +86,18 @@ def test_first_iteration_loss_is_the_base_models_pretraining_loss_exactly(tmp_pa
     base = load_model("tiny-shapes").pipeline
     seen = {}
 
-    def probe(ctx, step):
+    def probe(recipe, step):
+        ctx = recipe.ctx
         batch = draw_batch(ctx, step)
         s = batch.sigmas.view(-1, 1, 1, 1)
         embeds = base.encode_prompt(batch.captions)
         with torch.no_grad():
             velocity = base.unet((1 - s) * batch.x0 + s * batch.noise, 1000 * batch.sigmas, embeds).sample
         seen["direct"] = F.mse_loss(velocity, batch.noise - batch.x0).item()
-        seen.update(sft_iteration(ctx, step))
+        seen.update(SFTRecipe.iteration(recipe, step))
         return seen
 
-    run_training(_config(tmp_path, "train.steps=1"), probe)
+    run_training(_config(tmp_path, "train.steps=1"), make_probe(probe, SFTRecipe))
     assert seen["loss"] == seen["direct"]
 
 
@@ -137,16 +139,17 @@ def test_training_lowers_the_flow_matching_loss_on_held_out_scenes(tmp_path):
 
     losses = []
 
-    def probe(ctx, step):
+    def probe(recipe, step):
+        ctx = recipe.ctx
         if step == 0:
             losses.append(held_out_loss(ctx))
-        metrics = sft_iteration(ctx, step)
+        metrics = SFTRecipe.iteration(recipe, step)
         if step == ctx.config.train.steps - 1:
             losses.append(held_out_loss(ctx))
         return metrics
 
     shipped = ["model.path=shapes", "model.lora_rank=8", "sft.batch_size=16", "optim.lr=1e-3"]
-    run_training(_config(tmp_path, *shipped, "train.steps=5"), probe)
+    run_training(_config(tmp_path, *shipped, "train.steps=5"), make_probe(probe, SFTRecipe))
     before, after = losses
     assert after < before - 1e-4, (before, after)
 

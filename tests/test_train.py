@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from probes import probe as make_probe
 from safetensors.torch import load_file
 
 from flowalign.config import ALGORITHMS, ConfigError, load_config
 from flowalign.train import run_training, train
-from flowalign.train.online import grpo_iteration
+from flowalign.train.online import GRPORecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -101,13 +102,13 @@ def test_checkpoint_holds_the_ema_lora_next_to_the_trained_one(tmp_path):
 def test_first_update_is_on_policy_and_kl_starts_at_zero(tmp_path):
     seen = {}
 
-    def probe(ctx, step):
-        metrics = grpo_iteration(ctx, step)
+    def probe(recipe, step):
+        metrics = GRPORecipe.iteration(recipe, step)
         seen.update(metrics)
         return metrics
 
     config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "grpo.minibatch_size=4")
-    run_training(config, probe)
+    run_training(config, make_probe(probe, GRPORecipe))
     assert seen["ratio"] == 1.0 and seen["clip_frac"] == 0.0 and seen["approx_kl"] == 0.0
     assert seen["kl"] == 0.0  # one minibatch: every KL is computed before the first update, LoRA B == 0
 
@@ -125,14 +126,14 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 
 def test_sigterm_saves_and_stops(tmp_path):
-    def interrupting(ctx, step):
-        metrics = grpo_iteration(ctx, step)
+    def interrupting(recipe, step):
+        metrics = GRPORecipe.iteration(recipe, step)
         if step == 0:
             os.kill(os.getpid(), signal.SIGTERM)
         return metrics
 
     config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=3", "train.checkpoint_every=0")
-    result = run_training(config, interrupting)
+    result = run_training(config, make_probe(interrupting, GRPORecipe))
     assert result.interrupted and result.steps_done == 1
     assert (tmp_path / "checkpoints" / "step-000001" / "state.json").is_file()
 
@@ -314,8 +315,8 @@ def test_group_noise_shares_the_initial_noise_within_a_group_only_when_asked(tmp
 
     seen = {}
 
-    def probe(ctx, step):
-        sampled = sample_and_score(ctx, step)
+    def probe(recipe, step):
+        sampled = sample_and_score(recipe.ctx, step)
         seen["x0"], seen["groups"] = sampled.trajectory.latents[:, 0], sampled.batch.group_ids
         seen["final"] = sampled.trajectory.latents[:, -1]
         return {}
@@ -323,7 +324,7 @@ def test_group_noise_shares_the_initial_noise_within_a_group_only_when_asked(tmp
     config = _config(
         "configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", f"sampling.group_noise={group_noise}"
     )
-    run_training(config, probe)
+    run_training(config, make_probe(probe, GRPORecipe))
     x0, groups, final = seen["x0"], seen["groups"], seen["final"]
     same_group = groups[0] == groups[1]
     assert same_group and groups[0] != groups[2]
@@ -352,8 +353,8 @@ def test_skipping_zero_advantage_samples_leaves_the_update_unchanged(tmp_path, m
     monkeypatch.setattr(online, "multi_reward_advantages", half_zero)
     seen = {}
 
-    def probe(ctx, step):
-        metrics = grpo_iteration(ctx, step)
+    def probe(recipe, step):
+        metrics = GRPORecipe.iteration(recipe, step)
         seen.update(metrics)
         return metrics
 
@@ -363,7 +364,8 @@ def test_skipping_zero_advantage_samples_leaves_the_update_unchanged(tmp_path, m
         overrides = ["train.steps=1", "train.checkpoint_every=1", "grpo.kl_beta=0", "grpo.minibatch_size=4"]
         overrides.append("optim.eps=1e-30")  # Adam's eps would break the scale invariance of tiny gradients
         run_training(
-            _config("configs/grpo/tiny_sd3.yaml", out, *overrides, f"grpo.skip_zero_advantage={skip}"), probe
+            _config("configs/grpo/tiny_sd3.yaml", out, *overrides, f"grpo.skip_zero_advantage={skip}"),
+            make_probe(probe, GRPORecipe),
         )
         assert seen["informative_fraction"] == (0.5 if skip else 1.0)
         params[skip] = _lora_params(out)

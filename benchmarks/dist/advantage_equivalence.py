@@ -14,7 +14,7 @@ import sys
 import torch
 
 from flowalign.config import RewardSpec, load_config
-from flowalign.train import run_training
+from flowalign.train import Recipe, run_training
 from flowalign.train.online import sample_and_score
 from rewards import Reward, RewardOutput, register_reward
 
@@ -32,8 +32,12 @@ def main() -> None:
     config = load_config(config_path, [*overrides, "train.steps=1", "train.checkpoint_every=0", "train.log_with=[]"])
     config.reward = {"mean_intensity": RewardSpec()}
 
+    class Probe(Recipe):
+        def iteration(self, step: int) -> dict[str, float]:
+            return probe(self.ctx, step)
+
     def probe(ctx, step):
-        sampled = sample_and_score(ctx, step)
+        sampled = sample_and_score(ctx, step, advantage=ctx.config.grpo)
         images = ctx.accelerator.gather(sampled.trajectory.images.contiguous()).cpu()
         if ctx.accelerator.is_main_process:
             torch.save(
@@ -47,7 +51,7 @@ def main() -> None:
             )
         return sampled.metrics
 
-    run_training(config, probe)
+    run_training(config, Probe())
 
 
 if __name__ == "__main__":

@@ -79,25 +79,32 @@ def main() -> None:
     gradients: list[torch.Tensor] = []
     samples: list[float] = []
 
+    summed: dict[str, torch.Tensor] = {}
+
     def no_update(ctx) -> dict[str, float]:
         """Stands in for ``ctx.optimizer_step``: add the gradient to the iteration's sum, zero it, never step."""
         flat = torch.cat(
             [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in ctx.trainable]
         )
-        ctx.cache["gradient"] = ctx.cache.get("gradient", 0) + flat.double().cpu()
+        summed["gradient"] = summed.get("gradient", 0) + flat.double().cpu()
         ctx.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": flat.norm().item(), "skipped_updates": 0.0}
 
     times: list[float] = []
     dropped: list[int] = []  # iterations without a usable gradient (none, zero or non-finite)
 
-    def iteration(ctx, step: int) -> dict[str, float]:
+    class Measured(type(recipe)):
+        def iteration(self, step: int) -> dict[str, float]:
+            return measured_iteration(self, step)
+
+    def measured_iteration(self, step: int) -> dict[str, float]:
+        ctx = self.ctx
         ctx.optimizer_step = lambda: no_update(ctx)
-        ctx.cache.pop("gradient", None)
+        summed.pop("gradient", None)
         began = time.perf_counter()
-        metrics = recipe(ctx, step)
+        metrics = type(recipe).iteration(self, step)
         times.append(time.perf_counter() - began)
-        gradient = ctx.cache.pop("gradient", None)
+        gradient = summed.pop("gradient", None)
         norm = float("nan") if gradient is None else gradient.norm().item()
         if gradient is not None and math.isfinite(norm) and norm > 0:
             gradients.append(gradient)
@@ -114,7 +121,7 @@ def main() -> None:
         )
         return metrics
 
-    run_training(config, iteration)
+    run_training(config, Measured())
     seconds = sum(times) / len(times)
     if len(gradients) < 2:
         raise SystemExit(f"only {len(gradients)} iterations produced a gradient; nothing to compare.")

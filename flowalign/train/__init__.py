@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 from flowalign.config import Config
-from flowalign.train.loop import Iteration, TrainContext, TrainResult, run_training
+from flowalign.train.loop import TrainContext, TrainResult, run_training
+from flowalign.train.recipe import RECIPES, Recipe, recipe_class, register_recipe
 
-__all__ = ["TrainContext", "TrainResult", "recipe", "run_training", "train"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "TrainContext",
+    "TrainResult",
+    "recipe",
+    "recipe_class",
+    "register_recipe",
+    "run_training",
+    "train",
+]
 
 
-def recipe(algorithm: str) -> Iteration:
-    """The iteration function of ``train.algorithm`` (``grpo``, ``nft``, ``backprop``, ``dpo`` or ``sft``, the
+def recipe(algorithm: str) -> Recipe:
+    """A fresh recipe for ``train.algorithm`` (``grpo``, ``nft``, ``backprop``, ``dpo`` or ``sft``, the
     supervised control)."""
-    from flowalign.train.backprop import backprop_iteration
-    from flowalign.train.dpo import dpo_iteration
-    from flowalign.train.online import grpo_iteration, nft_iteration
-    from flowalign.train.sft import sft_iteration
-
-    recipes = {
-        "grpo": grpo_iteration,
-        "nft": nft_iteration,
-        "backprop": backprop_iteration,
-        "dpo": dpo_iteration,
-        "sft": sft_iteration,
-    }
-    return recipes[algorithm]
+    return recipe_class(algorithm)()
 
 
 def train(config: Config) -> TrainResult:

@@ -12,8 +12,9 @@ import torch
 from flowalign.algorithms.backprop import draft_lv_loss, velocity_kl
 from flowalign.samplers import SamplingPlan, rollout
 from flowalign.train.loop import TrainContext
+from flowalign.train.recipe import Recipe, register_recipe
 
-__all__ = ["backprop_iteration", "backprop_plan"]
+__all__ = ["BackpropRecipe", "backprop_plan"]
 
 _GRAD_MODES = {
     "alignprop": "random_k",
@@ -33,14 +34,25 @@ def backprop_plan(ctx: TrainContext, step: int) -> SamplingPlan:
     )  # fmt: skip
 
 
-def backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
+@register_recipe("backprop")
+class BackpropRecipe(Recipe):
+    """Reward backpropagation (AlignProp, DRaFT-K/LV, ReFL, + KL); no state beyond the trained weights."""
+
+    def setup(self, ctx: TrainContext) -> None:
+        if not ctx.reward.differentiable:
+            raise ValueError(
+                "reward backprop needs differentiable rewards; "
+                f"{[name for name, (r, _) in ctx.reward.parts.items() if not r.differentiable]} are not."
+            )
+        super().setup(ctx)
+
+    def iteration(self, step: int) -> dict[str, float]:
+        return _backprop_iteration(self.ctx, step)
+
+
+def _backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     config, model = ctx.config, ctx.model
     b, s = config.backprop, config.sampling
-    if not ctx.reward.differentiable:
-        raise ValueError(
-            "reward backprop needs differentiable rewards; "
-            f"{[name for name, (r, _) in ctx.reward.parts.items() if not r.differentiable]} are not."
-        )
     batch = ctx.sampler.batch(step)
     cond = model.encode(batch.prompts, cfg=s.guidance > 1)
     size = config.model.resolution or model.default_resolution
@@ -75,10 +87,7 @@ def backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
                 kl = velocity_kl(model, out, cond, s.guidance).mean()
                 loss = loss + b.kl_beta * kl
                 metrics["kl"] = kl.item()
-    with ctx.clock("backward"):
-        ctx.accelerator.backward(loss)
+    ctx.backward(loss)
     metrics.update(ctx.optimizer_step())
     metrics["loss"] = loss.item()
-    if "ema" in ctx.emas:
-        ctx.emas["ema"].update(config.train.ema_decay)
     return metrics

@@ -17,8 +17,10 @@ from flowalign.data.pairs import PairRecord, load_image, load_pair_file, mine_pa
 from flowalign.samplers.inversion import invert
 from flowalign.train.loop import TrainContext, mean_metrics
 from flowalign.train.online import sample_and_score
+from flowalign.train.recipe import Recipe, prefixed, register_recipe, unprefixed
+from flowalign.train.state import EMA
 
-__all__ = ["dpo_iteration"]
+__all__ = ["DPORecipe"]
 
 
 class _OfflinePairs:
@@ -126,17 +128,45 @@ def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator):
     return level
 
 
-def dpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
-    config, model, p = ctx.config, ctx.model, ctx.config.dpo
-    if p.pairs == "online":
+@register_recipe("dpo")
+class DPORecipe(Recipe):
+    """Diffusion-DPO / Flow-DPO / InPO. Owns the reference when it is not the LoRA-disabled base model (a
+    snapshot of the weights, refreshed every ``dpo.ref_refresh_every`` steps, or the initial weights under
+    full fine-tuning) and, with a pair file, the pairs' cached latents."""
+
+    ref: EMA | None
+    pairs: _OfflinePairs | None
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        p = ctx.config.dpo
+        self.ref = EMA(ctx.trainable) if p.ref_refresh_every > 0 or not ctx.model.has_lora else None
+        self.pairs = _OfflinePairs(ctx) if p.pairs != "online" else None
+
+    def iteration(self, step: int) -> dict[str, float]:
+        return _dpo_iteration(self.ctx, step, self.ref, self.pairs)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return prefixed("ref", self.ref.state_dict()) if self.ref is not None else {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.ref is not None:
+            self.ref.load_state_dict(unprefixed("ref", state))
+        else:
+            super().load_state_dict(state)
+
+
+def _dpo_iteration(
+    ctx: TrainContext, step: int, ref: EMA | None, offline: _OfflinePairs | None
+) -> dict[str, float]:
+    model, p = ctx.model, ctx.config.dpo
+    if offline is None:
         mined = _online_pairs(ctx, step)
         if mined is None:
             return {"skipped_nonfinite_reward": 1.0}
         prompts, x_w, x_l, metrics = mined
     else:
-        if "offline_pairs" not in ctx.cache:
-            ctx.cache["offline_pairs"] = _OfflinePairs(ctx)
-        prompts, x_w, x_l, metrics = ctx.cache["offline_pairs"].batch(ctx, step)
+        prompts, x_w, x_l, metrics = offline.batch(ctx, step)
     if not prompts:
         ctx.optimizer.zero_grad(set_to_none=True)
         return {**metrics, "skipped_no_pairs": 1.0}
@@ -147,7 +177,6 @@ def dpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     x0 = torch.cat([x_w, x_l]).float()
     # The reference: a snapshot of the weights (refreshed for online DPO; the initial weights for full
     # fine-tuning), or the LoRA disabled.
-    ref = ctx.emas.get("ref")
     inverted = _inversion(ctx, x0, both, gen) if p.inversion else None
     rows: list[dict[str, float]] = []
     for k in range(p.timesteps_per_pair):
@@ -170,6 +199,4 @@ def dpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     metrics.update(mean_metrics(rows))
     if ref is not None and p.ref_refresh_every > 0 and (step + 1) % p.ref_refresh_every == 0:
         ref.update(0.0)
-    if "ema" in ctx.emas:
-        ctx.emas["ema"].update(config.train.ema_decay)
     return metrics

@@ -29,7 +29,7 @@ def _eval_weights(ctx: TrainContext):
     model = ctx.model
     wrapped = getattr(model, "_training_module", None)
     model.set_training_module(None)
-    ema = ctx.emas.get("ema")
+    ema = ctx.ema
     try:
         with ema.applied() if ema is not None else contextlib.nullcontext():
             yield

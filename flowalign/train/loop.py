@@ -1,6 +1,7 @@
-"""The one training loop every recipe shares: accelerate, optimizer, EMA, checkpoint/resume, logging,
-evaluation, SIGTERM. A recipe is a function ``iteration(ctx, step) -> metrics`` that does one iteration of
-its algorithm (sample, score, update); :func:`run_training` does everything around it.
+"""The one training loop every recipe shares: accelerate, optimizer, LR schedule, EMA, checkpoint/resume,
+logging, evaluation, SIGTERM. A recipe (:class:`flowalign.train.recipe.Recipe`) does one iteration of its
+algorithm (sample, score, update) and owns the state that algorithm needs; :func:`run_training` does
+everything around it and knows no algorithm by name.
 
     flowalign train configs/grpo/shapes.yaml train.steps=20           # one process
     accelerate launch --multi_gpu --num_processes 2 -m flowalign train ...   # several processes (DDP;
@@ -9,6 +10,7 @@ its algorithm (sample, score, update); :func:`run_training` does everything arou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -26,11 +28,10 @@ from tqdm.auto import tqdm
 from flowalign.config import Config, to_yaml
 from flowalign.data.prompts import GroupSampler, load_prompt_set
 from flowalign.models import ModelAdapter, load_model
+from flowalign.train.recipe import Recipe
 from flowalign.train.state import EMA, find_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainContext", "TrainResult", "build_reward", "mean_metrics", "run_training"]
-
-Iteration = Callable[["TrainContext", int], dict[str, float]]
+__all__ = ["TrainContext", "TrainResult", "build_reward", "mean_metrics", "reduce_metrics", "run_training"]
 
 
 def build_reward(config: Config, device: torch.device):
@@ -64,8 +65,14 @@ class Clock:
 
 @dataclass
 class TrainContext:
-    """What a recipe's iteration sees. ``generator(step, purpose)`` gives the seeded generator of one
-    random draw of one iteration on this process, which is what makes resume exact."""
+    """What a recipe sees. ``generator(step, purpose)`` gives the seeded generator of one random draw of
+    one iteration on this process, which is what makes resume exact.
+
+    Attributes:
+        ema: the average of the trained weights that evaluation and ``lora_ema/`` use (``train.ema_decay``;
+            None when not kept). The loop updates it after every iteration that made an optimizer step.
+        updates: optimizer steps taken so far in this process's run (the LR schedule counts them).
+    """
 
     config: Config
     accelerator: Any
@@ -74,10 +81,10 @@ class TrainContext:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     sampler: GroupSampler
-    emas: dict[str, EMA]
+    ema: EMA | None
     clock: Clock
     output_dir: Path
-    cache: dict[str, Any] = field(default_factory=dict)
+    updates: int = 0
 
     def _seed(self, step: int, purpose: str, stream: int) -> torch.Generator:
         salt = sum(ord(c) * 31**i for i, c in enumerate(purpose)) % 1_000_003
@@ -109,14 +116,25 @@ class TrainContext:
     def trainable(self) -> list[torch.nn.Parameter]:
         return self.model.trainable_parameters()
 
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """``accelerator.backward``; with ``sync=False`` (a backward that accumulates into the same
+        optimizer step as a later one) DDP does not all-reduce the gradients yet."""
+        context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.net)
+        with context, self.clock("backward"):
+            self.accelerator.backward(loss)
+
     def optimizer_step(self) -> dict[str, float]:
-        """Clip, step, zero; a non-finite gradient norm skips the update and is reported, never applied."""
+        """Clip, step, zero, advance the LR schedule; a non-finite gradient norm skips the update (and the
+        schedule) and is reported, never applied. The schedule counts optimizer steps, whatever the number
+        of processes and of steps per iteration."""
         norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.optim.max_grad_norm)
         norm = float(norm)
         skipped = not math.isfinite(norm)
         if not skipped:
             self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
         return {"grad_norm": norm if not skipped else float("nan"), "skipped_updates": float(skipped)}
 
 
@@ -158,8 +176,8 @@ def _trackers(config: Config) -> list[str]:
     return list(config.train.log_with)
 
 
-def run_training(config: Config, iteration: Iteration, evaluate: Callable | None = None) -> TrainResult:
-    """Run ``config.train.steps`` iterations of ``iteration`` with everything around them."""
+def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = None) -> TrainResult:
+    """Run ``config.train.steps`` iterations of ``recipe`` with everything around them."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -180,19 +198,15 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
     optimizer = torch.optim.AdamW(
         params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps
     )
-    warmup = max(o.warmup_steps, 0)
+    wrapped, optimizer = accelerator.prepare(model.denoiser, optimizer)
+    # Not prepared by accelerate: its wrapper steps a schedule once per process per call (warmup N times
+    # too fast on N processes); ctx.optimizer_step advances it once per optimizer step instead.
+    warmup = o.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
     )
-    wrapped, optimizer, scheduler = accelerator.prepare(model.denoiser, optimizer, scheduler)
     model.set_training_module(wrapped)
-    emas = {}
-    if config.train.ema_decay is not None:
-        emas["ema"] = EMA(params)
-    if config.train.algorithm == "nft":
-        emas["old"] = EMA(params)
-    if config.train.algorithm == "dpo" and (config.dpo.ref_refresh_every > 0 or not model.has_lora):
-        emas["ref"] = EMA(params)
+    ema = EMA(model.trainable_parameters()) if config.train.ema_decay is not None else None
     sampler = GroupSampler(
         load_prompt_set(config.data.train_prompts), config.data.group_size, config.data.groups_per_step,
         seed=config.train.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index,
@@ -206,15 +220,16 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
         optimizer,
         scheduler,
         sampler,
-        emas,
+        ema,
         Clock(),
         output_dir,
     )
+    recipe.setup(ctx)
     named = _named_trainable(model)
     start = 0
     if config.train.resume:
         state = load_checkpoint(
-            find_checkpoint(output_dir, config.train.resume), named, optimizer, scheduler, emas
+            find_checkpoint(output_dir, config.train.resume), named, optimizer, scheduler, ema, recipe
         )
         start = state["step"]
         accelerator.print(f"resumed from step {start}")
@@ -231,7 +246,7 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_checkpoint(
-                output_dir, step, named, optimizer, scheduler, emas, {"config": to_yaml(config)},
+                output_dir, step, named, optimizer, scheduler, ema, recipe, {"config": to_yaml(config)},
                 keep=config.train.keep_checkpoints, lora_saver=model.save_lora if model.has_lora else None,
             )  # fmt: skip
         accelerator.wait_for_everyone()
@@ -250,8 +265,10 @@ def run_training(config: Config, iteration: Iteration, evaluate: Callable | None
         for step in progress:
             ctx.clock = Clock()
             began = time.perf_counter()
-            metrics = iteration(ctx, step)
-            scheduler.step()
+            updates = ctx.updates
+            metrics = recipe.iteration(step)
+            if ema is not None and ctx.updates > updates:
+                ema.update(config.train.ema_decay)
             elapsed = time.perf_counter() - began
             metrics["step_time"] = elapsed
             model_seconds = ctx.clock.seconds.get("forward", 0.0) + ctx.clock.seconds.get("backward", 0.0)
@@ -304,8 +321,19 @@ def mean_metrics(rows: list[dict[str, torch.Tensor | float]]) -> dict[str, float
     return {k: float(sum(float(r[k]) for r in rows if k in r) / sum(k in r for r in rows)) for k in keys}
 
 
-def _log(ctx: TrainContext, metrics: dict[str, float], step: int) -> None:
+def reduce_metrics(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the processes that report it (one collective call on every process):
+    a loss, KL or clip fraction then describes the whole global batch, not process 0's share."""
     clean = {k: float(v) for k, v in metrics.items()}
+    if accelerator.num_processes == 1:
+        return clean
+    from accelerate.utils import gather_object
+
+    return mean_metrics(gather_object([clean]))
+
+
+def _log(ctx: TrainContext, metrics: dict[str, float], step: int) -> None:
+    clean = reduce_metrics(ctx.accelerator, metrics)
     if ctx.config.train.log_with:
         ctx.accelerator.log(clean, step=step)
     if ctx.accelerator.is_main_process:

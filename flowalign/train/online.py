@@ -14,7 +14,6 @@ optimizer step -> the old policy follows the trained one.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +25,10 @@ from flowalign.algorithms.nft import nft_loss
 from flowalign.data.prompts import GroupBatch
 from flowalign.samplers import Rollout, SamplingPlan, denoise_step, rollout
 from flowalign.train.loop import TrainContext, mean_metrics
+from flowalign.train.recipe import Recipe, prefixed, register_recipe, unprefixed
+from flowalign.train.state import EMA
 
-__all__ = ["SampledGroups", "grpo_iteration", "nft_iteration", "sample_and_score", "sampling_plan"]
+__all__ = ["GRPORecipe", "NFTRecipe", "SampledGroups", "sample_and_score", "sampling_plan"]
 
 
 def sampling_plan(ctx: TrainContext, step: int, schedule) -> SamplingPlan:
@@ -74,12 +75,13 @@ def _resolution(ctx: TrainContext) -> int:
 
 
 def sample_and_score(
-    ctx: TrainContext, step: int, plan_fn=sampling_plan, cfg: bool | None = None
+    ctx: TrainContext, step: int, plan_fn=sampling_plan, cfg: bool | None = None, advantage=None
 ) -> SampledGroups | None:
     """Rollouts of this iteration's groups, their rewards gathered over processes, and advantages.
+    ``advantage``: the section (``config.grpo`` / ``config.nft``) whose ``multi_reward`` and
+    ``std_scope`` define the advantages; None computes none (all zeros; online DPO ranks the rewards).
     Returns None (and the caller skips the iteration) when a reward is NaN/inf."""
     config, model, acc = ctx.config, ctx.model, ctx.accelerator
-    algo = config.nft if config.train.algorithm == "nft" else config.grpo
     batch = ctx.sampler.batch(step)
     guidance = config.sampling.guidance if cfg is None or cfg else 1.0
     cond = model.encode(batch.prompts, cfg=guidance > 1)
@@ -112,10 +114,13 @@ def sample_and_score(
     metrics["reward"] = total.mean().item()
     if not all(torch.isfinite(v).all() for v in components.values()):
         return None
-    advantages = multi_reward_advantages(
-        components, ctx.reward.weights, group_ids, mode=algo.multi_reward, scope=algo.std_scope
-    )
-    metrics["advantage_abs"] = advantages.abs().mean().item()
+    if advantage is None:
+        advantages = torch.zeros_like(total)
+    else:
+        advantages = multi_reward_advantages(
+            components, ctx.reward.weights, group_ids, mode=advantage.multi_reward, scope=advantage.std_scope
+        )
+        metrics["advantage_abs"] = advantages.abs().mean().item()
     local = advantages.view(acc.num_processes, -1)[acc.process_index]
     local_rewards = total.view(acc.num_processes, -1)[acc.process_index].to(model.device)
     return SampledGroups(
@@ -134,16 +139,17 @@ def _trained_steps(ctx: TrainContext, step: int, trajectory: Rollout) -> list[in
     return sorted(candidates[i] for i in pick.tolist())
 
 
-def _backward(ctx: TrainContext, loss: Tensor, sync: bool) -> None:
-    """Backward; gradients are all-reduced only on the last backward before an optimizer step."""
-    context = contextlib.nullcontext() if sync else ctx.accelerator.no_sync(ctx.model.net)
-    with context, ctx.clock("backward"):
-        ctx.accelerator.backward(loss)
+@register_recipe("grpo")
+class GRPORecipe(Recipe):
+    """Flow-GRPO (flow models) or DDPO (diffusion models); no state beyond the trained weights (the
+    reference is the model with its LoRA disabled)."""
+
+    def iteration(self, step: int) -> dict[str, float]:
+        return _grpo_iteration(self.ctx, step)
 
 
-def grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
-    """One Flow-GRPO (flow models) or DDPO (diffusion models) iteration."""
-    sampled = sample_and_score(ctx, step)
+def _grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
+    sampled = sample_and_score(ctx, step, advantage=ctx.config.grpo)
     if sampled is None:
         return {"skipped_nonfinite_reward": 1.0}
     g, s = ctx.config.grpo, ctx.config.sampling
@@ -201,23 +207,40 @@ def grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
                     ).mean()
                     loss = loss + g.kl_beta * kl
                     metrics["kl"] = kl.detach()
-                _backward(ctx, loss / len(steps), sync=position == len(steps) - 1)
+                ctx.backward(loss / len(steps), sync=position == len(steps) - 1)
                 rows.append(metrics)
             rows.append(ctx.optimizer_step())
-    if "ema" in ctx.emas:
-        ctx.emas["ema"].update(ctx.config.train.ema_decay)
     informative = {"informative_fraction": len(kept) / n, "trained_steps": float(len(steps))}
     return {**sampled.metrics, **mean_metrics(rows), **informative}
 
 
-def nft_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
-    """One DiffusionNFT iteration (flow models)."""
-    if ctx.model.kind != "flow":
-        raise ValueError(
-            "DiffusionNFT is defined for flow models; use train.algorithm=grpo (DDPO) for diffusion models."
-        )
-    with ctx.emas["old"].applied():
-        sampled = sample_and_score(ctx, step, cfg=False)
+@register_recipe("nft")
+class NFTRecipe(Recipe):
+    """DiffusionNFT (flow models). Owns the old policy: an EMA of the trained weights that samples."""
+
+    old: EMA
+
+    def setup(self, ctx: TrainContext) -> None:
+        if ctx.model.kind != "flow":
+            raise ValueError(
+                "DiffusionNFT is defined for flow models; use train.algorithm=grpo (DDPO) for diffusion models."
+            )
+        super().setup(ctx)
+        self.old = EMA(ctx.trainable)
+
+    def iteration(self, step: int) -> dict[str, float]:
+        return _nft_iteration(self.ctx, step, self.old)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return prefixed("old", self.old.state_dict())
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.old.load_state_dict(unprefixed("old", state))
+
+
+def _nft_iteration(ctx: TrainContext, step: int, old: EMA) -> dict[str, float]:
+    with old.applied():
+        sampled = sample_and_score(ctx, step, cfg=False, advantage=ctx.config.nft)
     if sampled is None:
         return {"skipped_nonfinite_reward": 1.0}
     cfg = ctx.config.nft
@@ -229,7 +252,6 @@ def nft_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
             f"nft.timesteps_per_sample={cfg.timesteps_per_sample} exceeds sampling.steps={num_levels}."
         )
     rows: list[dict] = []
-    old = ctx.emas["old"]
     for epoch in range(cfg.inner_epochs):
         gen = ctx.generator(step, f"nft{epoch}")
         order = torch.randperm(n, generator=gen, device=gen.device)
@@ -257,10 +279,8 @@ def nft_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
                     beta=cfg.beta,
                     adv_clip=cfg.adv_clip,
                 )
-                _backward(ctx, loss / cfg.timesteps_per_sample, sync=k == cfg.timesteps_per_sample - 1)
+                ctx.backward(loss / cfg.timesteps_per_sample, sync=k == cfg.timesteps_per_sample - 1)
                 rows.append(metrics)
             rows.append(ctx.optimizer_step())
     old.update(min(cfg.old_decay_max, cfg.old_decay_rate * step))
-    if "ema" in ctx.emas:
-        ctx.emas["ema"].update(ctx.config.train.ema_decay)
     return {**sampled.metrics, **mean_metrics(rows)}

@@ -23,10 +23,11 @@ from torch import Tensor
 from flowalign.models import ModelAdapter
 from flowalign.samplers.steps import randn
 from flowalign.train.loop import TrainContext
+from flowalign.train.recipe import Recipe, register_recipe
 from flowalign.worlds.shapes.data import SceneStream
 from flowalign.worlds.shapes.pretrain import PretrainConfig, flow_matching_loss, sample_sigmas
 
-__all__ = ["PRETRAINING", "FlowMatchingBatch", "check_shapes_model", "draw_batch", "sft_iteration"]
+__all__ = ["PRETRAINING", "FlowMatchingBatch", "SFTRecipe", "check_shapes_model", "draw_batch"]
 
 PRETRAINING = PretrainConfig()
 """The shipped model's pretraining recipe (its defaults; the stored run config is
@@ -99,18 +100,23 @@ def draw_batch(ctx: TrainContext, step: int) -> FlowMatchingBatch:
     )
 
 
-def sft_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
-    """One optimizer step of the pretraining flow-matching loss on fresh scenes; logs ``loss``."""
-    check_shapes_model(ctx.model)
-    batch = draw_batch(ctx, step)
-    with ctx.clock("forward"):
-        loss = flow_matching_loss(
-            ctx.model.pipeline, batch.x0, batch.captions, batch.sigmas, batch.noise, unet=ctx.model.net
-        )
-    with ctx.clock("backward"):
-        ctx.accelerator.backward(loss)
-    metrics = ctx.optimizer_step()
-    metrics["loss"] = loss.item()
-    if "ema" in ctx.emas:
-        ctx.emas["ema"].update(ctx.config.train.ema_decay)
-    return metrics
+@register_recipe("sft")
+class SFTRecipe(Recipe):
+    """The supervised control; no state beyond the trained weights."""
+
+    def setup(self, ctx: TrainContext) -> None:
+        check_shapes_model(ctx.model)
+        super().setup(ctx)
+
+    def iteration(self, step: int) -> dict[str, float]:
+        """One optimizer step of the pretraining flow-matching loss on fresh scenes; logs ``loss``."""
+        ctx = self.ctx
+        batch = draw_batch(ctx, step)
+        with ctx.clock("forward"):
+            loss = flow_matching_loss(
+                ctx.model.pipeline, batch.x0, batch.captions, batch.sigmas, batch.noise, unet=ctx.model.net
+            )
+        ctx.backward(loss)
+        metrics = ctx.optimizer_step()
+        metrics["loss"] = loss.item()
+        return metrics

@@ -1,7 +1,9 @@
 """Training state that outlives a process: EMA of parameters, atomic checkpoints, exact resume.
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step-<N>`` holding the trainable parameters
-(safetensors), the optimizer and LR-scheduler state, the EMA shadows, and ``state.json`` (step, config).
+(safetensors), the optimizer and LR-scheduler state, the evaluation EMA's shadow (``ema_ema``), the
+recipe's own state (``recipe.safetensors``: an old or reference policy...), and ``state.json`` (step,
+config).
 It is written to ``step-<N>.tmp`` and renamed into place, so a crash mid-write never leaves a directory
 that loads wrong. Every random draw of the training loops derives from ``(seed, iteration)``, so the
 step counter is all the data position and RNG state a resume needs; the global RNG states are saved too
@@ -94,15 +96,17 @@ def save_checkpoint(
     named_params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    emas: dict[str, EMA],
+    ema: EMA | None,
+    recipe: Any,
     extra: dict[str, Any],
     keep: int = 2,
     lora_saver=None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the ``keep`` newest.
 
-    With ``lora_saver``, ``lora/`` holds the trained LoRA and, when an ``"ema"`` average is kept,
-    ``lora_ema/`` the averaged one (both in diffusers' LoRA format)."""
+    ``recipe``: a :class:`flowalign.train.recipe.Recipe` (its ``state_dict()`` is saved). With
+    ``lora_saver``, ``lora/`` holds the trained LoRA and, when an ``ema`` is kept, ``lora_ema/`` the
+    averaged one (both in diffusers' LoRA format)."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
@@ -112,10 +116,15 @@ def save_checkpoint(
         {k: v.detach().contiguous().cpu() for k, v in named_params.items()},
         str(tmp / "trainable.safetensors"),
     )
-    for name, ema in emas.items():
+    if ema is not None:
         save_file(
-            {k: v.contiguous().cpu() for k, v in ema.state_dict().items()},
-            str(tmp / f"ema_{name}.safetensors"),
+            {k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema_ema.safetensors")
+        )
+    recipe_state = recipe.state_dict()
+    if recipe_state:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in recipe_state.items()},
+            str(tmp / "recipe.safetensors"),
         )
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
@@ -130,8 +139,8 @@ def save_checkpoint(
     torch.save(rng, tmp / "rng.pt")
     if lora_saver is not None:
         lora_saver(tmp / "lora")
-        if "ema" in emas:  # the weights evaluation uses, loadable by Pipeline.load_lora_weights
-            with emas["ema"].applied():
+        if ema is not None:  # the weights evaluation uses, loadable by Pipeline.load_lora_weights
+            with ema.applied():
                 lora_saver(tmp / "lora_ema")
     (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
     if final.exists():
@@ -142,12 +151,27 @@ def save_checkpoint(
     return final
 
 
+def _recipe_state(path: Path) -> dict[str, torch.Tensor]:
+    """``recipe.safetensors``; checkpoints written before recipes owned their state kept an old or
+    reference policy as ``ema_old`` / ``ema_ref``, which read as the recipe's ``old.*`` / ``ref.*``."""
+    if (path / "recipe.safetensors").is_file():
+        return load_file(str(path / "recipe.safetensors"))
+    state = {}
+    for name in ("old", "ref"):
+        if (path / f"ema_{name}.safetensors").is_file():
+            state.update(
+                {f"{name}.{k}": v for k, v in load_file(str(path / f"ema_{name}.safetensors")).items()}
+            )
+    return state
+
+
 def load_checkpoint(
     path: Path,
     named_params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    emas: dict[str, EMA],
+    ema: EMA | None,
+    recipe: Any,
 ) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns ``state.json`` (with ``step``)."""
     params = load_file(str(path / "trainable.safetensors"))
@@ -160,8 +184,9 @@ def load_checkpoint(
     with torch.no_grad():
         for name, param in named_params.items():
             param.copy_(params[name])
-    for name, ema in emas.items():
-        ema.load_state_dict(load_file(str(path / f"ema_{name}.safetensors")))
+    if ema is not None:
+        ema.load_state_dict(load_file(str(path / "ema_ema.safetensors")))
+    recipe.load_state_dict(_recipe_state(path))
     state = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -186,6 +186,9 @@ class DPOConfig:
     ``timesteps_per_pair``: noise levels drawn per pair and iteration, each followed by an optimizer step
     (1: the papers' recipe; more reuses each sampled pair, which pays when sampling dominates the cost).
     InPO inverts once per iteration, with the weights before that iteration's updates.
+    ``latent_cache_size``: with a pair file, how many VAE latents of its images stay cached in CPU memory
+    (least recently used dropped; 0: encode every time). Only the pairs' prompts and paths are held;
+    images are read when a batch needs them.
     """
 
     beta: float = 100.0
@@ -200,6 +203,7 @@ class DPOConfig:
     ref_refresh_every: int = 0
     pairs_per_group: int = 1
     timesteps_per_pair: int = 1
+    latent_cache_size: int = 4096
 
 
 @dataclass
@@ -254,6 +258,15 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
+    """The loop.
+
+    ``micro_batch_size``: the most samples (pairs, for DPO) one denoiser forward/backward call sees, in
+    rollouts, decoding, log-prob recomputation and every recipe's loss (classifier-free guidance doubles
+    a call's batch); a minibatch larger than it is processed in micro-batches whose gradients accumulate
+    into one optimizer step, which gives the same update as one call. Rewards score in chunks of it too
+    (unless ``reward.<name>.args.max_batch_size`` says otherwise). None: no micro-batching.
+    """
+
     algorithm: str = "grpo"
     steps: int = 50
     seed: int = 0
@@ -264,6 +277,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None
     max_minutes: float | None = None
+    micro_batch_size: int | None = None
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
 
@@ -330,6 +344,13 @@ def validate(config: Config, where: str = "config") -> None:
         fail("train.steps", f"must be >= 1, got {t.steps}")
     if t.mixed_precision not in ("no", "bf16", "fp16"):
         fail("train.mixed_precision", f"must be no, bf16 or fp16, got {t.mixed_precision!r}")
+    if t.micro_batch_size is not None and t.micro_batch_size < 1:
+        fail("train.micro_batch_size", f"must be >= 1 or null (no micro-batching), got {t.micro_batch_size}")
+    if config.optim.warmup_steps < 0:
+        fail(
+            "optim.warmup_steps",
+            f"must be >= 0 (optimizer steps of linear warmup), got {config.optim.warmup_steps}",
+        )
     if t.ema_decay is not None and not 0 < t.ema_decay < 1:
         fail("train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
     if s.steps < 2:
@@ -389,6 +410,8 @@ def validate(config: Config, where: str = "config") -> None:
         fail("dpo.timesteps", f"must be logit_normal or uniform, got {p.timesteps!r}")
     if p.beta <= 0:
         fail("dpo.beta", f"must be > 0, got {p.beta}")
+    if p.latent_cache_size < 0:
+        fail("dpo.latent_cache_size", f"must be >= 0 (0: no cache), got {p.latent_cache_size}")
     for key in ("pairs_per_group", "timesteps_per_pair", "inversion_steps"):
         if getattr(p, key) < 1:
             fail(f"dpo.{key}", f"must be >= 1, got {getattr(p, key)}")

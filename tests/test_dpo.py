@@ -10,6 +10,7 @@ import pytest
 import torch
 from analytic import GaussianMixture, MixtureEpsModel, MixtureFlowModel
 from PIL import Image
+from safetensors.torch import load_file
 
 from flowalign.algorithms.dpo import denoising_error, dpo_loss
 from flowalign.config import load_config
@@ -222,3 +223,49 @@ def test_offline_pairs_reject_wrong_image_size(tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="16x16.*32x32"):
         train(config)
+
+
+def test_offline_pair_latents_are_streamed_with_a_bounded_cache(tmp_path, monkeypatch):
+    """The LRU latent cache changes nothing but memory: no cache, a one-latent cache and the default give
+    the same weights, and the cache never holds more than its size."""
+    from probes import probe as make_probe
+
+    from flowalign.train import run_training
+    from flowalign.train.dpo import DPORecipe
+
+    monkeypatch.chdir(ROOT)
+    gen = torch.Generator().manual_seed(1)
+    lines = []
+    for i in range(3):
+        for name in (f"w{i}.png", f"l{i}.png"):
+            Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(
+                tmp_path / name
+            )
+        lines.append(
+            json.dumps(
+                {"prompt": f"a photo of {i + 2} circles", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}
+            )
+        )
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    sizes, weights = {}, {}
+    for cache in (0, 1, 4096):
+
+        def probe(recipe, step, cache=cache):
+            metrics = DPORecipe.iteration(recipe, step)
+            sizes[cache] = max(sizes.get(cache, 0), len(recipe.pairs.cache))
+            return metrics
+
+        out = tmp_path / f"run{cache}"
+        config = load_config(
+            ROOT / "configs/dpo/tiny_sd3_online.yaml",
+            [f"dpo.pairs={tmp_path / 'pairs.jsonl'}", "dpo.pairs_per_step=2", f"dpo.latent_cache_size={cache}",
+             f"train.output_dir={out}", "train.steps=3", "train.checkpoint_every=3"],
+        )  # fmt: skip
+        config.reward = {}
+        run_training(config, make_probe(probe, DPORecipe))
+        weights[cache] = load_file(str(out / "checkpoints" / "step-000003" / "trainable.safetensors"))
+    assert sizes == {0: 0, 1: 1, 4096: 6}
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]) and torch.equal(
+            weights[0][key], weights[4096][key]
+        )

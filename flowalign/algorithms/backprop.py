@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from flowalign.samplers import Rollout
+from flowalign.samplers.steps import Generators, randn
 
 __all__ = ["draft_lv_loss", "velocity_kl"]
 
@@ -60,7 +61,7 @@ def draft_lv_loss(
     *,
     repeats: int = 2,
     guidance: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """DRaFT-LV: ``-mean_n r(decode(x0_hat_n))`` with ``x0_hat_n`` the one-step denoising of ``x0`` re-noised to
     ``sigma`` (``x_n = (1 - sigma) x0 + sigma eps_n`` for flow models). ``reward_fn`` maps decoded images to
@@ -73,7 +74,7 @@ def draft_lv_loss(
     s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
     losses = []
     for _ in range(repeats):
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+        eps = randn(x0.shape, generator, x0.device)
         x_t = (1 - s) * x0 + s * eps
         velocity = model.predict(x_t, timestep.expand(x0.shape[0]), cond, guidance)
         losses.append(-reward_fn(model.decode(x_t - s * velocity)).mean())

@@ -1,5 +1,6 @@
 """Schedules, pure step functions and the rollout loop."""
 
+from flowalign.samplers.generate import chunks, generate, seeded_generators
 from flowalign.samplers.plan import SamplingPlan, grad_window
 from flowalign.samplers.rollout import Denoiser, Rollout, denoise_step, rollout
 from flowalign.samplers.schedules import (
@@ -29,6 +30,7 @@ __all__ = [
     "SamplingPlan",
     "Schedule",
     "StepOutput",
+    "chunks",
     "ddim_step",
     "denoise_step",
     "diffusion_schedule",
@@ -38,9 +40,11 @@ __all__ = [
     "flow_schedule",
     "flow_sde_step",
     "gaussian_log_prob",
+    "generate",
     "grad_window",
     "rollout",
     "scaled_linear_alphas_cumprod",
+    "seeded_generators",
     "shift_sigmas",
     "velocity_to_eps",
     "velocity_to_x0",

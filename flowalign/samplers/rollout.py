@@ -8,6 +8,7 @@ log-prob with :func:`denoise_step` — the very function the rollout used to dra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +66,26 @@ class Rollout:
     schedule: Schedule
     plan: SamplingPlan
     grad_outputs: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @staticmethod
+    def cat(parts: Sequence[Rollout]) -> Rollout:
+        """The rollouts of consecutive micro-batches (same schedule and plan) as one batch."""
+        first = parts[0]
+        if any(p.plan is not first.plan or p.schedule is not first.schedule for p in parts):
+            raise ValueError("Rollout.cat joins micro-batches of one generation: same schedule and plan.")
+
+        def join(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return Rollout(
+            latents=join("latents"), timesteps=first.timesteps, sde_steps=first.sde_steps,
+            log_probs=join("log_probs"), means=join("means"), stds=join("stds"), final=join("final"),
+            images=join("images"), schedule=first.schedule, plan=first.plan, grad_outputs=join("grad_outputs"),
+        )  # fmt: skip
 
 
 def denoise_step(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from flowalign.algorithms.backprop import draft_lv_loss, velocity_kl
-from flowalign.samplers import SamplingPlan, rollout
+from flowalign.samplers import SamplingPlan, chunks, generate
 from flowalign.train.loop import TrainContext
 from flowalign.train.recipe import Recipe, register_recipe
 
@@ -54,40 +54,69 @@ def _backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     config, model = ctx.config, ctx.model
     b, s = config.backprop, config.sampling
     batch = ctx.sampler.batch(step)
+    n = len(batch.prompts)
     cond = model.encode(batch.prompts, cfg=s.guidance > 1)
-    size = config.model.resolution or model.default_resolution
-    noise = model.initial_noise(
-        len(batch.prompts), size, size, ctx.sample_generators(step, "noise", batch.group_ids)
-    )
-    schedule = model.schedule(s.steps, noise.shape[1:])
-    plan = backprop_plan(ctx, step)
-    metrics: dict[str, float] = {"grad_steps": float(sum(plan.grad))}
+    noise_gens = ctx.sample_generators(step, "noise", batch.group_ids)
+    lv_gens = ctx.sample_generators(step, "lv", batch.group_ids)
+    plan = backprop_plan(ctx, step)  # one gradient window for every micro-batch
+    micro = chunks(n, config.train.micro_batch_size)
+    if ctx.reward.groupwise and len(micro) > 1 and config.train.micro_batch_size % config.data.group_size:
+        raise ValueError(
+            f"train.micro_batch_size={config.train.micro_batch_size} splits groups of data.group_size="
+            f"{config.data.group_size}, but a groupwise reward scores whole groups; use a multiple of it."
+        )
+    scores, components, kls, losses = [], {}, [], []
+    for m, part in enumerate(micro):
+        sub = cond.select(part)
+        count = part.stop - part.start
 
-    def reward_of(images):
-        return ctx.reward(images, batch.prompts, batch.metadata, batch.group_ids)
+        def reward_of(images, part=part):
+            index = list(range(n))[part]
+            return ctx.reward(
+                images,
+                [batch.prompts[i] for i in index],
+                [batch.metadata[i] for i in index],
+                batch.group_ids[part],
+            )
 
-    with ctx.clock("forward"):
-        if b.mode == "draft_lv":
-            with torch.no_grad():
-                out = rollout(model, cond, noise, schedule, plan, guidance=s.guidance, decode=False)
-            last = s.steps - 1
-            loss = draft_lv_loss(
-                model, lambda images: reward_of(images).scores, out.final, cond, schedule.timesteps[last],
-                schedule.sigmas[last], repeats=b.lv_repeats, guidance=s.guidance,
-                generator=ctx.generator(step, "lv"),
-            )  # fmt: skip
-            metrics["reward"] = -loss.item()
-        else:
-            out = rollout(model, cond, noise, schedule, plan, guidance=s.guidance)
-            scored = reward_of(out.images)
-            loss = -scored.scores.mean()
-            metrics["reward"] = scored.scores.mean().item()
-            metrics.update({f"reward_{k}": v.mean().item() for k, v in scored.components.items()})
-            if b.kl_beta > 0:
-                kl = velocity_kl(model, out, cond, s.guidance).mean()
-                loss = loss + b.kl_beta * kl
-                metrics["kl"] = kl.item()
-    ctx.backward(loss)
+        with ctx.clock("forward"):
+            if b.mode == "draft_lv":
+                with torch.no_grad():
+                    out = generate(
+                        model, None, noise_gens[part], cond=sub, steps=s.steps, guidance=s.guidance,
+                        resolution=config.model.resolution, plan=plan, decode=False,
+                    )  # fmt: skip
+                last = s.steps - 1
+                loss = draft_lv_loss(
+                    model, lambda images, f=reward_of: f(images).scores, out.final, sub,
+                    out.schedule.timesteps[last], out.schedule.sigmas[last], repeats=b.lv_repeats,
+                    guidance=s.guidance, generator=lv_gens[part],
+                )  # fmt: skip
+                scores.append(-loss.detach().expand(count))
+            else:
+                out = generate(
+                    model, None, noise_gens[part], cond=sub, steps=s.steps, guidance=s.guidance,
+                    resolution=config.model.resolution, plan=plan,
+                )  # fmt: skip
+                scored = reward_of(out.images)
+                loss = -scored.scores.mean()
+                scores.append(scored.scores.detach())
+                for k, v in scored.components.items():
+                    components.setdefault(k, []).append(v.detach())
+                if b.kl_beta > 0:
+                    kl = velocity_kl(model, out, sub, s.guidance).mean()
+                    loss = loss + b.kl_beta * kl
+                    kls.append(kl.detach() * count)
+        share = count / n  # micro-batch losses add up to the batch mean
+        ctx.backward(loss * share, sync=m == len(micro) - 1)
+        losses.append(loss.detach() * count)
+    metrics: dict[str, float] = {
+        "grad_steps": float(sum(plan.grad)),
+        "reward": torch.cat(scores).mean().item(),
+    }
+    metrics.update({f"reward_{k}": torch.cat(v).mean().item() for k, v in components.items()})
+    if kls:
+        metrics["kl"] = (sum(kls) / n).item()
     metrics.update(ctx.optimizer_step())
-    metrics["loss"] = loss.item()
+    metrics["loss"] = (sum(losses) / n).item()
     return metrics

@@ -9,11 +9,14 @@ reference follows the trained weights every ``ref_refresh_every`` steps when ask
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor
 
 from flowalign.algorithms.dpo import denoising_error, dpo_loss
 from flowalign.data.pairs import PairRecord, load_image, load_pair_file, mine_pairs
+from flowalign.samplers import chunks
 from flowalign.samplers.inversion import invert
 from flowalign.train.loop import TrainContext, mean_metrics
 from flowalign.train.online import sample_and_score
@@ -24,21 +27,28 @@ __all__ = ["DPORecipe"]
 
 
 class _OfflinePairs:
-    """A pair file with its latents encoded once (VAE posterior mode) and kept in memory."""
+    """A pair file streamed from disk: each image is read and VAE-encoded (posterior mode) when a batch
+    needs it; the ``dpo.latent_cache_size`` most recently used latents are kept in CPU memory (LRU), so
+    memory stays bounded whatever the file's size."""
 
     def __init__(self, ctx: TrainContext):
         self.records: list[PairRecord] = load_pair_file(ctx.config.dpo.pairs)
         self.size = ctx.config.model.resolution or ctx.model.default_resolution
-        self.cache: dict[str, Tensor] = {}
+        self.capacity = ctx.config.dpo.latent_cache_size
+        self.cache: OrderedDict[str, Tensor] = OrderedDict()
 
     def latent(self, ctx: TrainContext, path) -> Tensor:
         key = str(path)
-        if key not in self.cache:
-            with torch.no_grad():
-                self.cache[key] = ctx.model.encode_images(
-                    load_image(path, self.size)[None].to(ctx.model.device)
-                )[0]
-        return self.cache[key]
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key].to(ctx.model.device)
+        with torch.no_grad():
+            latent = ctx.model.encode_images(load_image(path, self.size)[None].to(ctx.model.device))[0]
+        if self.capacity > 0:
+            self.cache[key] = latent.cpu()
+            while len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+        return latent
 
     def batch(self, ctx: TrainContext, step: int):
         per = ctx.config.dpo.pairs_per_step
@@ -61,7 +71,6 @@ def _online_pairs(ctx: TrainContext, step: int):
     p = ctx.config.dpo
     pairs = mine_pairs(sampled.rewards, sampled.batch.group_ids, p.min_gap, p.pairs_per_group)
     metrics = dict(sampled.metrics)
-    metrics["pairs"] = float(len(pairs))
     if not pairs:
         return [], None, None, metrics
     final = sampled.trajectory.final
@@ -101,14 +110,21 @@ def _noised(ctx: TrainContext, x0: Tensor, level: Tensor, noise: Tensor):
     return x_t, level.float(), target
 
 
-def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator):
+def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator, micro: list[Tensor]):
     """InPO: invert ``x0`` with the model up a short schedule, to the noisiest of ``timesteps_per_pair``
-    random levels; returns a function giving, for the ``k``-th level, the inverted latent and the noise it
-    implies as the target (eps for diffusion, eps - x0 for flow)."""
+    random levels (the rows of each micro-batch ``micro`` in one call); returns a function giving, for the
+    ``k``-th level, the inverted latents, model times and the noise they imply as the target (eps for
+    diffusion, eps - x0 for flow), all ``[2P, ...]``."""
     model, p = ctx.model, ctx.config.dpo
     schedule = model.schedule(p.inversion_steps, x0.shape[1:])
     indices = torch.randint(0, p.inversion_steps, (p.timesteps_per_pair,), generator=gen, device=gen.device)
-    states = invert(model, x0, cond, schedule, stop_index=int(indices.min()))
+    stop = int(indices.min())
+    if len(micro) == 1:
+        states = invert(model, x0, cond, schedule, stop_index=stop)
+    else:
+        states = torch.zeros(x0.shape[0], p.inversion_steps + 1, *x0.shape[1:], device=x0.device)
+        for rows in micro:
+            states[rows] = invert(model, x0[rows], cond.select(rows), schedule, stop_index=stop)
 
     def level(k: int):
         index = int(indices[k])
@@ -156,6 +172,14 @@ class DPORecipe(Recipe):
             super().load_state_dict(state)
 
 
+def _global_pairs(ctx: TrainContext, local: int) -> int:
+    """The number of pairs over all processes (one collective on every process)."""
+    acc = ctx.accelerator
+    if acc.num_processes == 1:
+        return local
+    return int(acc.reduce(torch.tensor([local], device=acc.device), reduction="sum").item())
+
+
 def _dpo_iteration(
     ctx: TrainContext, step: int, ref: EMA | None, offline: _OfflinePairs | None
 ) -> dict[str, float]:
@@ -167,17 +191,27 @@ def _dpo_iteration(
         prompts, x_w, x_l, metrics = mined
     else:
         prompts, x_w, x_l, metrics = offline.batch(ctx, step)
-    if not prompts:
+    total = _global_pairs(ctx, len(prompts))
+    metrics["pairs"] = float(total)
+    if total == 0:  # every process agrees: no backward anywhere
         ctx.optimizer.zero_grad(set_to_none=True)
         return {**metrics, "skipped_no_pairs": 1.0}
+    # Each process's loss is the sum of its pairs' losses over the global count (times the number of
+    # processes, which DDP's gradient average divides out): the update is the mean over all pairs. A
+    # process without pairs runs the same forward/backward passes on a stand-in pair with weight 0, so
+    # that every process makes the same collective calls.
+    weight = len(prompts) * ctx.accelerator.num_processes / total
+    if not prompts:
+        size = ctx.config.model.resolution or model.default_resolution
+        prompts, weight = [""], 0.0
+        x_w = x_l = torch.zeros(1, *model.latent_shape(size, size), device=model.device)
     gen = ctx.generator(step, "dpo")
     n = len(prompts)
     cond = model.encode(prompts, cfg=False)
-    both = cond.select(list(range(n)) * 2)
     x0 = torch.cat([x_w, x_l]).float()
-    # The reference: a snapshot of the weights (refreshed for online DPO; the initial weights for full
-    # fine-tuning), or the LoRA disabled.
-    inverted = _inversion(ctx, x0, both, gen) if p.inversion else None
+    micro = chunks(n, ctx.config.train.micro_batch_size)
+    rows_of = [torch.cat([torch.arange(n)[part], torch.arange(n)[part] + n]) for part in micro]
+    inverted = _inversion(ctx, x0, cond.select(list(range(n)) * 2), gen, rows_of) if p.inversion else None
     rows: list[dict[str, float]] = []
     for k in range(p.timesteps_per_pair):
         if inverted is not None:
@@ -188,14 +222,29 @@ def _dpo_iteration(
                 2, *([1] * (x_w.ndim - 1))
             )
             x_t, timestep, target = _noised(ctx, x0, level, noise)
-        with torch.no_grad(), ref.applied() if ref is not None else model.reference(), ctx.clock("forward"):
-            ref_error = denoising_error(model.predict(x_t, timestep, both, 1.0), target)
-        with ctx.clock("forward"):
-            model_error = denoising_error(model.predict(x_t, timestep, both, 1.0), target)
-        loss, terms = dpo_loss(model_error[:n], model_error[n:], ref_error[:n], ref_error[n:], p.beta)
-        with ctx.clock("backward"):
-            ctx.accelerator.backward(loss)
-        rows.append({**{name: float(v) for name, v in terms.items()}, **ctx.optimizer_step()})
+        for m, (part, index) in enumerate(zip(micro, rows_of)):
+            both, count = cond.select(list(range(n))[part] * 2), part.stop - part.start
+            # The reference: a snapshot of the weights (refreshed for online DPO; the initial weights for
+            # full fine-tuning), or the LoRA disabled.
+            with (
+                torch.no_grad(),
+                ref.applied() if ref is not None else model.reference(),
+                ctx.clock("forward"),
+            ):
+                ref_error = denoising_error(
+                    model.predict(x_t[index], timestep[index], both, 1.0), target[index]
+                )
+            with ctx.clock("forward"):
+                model_error = denoising_error(
+                    model.predict(x_t[index], timestep[index], both, 1.0), target[index]
+                )
+            loss, terms = dpo_loss(
+                model_error[:count], model_error[count:], ref_error[:count], ref_error[count:], p.beta
+            )
+            ctx.backward(loss * (weight * count / n), sync=m == len(micro) - 1)
+            if weight > 0:
+                rows.append({name: float(v) for name, v in terms.items()})
+        rows.append(ctx.optimizer_step())
     metrics.update(mean_metrics(rows))
     if ref is not None and p.ref_refresh_every > 0 and (step + 1) % p.ref_refresh_every == 0:
         ref.update(0.0)

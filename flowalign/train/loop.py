@@ -41,8 +41,9 @@ def build_reward(config: Config, device: torch.device):
 
     if not config.reward:
         return None
+    chunk = {"max_batch_size": config.train.micro_batch_size} if config.train.micro_batch_size else {}
     parts = {
-        name: (load_reward(name, device=device, **spec.args), spec.weight)
+        name: (load_reward(name, device=device, **{**chunk, **spec.args}), spec.weight)
         for name, spec in config.reward.items()
     }
     return WeightedReward(parts)

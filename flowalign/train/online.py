@@ -23,7 +23,7 @@ from flowalign.algorithms.advantages import multi_reward_advantages
 from flowalign.algorithms.grpo import grpo_loss, guard_log_ratio, step_kl
 from flowalign.algorithms.nft import nft_loss
 from flowalign.data.prompts import GroupBatch
-from flowalign.samplers import Rollout, SamplingPlan, denoise_step, rollout
+from flowalign.samplers import Rollout, SamplingPlan, chunks, denoise_step, generate
 from flowalign.train.loop import TrainContext, mean_metrics
 from flowalign.train.recipe import Recipe, prefixed, register_recipe, unprefixed
 from flowalign.train.state import EMA
@@ -85,26 +85,15 @@ def sample_and_score(
     batch = ctx.sampler.batch(step)
     guidance = config.sampling.guidance if cfg is None or cfg else 1.0
     cond = model.encode(batch.prompts, cfg=guidance > 1)
-    size = _resolution(ctx)
     shared = config.sampling.group_noise == "shared"
-    noise = model.initial_noise(
-        len(batch.prompts),
-        size,
-        size,
-        ctx.sample_generators(step, "noise", batch.group_ids, per_group=shared),
-    )
-    schedule = model.schedule(config.sampling.steps, noise.shape[1:])
-    plan = plan_fn(ctx, step, schedule)
     with torch.no_grad(), ctx.clock("forward"):
-        trajectory = rollout(
-            model,
-            cond,
-            noise,
-            schedule,
-            plan,
-            guidance=guidance,
-            generator=ctx.sample_generators(step, "sde", batch.group_ids),
-        )
+        trajectory = generate(
+            model, None, ctx.sample_generators(step, "noise", batch.group_ids, per_group=shared), cond=cond,
+            steps=config.sampling.steps, guidance=guidance, resolution=_resolution(ctx),
+            plan=lambda schedule: plan_fn(ctx, step, schedule),
+            sde_generators=ctx.sample_generators(step, "sde", batch.group_ids),
+            micro_batch_size=config.train.micro_batch_size,
+        )  # fmt: skip
     with ctx.clock("reward"):
         scored = ctx.reward(trajectory.images, batch.prompts, batch.metadata, batch.group_ids)
     components = {k: acc.gather(v.float().contiguous()) for k, v in scored.components.items()}
@@ -148,11 +137,51 @@ class GRPORecipe(Recipe):
         return _grpo_iteration(self.ctx, step)
 
 
+def _grpo_loss_at(
+    ctx: TrainContext, traj: Rollout, index: Tensor, i: int, column: int, sub, advantages: Tensor
+) -> tuple[Tensor, dict]:
+    """The clipped-ratio loss (+ KL) of samples ``index`` at step ``i`` (column ``column`` of the stored
+    log-probs), recomputed with the step function that drew them."""
+    g, s = ctx.config.grpo, ctx.config.sampling
+    with ctx.clock("forward"):
+        out = denoise_step(
+            ctx.model, traj.latents[index, i], i, sub, traj.schedule, traj.plan, s.guidance,
+            prev_sample=traj.latents[index, i + 1],
+        )  # fmt: skip
+    old = traj.log_probs[index, column]
+    log_ratio = None
+    if g.guard:
+        log_ratio = guard_log_ratio(
+            out.log_prob, old, out.mean, traj.means[index, column], out.std, s.reduction
+        )
+    loss, metrics = grpo_loss(
+        out.log_prob,
+        old,
+        advantages[index],
+        clip_range=g.clip_range,
+        adv_clip=g.adv_clip,
+        log_ratio=log_ratio,
+    )
+    if g.kl_beta > 0:
+        with torch.no_grad(), ctx.model.reference(), ctx.clock("forward"):
+            ref = denoise_step(
+                ctx.model, traj.latents[index, i], i, sub, traj.schedule, traj.plan, s.guidance,
+                prev_sample=traj.latents[index, i + 1],
+            )  # fmt: skip
+        dsigma = None
+        if traj.schedule.kind == "flow" and traj.plan.dynamics != "cps":
+            dsigma = traj.schedule.sigmas[i + 1] - traj.schedule.sigmas[i]
+        kl = step_kl(out.mean, ref.mean, out.std, form=g.kl_form, dsigma=dsigma, reduction=s.reduction).mean()
+        loss = loss + g.kl_beta * kl
+        metrics["kl"] = kl.detach()
+    return loss, metrics
+
+
 def _grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     sampled = sample_and_score(ctx, step, advantage=ctx.config.grpo)
     if sampled is None:
         return {"skipped_nonfinite_reward": 1.0}
-    g, s = ctx.config.grpo, ctx.config.sampling
+    g = ctx.config.grpo
     traj, cond, advantages = sampled.trajectory, sampled.cond, sampled.advantages
     steps = _trained_steps(ctx, step, traj)
     column = {i: c for c, i in enumerate(traj.sde_steps.tolist())}
@@ -171,44 +200,18 @@ def _grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     for epoch in range(g.inner_epochs):
         perm = torch.randperm(len(kept), generator=ctx.generator(step, f"perm{epoch}")).to(kept.device)
         order = kept[perm]
-        for chunk in order.split(g.minibatch_size):
-            sub = cond.select(chunk)
+        for minibatch in order.split(g.minibatch_size):
+            micro = chunks(len(minibatch), ctx.config.train.micro_batch_size)
             for position, i in enumerate(steps):
-                with ctx.clock("forward"):
-                    out = denoise_step(
-                        ctx.model, traj.latents[chunk, i], i, sub, traj.schedule, traj.plan, s.guidance,
-                        prev_sample=traj.latents[chunk, i + 1],
-                    )  # fmt: skip
-                old = traj.log_probs[chunk, column[i]]
-                log_ratio = None
-                if g.guard:
-                    log_ratio = guard_log_ratio(
-                        out.log_prob, old, out.mean, traj.means[chunk, column[i]], out.std, s.reduction
+                for m, part in enumerate(micro):
+                    index = minibatch[part]
+                    loss, metrics = _grpo_loss_at(
+                        ctx, traj, index, i, column[i], cond.select(index), advantages
                     )
-                loss, metrics = grpo_loss(
-                    out.log_prob,
-                    old,
-                    advantages[chunk],
-                    clip_range=g.clip_range,
-                    adv_clip=g.adv_clip,
-                    log_ratio=log_ratio,
-                )
-                if g.kl_beta > 0:
-                    with torch.no_grad(), ctx.model.reference(), ctx.clock("forward"):
-                        ref = denoise_step(
-                            ctx.model, traj.latents[chunk, i], i, sub, traj.schedule, traj.plan, s.guidance,
-                            prev_sample=traj.latents[chunk, i + 1],
-                        )  # fmt: skip
-                    dsigma = None
-                    if traj.schedule.kind == "flow" and traj.plan.dynamics != "cps":
-                        dsigma = traj.schedule.sigmas[i + 1] - traj.schedule.sigmas[i]
-                    kl = step_kl(
-                        out.mean, ref.mean, out.std, form=g.kl_form, dsigma=dsigma, reduction=s.reduction
-                    ).mean()
-                    loss = loss + g.kl_beta * kl
-                    metrics["kl"] = kl.detach()
-                ctx.backward(loss / len(steps), sync=position == len(steps) - 1)
-                rows.append(metrics)
+                    share = len(index) / len(minibatch)  # micro-batch losses add up to the minibatch mean
+                    last = position == len(steps) - 1 and m == len(micro) - 1
+                    ctx.backward(loss * share / len(steps), sync=last)
+                    rows.append(metrics)
             rows.append(ctx.optimizer_step())
     informative = {"informative_fraction": len(kept) / n, "trained_steps": float(len(steps))}
     return {**sampled.metrics, **mean_metrics(rows), **informative}
@@ -257,30 +260,33 @@ def _nft_iteration(ctx: TrainContext, step: int, old: EMA) -> dict[str, float]:
         order = torch.randperm(n, generator=gen, device=gen.device)
         # As the reference: each sample trains on the sampling schedule's noise levels in its own random order.
         levels = torch.stack([torch.randperm(num_levels, generator=gen, device=gen.device) for _ in range(n)])
-        for chunk in order.split(cfg.minibatch_size):
-            sub, x0 = cond.select(chunk), x0_all[chunk]
+        for minibatch in order.split(cfg.minibatch_size):
+            micro = chunks(len(minibatch), ctx.config.train.micro_batch_size)
+            x0 = x0_all[minibatch]
             for k in range(cfg.timesteps_per_sample):
-                index = levels[chunk, k]
-                sigma, timestep = schedule.sigmas[index], schedule.timesteps[index]
+                level = levels[minibatch, k]
                 eps = torch.randn(x0.shape, generator=gen, device=gen.device)
-                s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+                s = schedule.sigmas[level].view(-1, *([1] * (x0.ndim - 1)))
                 x_t = (1 - s) * x0 + s * eps
-                with torch.no_grad(), old.applied(), ctx.clock("forward"):
-                    old_velocity = ctx.model.predict(x_t, timestep, sub, 1.0)
-                with ctx.clock("forward"):
-                    velocity = ctx.model.predict(x_t, timestep, sub, 1.0)
-                loss, metrics = nft_loss(
-                    velocity,
-                    old_velocity,
-                    x_t,
-                    x0,
-                    sigma,
-                    advantages[chunk],
-                    beta=cfg.beta,
-                    adv_clip=cfg.adv_clip,
-                )
-                ctx.backward(loss / cfg.timesteps_per_sample, sync=k == cfg.timesteps_per_sample - 1)
-                rows.append(metrics)
+                for m, part in enumerate(micro):
+                    index = minibatch[part]
+                    sub, sigma, timestep = (
+                        cond.select(index),
+                        schedule.sigmas[level[part]],
+                        schedule.timesteps[level[part]],
+                    )
+                    with torch.no_grad(), old.applied(), ctx.clock("forward"):
+                        old_velocity = ctx.model.predict(x_t[part], timestep, sub, 1.0)
+                    with ctx.clock("forward"):
+                        velocity = ctx.model.predict(x_t[part], timestep, sub, 1.0)
+                    loss, metrics = nft_loss(
+                        velocity, old_velocity, x_t[part], x0[part], sigma, advantages[index], beta=cfg.beta,
+                        adv_clip=cfg.adv_clip,
+                    )  # fmt: skip
+                    share = len(index) / len(minibatch)  # micro-batch losses add up to the minibatch mean
+                    last = k == cfg.timesteps_per_sample - 1 and m == len(micro) - 1
+                    ctx.backward(loss * share / cfg.timesteps_per_sample, sync=last)
+                    rows.append(metrics)
             rows.append(ctx.optimizer_step())
     old.update(min(cfg.old_decay_max, cfg.old_decay_rate * step))
     return {**sampled.metrics, **mean_metrics(rows)}

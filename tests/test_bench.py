@@ -20,6 +20,7 @@ from flowalign.eval.geneval import (
 from flowalign.models import load_model
 from flowalign.models.base import Cond
 from flowalign.samplers import flow_schedule
+from flowalign.samplers.steps import randn
 from flowalign.worlds.shapes import load_prompts, render_scene, sample_scene
 from rewards.geneval import TASKS
 
@@ -52,7 +53,7 @@ class OracleGenerator:
         return (3, height, width)
 
     def initial_noise(self, batch, height, width, generator=None):
-        return torch.randn((batch, 3, height, width), generator=generator)
+        return randn((batch, 3, height, width), generator, self.device)  # one generator or one per sample
 
     def encode(self, prompts, negative_prompts=None, cfg=True):
         return Cond({"index": torch.zeros(len(prompts))}, None, list(prompts))

@@ -46,7 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", action="store_true", help="checkpoint each step's model call (less memory)"
     )
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="prompt i starts from the noise of image 0 of prompt i in flowalign sample",
+    )
     parser.add_argument("--out", default="noise_opt", help="output directory")
 
 
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     from flowalign.algorithms.noise_opt import optimize_noise
     from flowalign.commands.score import parse_reward_args
-    from flowalign.samplers import SamplingPlan, rollout
+    from flowalign.eval.geneval import image_seed
+    from flowalign.samplers import SamplingPlan, generate, seeded_generators
     from rewards import WeightedReward, parse_reward_spec
 
     model = load_model_from_args(args)
@@ -74,20 +80,21 @@ def run(args: argparse.Namespace) -> int:
     guidance = model.default_guidance if args.guidance is None else args.guidance
     prompts = list(args.prompt)
     cond = model.encode(prompts, cfg=guidance > 1)
-    noise = model.initial_noise(
-        len(prompts), size, size, torch.Generator(model.device).manual_seed(args.seed)
-    )
-    schedule = model.schedule(args.steps, noise.shape[1:])
+    # Prompt i starts from the noise `flowalign sample` and `bench geneval` give its first image.
+    seeds = [image_seed(args.seed, i, 0) for i in range(len(prompts))]
+    noise = model.initial_noise(len(prompts), size, size, seeded_generators(seeds, model.device))
     plan = SamplingPlan.build(args.steps, sde="none", grad="all", checkpoint=args.checkpoint)
 
-    def generate(z):
-        return rollout(model, cond, z, schedule, plan, guidance=guidance).images
+    def generate_from(z):
+        return generate(
+            model, None, z, cond=cond, steps=args.steps, guidance=guidance, resolution=size, plan=plan
+        ).images
 
     def reward_fn(images):
         return reward(images, prompts).scores
 
     result = optimize_noise(
-        generate, reward_fn, noise, iterations=args.iterations, lr=args.lr, grad_clip=args.grad_clip,
+        generate_from, reward_fn, noise, iterations=args.iterations, lr=args.lr, grad_clip=args.grad_clip,
         reg_weight=args.reg_weight,
     )  # fmt: skip
     out = Path(args.out)

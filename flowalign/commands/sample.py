@@ -18,28 +18,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="base seed: image j of prompt i starts from seed * 1000003 + i * 1009 + j, as in bench geneval",
+    )  # fmt: skip
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=None,
+        help="images per model call (bounds memory; the images do not change)",
+    )  # fmt: skip
     parser.add_argument("--out", default="samples.png", help="output PNG path (default samples.png)")
 
 
 def run(args: argparse.Namespace) -> int:
     from torchvision.utils import save_image
 
-    from flowalign.samplers import SamplingPlan, rollout
+    from flowalign.eval.geneval import image_seed
+    from flowalign.samplers import generate, seeded_generators
 
     if args.num_images < 1:
         raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
     model = load_model_from_args(args)
-    steps = args.steps or model.default_steps
-    guidance = model.default_guidance if args.guidance is None else args.guidance
-    height = args.height or model.default_resolution
-    width = args.width or model.default_resolution
-    generator = torch.Generator(model.device).manual_seed(args.seed)
-    cond = model.encode(args.prompt).repeat(args.num_images)
-    noise = model.initial_noise(len(cond), height, width, generator)
-    schedule = model.schedule(steps, noise.shape[1:])
+    jobs = [(i, j) for i in range(len(args.prompt)) for j in range(args.num_images)]
     with torch.no_grad():
-        images = rollout(model, cond, noise, schedule, SamplingPlan.ode(steps), guidance=guidance).images
+        images = generate(
+            model, [args.prompt[i] for i, _ in jobs],
+            seeded_generators([image_seed(args.seed, i, j) for i, j in jobs], model.device),
+            steps=args.steps or model.default_steps,
+            guidance=model.default_guidance if args.guidance is None else args.guidance,
+            resolution=(args.height, args.width), micro_batch_size=args.micro_batch_size,
+        ).images  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, out, nrow=args.num_images, padding=1)

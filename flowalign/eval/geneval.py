@@ -243,7 +243,7 @@ def run_geneval(
     """
     from tqdm.auto import tqdm
 
-    from flowalign.samplers import SamplingPlan, rollout
+    from flowalign.samplers import generate, seeded_generators
 
     detector = detector if detector is not None else ShapesDetector()
     prompts = _check_prompts(prompts, detector)
@@ -258,9 +258,6 @@ def run_geneval(
     _check_config(config)
 
     jobs = [(i, j) for i, n in enumerate(config.images_per_prompt) for j in range(n)]
-    plan = SamplingPlan.ode(config.steps)
-    size = config.resolution
-    schedule = model.schedule(config.steps, model.latent_shape(size, size))
     records: list[ImageRecord] = []
     kept: list[Tensor] = []
     start = time.perf_counter()
@@ -268,11 +265,16 @@ def run_geneval(
     for begin in range(0, len(jobs), batch_size):
         batch = jobs[begin : begin + batch_size]
         texts = [prompts[i]["prompt"] for i, _ in batch]
-        generators = [torch.Generator(model.device).manual_seed(image_seed(seed, i, j)) for i, j in batch]
-        noise = torch.cat([model.initial_noise(1, size, size, g) for g in generators])
+        generators = seeded_generators([image_seed(seed, i, j) for i, j in batch], model.device)
         with torch.no_grad():
-            cond = model.encode(texts, cfg=config.guidance > 1)
-            images = rollout(model, cond, noise, schedule, plan, guidance=config.guidance).images.float()
+            images = generate(
+                model,
+                texts,
+                generators,
+                steps=config.steps,
+                guidance=config.guidance,
+                resolution=config.resolution,
+            ).images.float()
         detections = detector(images.cpu())
         for (i, j), dets in zip(batch, detections, strict=True):
             records.append(ImageRecord(i, j, evaluate(dets, prompts[i]), list(dets)))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from flowalign.samplers.plan import SamplingPlan
 from flowalign.samplers.rollout import Rollout, rollout
@@ -40,11 +41,11 @@ def chunks(n: int, size: int | None) -> list[slice]:
 def generate(
     model: Any,
     prompts: Sequence[str] | None,
-    noise_generators: Sequence[torch.Generator],
+    noise: Sequence[torch.Generator] | Tensor,
     *,
     steps: int,
     guidance: float,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     plan: SamplingPlan | Callable[[Schedule], SamplingPlan] | None = None,
     sde_generators: Sequence[torch.Generator] | None = None,
     micro_batch_size: int | None = None,
@@ -52,13 +53,14 @@ def generate(
     cond: Any = None,
     negative_prompts: str | Sequence[str] | None = None,
 ) -> Rollout:
-    """Sample ``B = len(noise_generators)`` images of ``prompts`` (``B`` strings; or pass ``cond``, already
-    encoded) with a model adapter.
+    """Sample ``B = len(noise)`` images of ``prompts`` (``B`` strings; or pass ``cond``, already encoded)
+    with a model adapter.
 
     Args:
-        noise_generators: one generator per sample; the sample's initial noise is its first draw.
+        noise: one generator per sample (the sample's initial noise is its first draw), or the initial
+            noise itself ``[B, *latent_shape]`` (noise optimization: gradients reach it).
         steps, guidance: sampling steps and guidance scale (CFG when the family uses it and ``guidance > 1``).
-        resolution: image side in pixels (default: the model's).
+        resolution: image side in pixels, or ``(height, width)`` (default: the model's square side).
         plan: a :class:`SamplingPlan`, or a function of the schedule returning one (default: the ODE).
         sde_generators: one generator per sample for the stochastic steps' noise.
         micro_batch_size: samples per rollout call (None: all at once). The result is the same either way.
@@ -69,30 +71,34 @@ def generate(
     Gradients flow when grad mode is on and the plan's window lets them (reward backprop, noise
     optimization); a caller that needs bounded memory with gradients backpropagates per micro-batch itself.
     """
-    n = len(noise_generators)
+    n = len(noise)
     if cond is None:
         if prompts is None or len(prompts) != n:
             raise ValueError(
-                f"generate: got {n} noise generators for {0 if prompts is None else len(prompts)} prompts; pass "
-                "one generator per sample (repeat a prompt for several images of it)."
+                f"generate: got noise for {n} samples but {0 if prompts is None else len(prompts)} prompts; pass "
+                "one noise generator (or noise row) per sample; repeat a prompt for several images of it."
             )
         cond = model.encode(list(prompts), negative_prompts=negative_prompts, cfg=guidance > 1)
     elif len(cond) != n:
-        raise ValueError(f"generate: cond holds {len(cond)} samples but got {n} noise generators.")
+        raise ValueError(f"generate: cond holds {len(cond)} samples but got noise for {n}.")
     if sde_generators is not None and len(sde_generators) != n:
         raise ValueError(f"generate: got {len(sde_generators)} SDE generators for {n} samples.")
-    size = resolution or model.default_resolution
-    schedule = model.schedule(steps, model.latent_shape(size, size))
+    height, width = (resolution, resolution) if not isinstance(resolution, tuple) else resolution
+    height, width = height or model.default_resolution, width or model.default_resolution
+    schedule = model.schedule(steps, model.latent_shape(height, width))
     if plan is None:
         plan = SamplingPlan.ode(steps)
     elif callable(plan) and not isinstance(plan, SamplingPlan):
         plan = plan(schedule)
     parts = []
     for part in chunks(n, micro_batch_size):
-        noise = model.initial_noise(part.stop - part.start, size, size, list(noise_generators[part]))
+        if isinstance(noise, Tensor):
+            x_T = noise[part]
+        else:
+            x_T = model.initial_noise(part.stop - part.start, height, width, list(noise[part]))
         parts.append(
             rollout(
-                model, cond.select(part) if part != slice(0, n) else cond, noise, schedule, plan,
+                model, cond.select(part) if part != slice(0, n) else cond, x_T, schedule, plan,
                 guidance=guidance, generator=list(sde_generators[part]) if sde_generators is not None else None,
                 decode=decode,
             )

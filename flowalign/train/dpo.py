@@ -18,6 +18,7 @@ from flowalign.algorithms.dpo import denoising_error, dpo_loss
 from flowalign.data.pairs import PairRecord, load_image, load_pair_file, mine_pairs
 from flowalign.samplers import chunks
 from flowalign.samplers.inversion import invert
+from flowalign.samplers.steps import randn
 from flowalign.train.loop import TrainContext, mean_metrics
 from flowalign.train.online import sample_and_score
 from flowalign.train.recipe import Recipe, prefixed, register_recipe, unprefixed
@@ -57,11 +58,15 @@ class _OfflinePairs:
         order = torch.randperm(n, generator=shared).tolist()
         start = (step * per) % n
         chosen = [self.records[order[(start + i) % n]] for i in range(per)]
-        mine = chosen[ctx.accelerator.process_index :: ctx.accelerator.num_processes]
+        acc = ctx.accelerator
+        keys = list(range(per))[acc.process_index :: acc.num_processes]  # pair i of this step's selection
+        if not keys:
+            return [], None, None, torch.zeros(0, dtype=torch.long), {}
+        mine = [chosen[i] for i in keys]
         prompts = [r.prompt for r in mine]
         x_w = torch.stack([self.latent(ctx, r.chosen) for r in mine])
         x_l = torch.stack([self.latent(ctx, r.rejected) for r in mine])
-        return prompts, x_w, x_l, {}
+        return prompts, x_w, x_l, torch.tensor(keys), {}
 
 
 def _online_pairs(ctx: TrainContext, step: int):
@@ -72,26 +77,26 @@ def _online_pairs(ctx: TrainContext, step: int):
     pairs = mine_pairs(sampled.rewards, sampled.batch.group_ids, p.min_gap, p.pairs_per_group)
     metrics = dict(sampled.metrics)
     if not pairs:
-        return [], None, None, metrics
+        return [], None, None, torch.zeros(0, dtype=torch.long), metrics
     final = sampled.trajectory.final
     prompts = [sampled.batch.prompts[w] for w, _ in pairs]
     x_w = torch.stack([final[w] for w, _ in pairs])
     x_l = torch.stack([final[loser] for _, loser in pairs])
-    return prompts, x_w, x_l, metrics
+    keys = sampled.batch.group_ids[[w for w, _ in pairs]]  # the pair's global group (and rank within it)
+    return prompts, x_w, x_l, keys, metrics
 
 
-def _noise_levels(ctx: TrainContext, count: int, gen: torch.Generator) -> Tensor:
-    """Flow: sigmas in (0, 1), logit-normal (SD3's training density) or uniform. Diffusion: indices into
-    the scheduler's ``alphas_cumprod``."""
+def _noise_levels(ctx: TrainContext, gens: list[torch.Generator]) -> Tensor:
+    """One level per pair, each from its pair's generator. Flow: sigmas in (0, 1), logit-normal (SD3's
+    training density) or uniform. Diffusion: indices into the scheduler's ``alphas_cumprod``."""
     p = ctx.config.dpo
     if ctx.model.kind == "diffusion":
         num_train = len(ctx.model.pipeline.scheduler.alphas_cumprod)
-        return torch.randint(0, num_train, (count,), generator=gen, device=gen.device)
+        return torch.cat([torch.randint(0, num_train, (1,), generator=g, device=g.device) for g in gens])
     if p.timesteps == "logit_normal":
-        return torch.sigmoid(
-            p.logit_mean + p.logit_std * torch.randn(count, generator=gen, device=gen.device)
-        )
-    return torch.rand(count, generator=gen, device=gen.device).clamp(1e-3, 1 - 1e-3)
+        normal = torch.cat([torch.randn(1, generator=g, device=g.device) for g in gens])
+        return torch.sigmoid(p.logit_mean + p.logit_std * normal)
+    return torch.cat([torch.rand(1, generator=g, device=g.device) for g in gens]).clamp(1e-3, 1 - 1e-3)
 
 
 def _noised(ctx: TrainContext, x0: Tensor, level: Tensor, noise: Tensor):
@@ -110,14 +115,16 @@ def _noised(ctx: TrainContext, x0: Tensor, level: Tensor, noise: Tensor):
     return x_t, level.float(), target
 
 
-def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator, micro: list[Tensor]):
+def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator, micro: list[Tensor]):  # gen: shared
     """InPO: invert ``x0`` with the model up a short schedule, to the noisiest of ``timesteps_per_pair``
     random levels (the rows of each micro-batch ``micro`` in one call); returns a function giving, for the
     ``k``-th level, the inverted latents, model times and the noise they imply as the target (eps for
     diffusion, eps - x0 for flow), all ``[2P, ...]``."""
     model, p = ctx.model, ctx.config.dpo
     schedule = model.schedule(p.inversion_steps, x0.shape[1:])
-    indices = torch.randint(0, p.inversion_steps, (p.timesteps_per_pair,), generator=gen, device=gen.device)
+    indices = torch.randint(
+        0, p.inversion_steps, (p.timesteps_per_pair,), generator=gen, device=gen.device
+    )  # shared
     stop = int(indices.min())
     if len(micro) == 1:
         states = invert(model, x0, cond, schedule, stop_index=stop)
@@ -188,9 +195,9 @@ def _dpo_iteration(
         mined = _online_pairs(ctx, step)
         if mined is None:
             return {"skipped_nonfinite_reward": 1.0}
-        prompts, x_w, x_l, metrics = mined
+        prompts, x_w, x_l, keys, metrics = mined
     else:
-        prompts, x_w, x_l, metrics = offline.batch(ctx, step)
+        prompts, x_w, x_l, keys, metrics = offline.batch(ctx, step)
     total = _global_pairs(ctx, len(prompts))
     metrics["pairs"] = float(total)
     if total == 0:  # every process agrees: no backward anywhere
@@ -203,24 +210,25 @@ def _dpo_iteration(
     weight = len(prompts) * ctx.accelerator.num_processes / total
     if not prompts:
         size = ctx.config.model.resolution or model.default_resolution
-        prompts, weight = [""], 0.0
+        prompts, weight, keys = [""], 0.0, torch.tensor([-1])
         x_w = x_l = torch.zeros(1, *model.latent_shape(size, size), device=model.device)
-    gen = ctx.generator(step, "dpo")
+    # Every pair's draws come from its own generator (keyed by the pair, not the process), and the
+    # levels InPO inverts to are shared, so 1 or N processes train on the same noise.
+    gens = ctx.sample_generators(step, "dpo", keys)
     n = len(prompts)
     cond = model.encode(prompts, cfg=False)
     x0 = torch.cat([x_w, x_l]).float()
     micro = chunks(n, ctx.config.train.micro_batch_size)
     rows_of = [torch.cat([torch.arange(n)[part], torch.arange(n)[part] + n]) for part in micro]
-    inverted = _inversion(ctx, x0, cond.select(list(range(n)) * 2), gen, rows_of) if p.inversion else None
+    shared = ctx.shared_generator(step, "inpo_levels")
+    inverted = _inversion(ctx, x0, cond.select(list(range(n)) * 2), shared, rows_of) if p.inversion else None
     rows: list[dict[str, float]] = []
     for k in range(p.timesteps_per_pair):
         if inverted is not None:
             x_t, timestep, target = inverted(k)
         else:
-            level = _noise_levels(ctx, n, gen).repeat(2)
-            noise = torch.randn(x_w.shape, generator=gen, device=gen.device).repeat(
-                2, *([1] * (x_w.ndim - 1))
-            )
+            level = _noise_levels(ctx, gens).repeat(2)
+            noise = randn(x_w.shape, gens, x_w.device).repeat(2, *([1] * (x_w.ndim - 1)))
             x_t, timestep, target = _noised(ctx, x0, level, noise)
         for m, (part, index) in enumerate(zip(micro, rows_of)):
             both, count = cond.select(list(range(n))[part] * 2), part.stop - part.start

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from flowalign.data.prompts import load_prompt_set
-from flowalign.samplers import SamplingPlan, rollout
+from flowalign.samplers import generate, seeded_generators
 from flowalign.train.loop import TrainContext
 
 __all__ = ["evaluate"]
@@ -118,29 +118,39 @@ def _gain_since_first_evaluation(here: Path) -> dict[str, float]:
 
 
 def _evaluate_rewards(ctx: TrainContext, step: int, records) -> dict[str, float]:
+    """Prompts split over processes; image ``j`` of prompt ``i`` starts from the noise of
+    :func:`~flowalign.eval.geneval.image_seed` ``(train.seed, i, j)`` at every evaluation, so curves compare
+    like with like and the images do not depend on the number of processes."""
+    from accelerate.utils import gather_object
+
+    from flowalign.eval.geneval import image_seed
+
     config, model, acc = ctx.config, ctx.model, ctx.accelerator
     e = config.eval
-    mine = records[acc.process_index :: acc.num_processes]
-    if not mine:
-        return {}
-    prompts = [r.prompt for r in mine for _ in range(e.images_per_prompt)]
-    metadata = [dict(r.metadata) for r in mine for _ in range(e.images_per_prompt)]
-    steps = e.steps or config.sampling.steps
-    guidance = config.sampling.guidance if e.guidance is None else e.guidance
-    size = config.model.resolution or model.default_resolution
-    # The same noise at every evaluation, so curves compare like with like.
-    generator = torch.Generator(model.device).manual_seed(config.train.seed * 7919 + acc.process_index)
-    noise = model.initial_noise(len(prompts), size, size, generator)
-    cond = model.encode(prompts, cfg=guidance > 1)
-    schedule = model.schedule(steps, noise.shape[1:])
-    with _eval_weights(ctx):
-        images = rollout(model, cond, noise, schedule, SamplingPlan.ode(steps), guidance=guidance).images
+    jobs = [(i, j) for i in range(len(records)) for j in range(e.images_per_prompt)]
+    mine = jobs[acc.process_index :: acc.num_processes]
+    scores: dict[str, list[float]] = {}
+    images = None
+    if mine:
+        prompts = [records[i].prompt for i, _ in mine]
+        metadata = [dict(records[i].metadata) for i, _ in mine]
+        with _eval_weights(ctx):
+            images = generate(
+                model, prompts, seeded_generators([image_seed(config.train.seed, i, j) for i, j in mine], model.device),
+                steps=e.steps or config.sampling.steps,
+                guidance=config.sampling.guidance if e.guidance is None else e.guidance,
+                resolution=config.model.resolution, micro_batch_size=config.train.micro_batch_size,
+            ).images  # fmt: skip
+        if ctx.reward is not None:
+            scored = ctx.reward(images, prompts, metadata)
+            scores = {name: value.float().tolist() for name, value in scored.components.items()}
+    # Every process joins the gather, also one that had no prompt (no collective is skipped).
+    parts = gather_object([scores]) if acc.num_processes > 1 else [scores]
     out: dict[str, float] = {}
-    if ctx.reward is not None:
-        scored = ctx.reward(images, prompts, metadata)
-        for name, value in scored.components.items():
-            out[f"eval/reward_{name}"] = acc.gather(value.float().contiguous()).mean().item()
-    if acc.is_main_process:
+    for name in {k for part in parts for k in part}:
+        values = [v for part in parts for v in part.get(name, [])]
+        out[f"eval/reward_{name}"] = sum(values) / len(values)
+    if acc.is_main_process and images is not None:
         from torchvision.utils import save_image
 
         directory = ctx.output_dir / "eval"

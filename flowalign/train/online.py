@@ -24,6 +24,7 @@ from flowalign.algorithms.grpo import grpo_loss, guard_log_ratio, step_kl
 from flowalign.algorithms.nft import nft_loss
 from flowalign.data.prompts import GroupBatch
 from flowalign.samplers import Rollout, SamplingPlan, chunks, denoise_step, generate
+from flowalign.samplers.steps import randn
 from flowalign.train.loop import TrainContext, mean_metrics
 from flowalign.train.recipe import Recipe, prefixed, register_recipe, unprefixed
 from flowalign.train.state import EMA
@@ -258,14 +259,17 @@ def _nft_iteration(ctx: TrainContext, step: int, old: EMA) -> dict[str, float]:
     for epoch in range(cfg.inner_epochs):
         gen = ctx.generator(step, f"nft{epoch}")
         order = torch.randperm(n, generator=gen, device=gen.device)
-        # As the reference: each sample trains on the sampling schedule's noise levels in its own random order.
-        levels = torch.stack([torch.randperm(num_levels, generator=gen, device=gen.device) for _ in range(n)])
+        # Each sample's draws come from its own generator (keyed by its global group and index), so that 1
+        # or N processes and any minibatch split train on the same noise. As the reference: each sample
+        # trains on the sampling schedule's noise levels in its own random order.
+        sample_gens = ctx.sample_generators(step, f"nft{epoch}", sampled.batch.group_ids)
+        levels = torch.stack([torch.randperm(num_levels, generator=g, device=g.device) for g in sample_gens])
         for minibatch in order.split(cfg.minibatch_size):
             micro = chunks(len(minibatch), ctx.config.train.micro_batch_size)
             x0 = x0_all[minibatch]
             for k in range(cfg.timesteps_per_sample):
                 level = levels[minibatch, k]
-                eps = torch.randn(x0.shape, generator=gen, device=gen.device)
+                eps = randn(x0.shape, [sample_gens[i] for i in minibatch.tolist()], x0.device)
                 s = schedule.sigmas[level].view(-1, *([1] * (x0.ndim - 1)))
                 x_t = (1 - s) * x0 + s * eps
                 for m, part in enumerate(micro):

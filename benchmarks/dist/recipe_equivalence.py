@@ -1,0 +1,117 @@
+"""Every recipe on 1 or N processes: the same weights after an iteration and the same logged metrics.
+
+Each case trains a tiny model for one iteration (GRPO: two, with LR warmup) from one global batch; on N
+processes every process generates and trains its share. A case's per-process minibatch is its global
+minibatch divided by N, so one optimizer step sees the same samples either way. The optimizer is made
+sensitive to the gradient's scale (Adam with ``eps`` far above the gradients, no clipping), so a loss
+weighted per process instead of per sample shows as a different update. Run it both ways and compare
+(``tests/test_distributed.py`` does):
+
+    python benchmarks/dist/recipe_equivalence.py OUT_1 [CASE ...]
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/dist/recipe_equivalence.py OUT_2 [CASE ...]
+
+Each case writes ``OUT/<case>/checkpoints/step-*/trainable.safetensors`` and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rewards import Reward, RewardOutput, register_reward
+
+ROOT = Path(__file__).resolve().parents[2]
+SCALE_SENSITIVE = ["optim.lr=1.0", "optim.eps=1.0", "optim.weight_decay=0", "optim.max_grad_norm=1e9"]
+
+CASES: dict[str, tuple[str, list[str]]] = {
+    # GRPO with KL to the reference, two iterations under a 4-step LR warmup (the schedule must count
+    # optimizer steps: 1 per iteration here, whatever the number of processes).
+    "grpo_kl": (
+        "configs/grpo/tiny_sd3.yaml",
+        ["grpo.kl_beta=0.01", "train.steps=2", "optim.warmup_steps=4", "optim.lr=0.5"],
+    ),
+    "nft": ("configs/nft/tiny_sd3.yaml", []),
+    "dpo_online": ("configs/dpo/tiny_sd3_online.yaml", ["data.group_size=3"]),
+    "inpo_offline": (
+        "configs/dpo/tiny_sd3_online.yaml",
+        ["model.path=tiny-sd", "dpo.pairs_per_step=4", "dpo.inversion=true", "dpo.inversion_steps=4",
+         "dpo.beta=2000", "dpo.timesteps=uniform"],
+    ),  # fmt: skip
+    # One pair for two processes: the second trains on a zero-weight stand-in (no hang, no effect).
+    "dpo_offline_one_pair": ("configs/dpo/tiny_sd3_online.yaml", ["dpo.pairs_per_step=1", "dpo.beta=500"]),
+    "alignprop": (
+        "configs/grpo/tiny_sd3.yaml",
+        ["train.algorithm=backprop", "backprop.mode=alignprop", "backprop.k=2", "backprop.kl_beta=0.1",
+         "sampling.steps=3", "data.group_size=1", "data.groups_per_step=2"],
+    ),  # fmt: skip
+    "sft": ("configs/sft/tiny_shapes.yaml", ["sft.batch_size=4"]),
+}
+GLOBAL_MINIBATCH = {"grpo": 4, "nft": 4}
+
+
+@register_reward("smooth_red_for_equivalence")
+class SmoothRed(Reward):
+    """Smooth in the pixels, so that float rounding between batch layouts cannot reorder samples."""
+
+    differentiable = True
+
+    def score_batch(self, images, prompts, metadata):
+        return RewardOutput(images[:, 0].flatten(1).mean(1) - 0.5 * images[:, 1:].flatten(1).mean(1))
+
+
+def write_pairs(directory: Path) -> Path:
+    """Four random image pairs (32x32 PNG) and their pair file."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(4):
+        for name in (f"w{i}.png", f"l{i}.png"):
+            pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(directory / name)
+        lines.append(json.dumps({"prompt": f"a photo of {i % 3 + 2} circles", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
+    (directory / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return directory / "pairs.jsonl"
+
+
+def run_cases(out: Path, names: list[str], num_processes: int) -> None:
+    from flowalign.config import RewardSpec, load_config
+    from flowalign.train import train
+
+    pairs = ROOT / "runs" / "equivalence_pairs" / "pairs.jsonl"
+    for name in names:
+        path, overrides = CASES[name]
+        overrides = list(overrides)
+        algorithm = load_config(ROOT / path, overrides).train.algorithm
+        if algorithm in GLOBAL_MINIBATCH:
+            overrides.append(f"{algorithm}.minibatch_size={GLOBAL_MINIBATCH[algorithm] // num_processes}")
+        offline = "offline" in name
+        if offline:
+            overrides.append(f"dpo.pairs={pairs}")
+        config = load_config(
+            ROOT / path,
+            [*SCALE_SENSITIVE, *overrides, f"train.output_dir={out / name}", "train.checkpoint_every=1",
+             "train.keep_checkpoints=1", "train.progress=false", "train.log_with=[]"],
+        )  # fmt: skip
+        if config.reward or algorithm in ("grpo", "nft", "dpo", "backprop"):
+            config.reward = {} if offline else {"smooth_red_for_equivalence": RewardSpec()}
+        train(config)
+
+
+def main() -> None:
+    out, *names = sys.argv[1:]
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        write_pairs(ROOT / "runs" / "equivalence_pairs")
+    state.wait_for_everyone()
+    run_cases(Path(out), names or list(CASES), state.num_processes)
+
+
+if __name__ == "__main__":
+    main()

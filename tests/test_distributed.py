@@ -1,0 +1,73 @@
+"""Two gloo processes against one, for every recipe: the same weights after an iteration (<= 1e-5), the
+same logged metrics (reduced over processes), an LR warmup that counts optimizer steps, and no hang when
+a process has no DPO pair (``benchmarks/dist/recipe_equivalence.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "dist" / "recipe_equivalence.py"
+CASES = ["grpo_kl", "nft", "dpo_online", "inpo_offline", "dpo_offline_one_pair", "alignprop", "sft"]
+NOT_COMPARED = {"step_time", "model_time_share"}
+
+
+def _run(out: Path, processes: int) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(SCRIPT), str(out), *CASES]
+    if processes > 1:
+        command[1:1] = ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines",
+                        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("equivalence")
+    _run(root / "one", 1)
+    _run(root / "two", 2)
+    return root
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    (checkpoint,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
+    return load_file(str(checkpoint / "trainable.safetensors"))
+
+
+def _metrics(run: Path) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in NOT_COMPARED} for row in rows]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_train_like_one(runs, case):
+    one, two = _weights(runs / "one" / case), _weights(runs / "two" / case)
+    assert one.keys() == two.keys()
+    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k or "lora" not in k) > 1e-4
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
+    metrics_one, metrics_two = _metrics(runs / "one" / case), _metrics(runs / "two" / case)
+    assert len(metrics_one) == len(metrics_two)
+    for a, b in zip(metrics_one, metrics_two):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_lr_warmup_counts_optimizer_steps_on_two_processes(runs):
+    """accelerate's prepared scheduler stepped once per process: warmup ran twice as fast on two."""
+    lrs = [row["lr"] for row in _metrics(runs / "two" / "grpo_kl")]
+    assert lrs == pytest.approx([0.5 * 2 / 4, 0.5 * 3 / 4])
+
+
+def test_a_process_without_pairs_trains_a_zero_weight_stand_in(runs):
+    (row,) = _metrics(runs / "two" / "dpo_offline_one_pair")
+    assert row["pairs"] == 1.0 and "skipped_no_pairs" not in row

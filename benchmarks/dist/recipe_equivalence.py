@@ -31,7 +31,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     # optimizer steps: 1 per iteration here, whatever the number of processes).
     "grpo_kl": (
         "configs/grpo/tiny_sd3.yaml",
-        ["grpo.kl_beta=0.01", "train.steps=2", "optim.warmup_steps=4", "optim.lr=0.5"],
+        ["grpo.kl_beta=0.01", "train.steps=2", "optim.warmup_steps=4", "optim.lr=50"],
     ),
     "nft": ("configs/nft/tiny_sd3.yaml", []),
     "dpo_online": ("configs/dpo/tiny_sd3_online.yaml", ["data.group_size=3"]),

@@ -338,8 +338,11 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: invalid key {key!r}: {message}")
 
     t, s, d = config.train, config.sampling, config.data
-    if t.algorithm not in ALGORITHMS:
-        fail("train.algorithm", f"{t.algorithm!r} is not one of {ALGORITHMS}")
+    from flowalign.train.recipe import RECIPES  # recipes registered by user code count too
+
+    known = (*ALGORITHMS, *sorted(set(RECIPES) - set(ALGORITHMS)))
+    if t.algorithm not in known:
+        fail("train.algorithm", f"{t.algorithm!r} is not one of {known} (register a recipe to add one)")
     if t.steps < 1:
         fail("train.steps", f"must be >= 1, got {t.steps}")
     if t.mixed_precision not in ("no", "bf16", "fp16"):

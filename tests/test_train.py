@@ -375,3 +375,40 @@ def test_skipping_zero_advantage_samples_leaves_the_update_unchanged(tmp_path, m
         torch.testing.assert_close(params[True][key], params[False][key], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="grpo.skip_zero_advantage"):
         load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["grpo.skip_zero_advantage=true"])  # kl_beta 0.01
+
+
+def test_a_registered_recipe_runs_through_the_loop_and_resumes_its_state(tmp_path):
+    """The loop knows no algorithm by name: a recipe registered by user code trains, its state is saved in
+    checkpoints and given back on resume."""
+    from flowalign.train import Recipe, register_recipe
+
+    @register_recipe("counting_for_test")
+    class Counting(Recipe):
+        def setup(self, ctx):
+            super().setup(ctx)
+            self.count = torch.zeros(())
+
+        def iteration(self, step):
+            self.count += 1
+            if step == 1:  # no update in this iteration
+                return {"count": float(self.count)}
+            loss = sum((p.float() - 1).square().sum() for p in self.ctx.trainable)
+            self.ctx.backward(loss)
+            return {"count": float(self.count), **self.ctx.optimizer_step()}
+
+        def state_dict(self):
+            return {"count": self.count}
+
+        def load_state_dict(self, state):
+            self.count = state["count"].clone()
+
+    common = ["train.algorithm=counting_for_test", "train.checkpoint_every=1", "train.keep_checkpoints=5"]
+    train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=2", *common))
+    result = train(
+        _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=3", "train.resume=latest", *common)
+    )
+    assert result.last_metrics["count"] == 3.0
+    saved = load_file(str(tmp_path / "checkpoints" / "step-000003" / "recipe.safetensors"))
+    assert float(saved["count"]) == 3.0
+    with pytest.raises(ConfigError, match="train.algorithm.*register a recipe"):
+        load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["train.algorithm=unregistered"])

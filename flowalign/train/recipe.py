@@ -28,7 +28,8 @@ of torchtune's recipes: a new algorithm is one class, registered under its ``tra
         def load_state_dict(self, state):
             self.old.load_state_dict(unprefixed("old", state))
 
-(``train.algorithm`` values are validated against :data:`flowalign.config.ALGORITHMS`.)
+(``train.algorithm`` accepts the built-in names, :data:`flowalign.config.ALGORITHMS`, and every registered
+recipe.)
 """
 
 from __future__ import annotations

@@ -439,5 +439,27 @@ def validate(config: Config, where: str = "config") -> None:
             f"must be >= eval.images_per_prompt ({ev.images_per_prompt}, the fewest images a prompt gets), got "
             f"{ev.images_per_task}; e.g. 16, or null for every prompt",
         )
-    if config.model.lora_rank < 0:
-        fail("model.lora_rank", f"must be >= 0 (0 = full fine-tuning), got {config.model.lora_rank}")
+    m = config.model
+    if m.lora_rank < 0:
+        fail("model.lora_rank", f"must be >= 0 (0 = full fine-tuning), got {m.lora_rank}")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        fail("model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if m.lora_rank == 0 and m.dtype != "float32":
+        fail(
+            "model.dtype",
+            f"full fine-tuning (model.lora_rank=0) trains the denoiser's own weights, which must stay float32 "
+            f"(Adam updates vanish in {m.dtype}); set model.dtype=float32 and train.mixed_precision=bf16 for "
+            "bf16 compute, or train a LoRA",
+        )
+    if m.lora_rank == 0 and t.algorithm == "grpo" and config.grpo.kl_beta > 0:
+        fail(
+            "grpo.kl_beta",
+            "the KL reference is the model with its LoRA disabled, and model.lora_rank=0 trains no LoRA; "
+            "train a LoRA (model.lora_rank > 0) or set grpo.kl_beta=0",
+        )
+    if m.lora_rank == 0 and t.algorithm == "backprop" and config.backprop.kl_beta > 0:
+        fail(
+            "backprop.kl_beta",
+            "the KL reference is the model with its LoRA disabled, and model.lora_rank=0 trains no LoRA; "
+            "train a LoRA (model.lora_rank > 0) or set backprop.kl_beta=0",
+        )

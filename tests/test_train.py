@@ -412,3 +412,63 @@ def test_a_registered_recipe_runs_through_the_loop_and_resumes_its_state(tmp_pat
     assert float(saved["count"]) == 3.0
     with pytest.raises(ConfigError, match="train.algorithm.*register a recipe"):
         load_config(ROOT / "configs/grpo/tiny_sd3.yaml", ["train.algorithm=unregistered"])
+
+
+def test_trainable_weights_and_adam_states_are_float32_over_a_bf16_base(tmp_path):
+    """As diffusers' training scripts: the LoRA trains in float32 (no bf16 Adam states) while the frozen base
+    stays in model.dtype."""
+    from probes import probe as make_probe
+
+    seen = {}
+
+    def probe(recipe, step):
+        metrics = GRPORecipe.iteration(recipe, step)
+        model = recipe.ctx.model
+        seen["trainable"] = {p.dtype for p in model.trainable_parameters()}
+        seen["frozen"] = {p.dtype for p in model.denoiser.parameters() if not p.requires_grad}
+        seen["adam"] = {
+            v.dtype for s in recipe.ctx.optimizer.state.values() for k, v in s.items() if k != "step"
+        }
+        return metrics
+
+    config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "model.dtype=bfloat16")
+    run_training(config, make_probe(probe, GRPORecipe))
+    assert seen == {"trainable": {torch.float32}, "frozen": {torch.bfloat16}, "adam": {torch.float32}}
+
+
+def test_precision_combinations_that_cannot_work_are_refused(tmp_path):
+    tiny = ROOT / "configs/grpo/tiny_sd3.yaml"
+    with pytest.raises(ConfigError, match=r"model\.dtype.*full fine-tuning.*float32"):
+        load_config(tiny, ["model.lora_rank=0", "model.dtype=bfloat16", "grpo.kl_beta=0"])
+    with pytest.raises(ConfigError, match=r"grpo\.kl_beta.*LoRA disabled"):
+        load_config(tiny, ["model.lora_rank=0"])
+    with pytest.raises(ConfigError, match=r"model\.dtype.*float32, bfloat16 or float16"):
+        load_config(tiny, ["model.dtype=float8"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+            train(
+                _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "train.mixed_precision=fp16")
+            )
+
+
+def test_fp16_overflow_lets_the_gradient_scaler_skip_the_step_and_holds_the_schedule():
+    """With a gradient scaler the optimizer step is always called (the scaler skips an overflowing one and
+    lowers its scale); the LR schedule advances only on real updates."""
+    from types import SimpleNamespace
+
+    from flowalign.train.loop import TrainContext
+
+    calls = {"optimizer": 0, "scheduler": 0}
+    optimizer = SimpleNamespace(step_was_skipped=True, zero_grad=lambda set_to_none: None)
+    optimizer.step = lambda: calls.__setitem__("optimizer", calls["optimizer"] + 1)
+    scheduler = SimpleNamespace(step=lambda: calls.__setitem__("scheduler", calls["scheduler"] + 1))
+    accelerator = SimpleNamespace(
+        scaler=object(), clip_grad_norm_=lambda params, norm: torch.tensor(float("inf"))
+    )
+    config = load_config(ROOT / "configs/grpo/tiny_sd3.yaml")
+    model = SimpleNamespace(trainable_parameters=lambda: [])
+    ctx = TrainContext(config, accelerator, model, None, optimizer, scheduler, None, None, None, Path("."))
+    assert ctx.optimizer_step()["skipped_updates"] == 1.0 and calls == {"optimizer": 1, "scheduler": 0}
+    optimizer.step_was_skipped = False
+    accelerator.clip_grad_norm_ = lambda params, norm: torch.tensor(0.5)
+    assert ctx.optimizer_step()["skipped_updates"] == 0.0 and calls == {"optimizer": 2, "scheduler": 1}

@@ -127,13 +127,21 @@ class TrainContext:
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step, zero, advance the LR schedule; a non-finite gradient norm skips the update (and the
         schedule) and is reported, never applied. The schedule counts optimizer steps, whatever the number
-        of processes and of steps per iteration."""
+        of processes and of steps per iteration. Under fp16 mixed precision the gradient scaler decides:
+        the optimizer step is always called, so that the scaler skips an overflowing step itself and lowers
+        its scale (skipping the call would leave the scale too high forever)."""
         norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.optim.max_grad_norm)
         norm = float(norm)
-        skipped = not math.isfinite(norm)
-        if not skipped:
+        if getattr(self.accelerator, "scaler", None) is not None:
             self.optimizer.step()
-            self.scheduler.step()
+            skipped = bool(getattr(self.optimizer, "step_was_skipped", False)) or not math.isfinite(norm)
+            if not skipped:
+                self.scheduler.step()
+        else:
+            skipped = not math.isfinite(norm)
+            if not skipped:
+                self.optimizer.step()
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return {"grad_norm": norm if not skipped else float("nan"), "skipped_updates": float(skipped)}
@@ -158,6 +166,12 @@ def _setup_model(config: Config, device: torch.device) -> ModelAdapter:
         model.add_lora(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets)
     else:
         model.set_full_finetuning()
+    # As diffusers' training scripts: trainable weights (and so their gradients and Adam states) in float32
+    # over a frozen base in model.dtype; peft casts a LoRA layer's input to its weights' dtype and the
+    # output back. (Full fine-tuning in bf16/fp16 is refused by the config validator.)
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(model.denoiser, dtype=torch.float32)
     model.set_gradient_checkpointing(m.gradient_checkpointing)
     model.set_attention_backend(m.attention)
     return model
@@ -184,6 +198,11 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
 
     output_dir = Path(config.train.output_dir)
     trackers = _trackers(config)
+    if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "train.mixed_precision=fp16 needs a CUDA device: on the CPU accelerate runs neither fp16 autocast nor "
+            "a gradient scaler, so the setting would be silently ignored; use bf16 or no."
+        )
     # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu --num_processes N` run N
     # gloo processes on the CPU (accelerate's own `--cpu --num_processes N` starts only one without mpirun).
     accelerator = Accelerator(

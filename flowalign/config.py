@@ -237,6 +237,10 @@ class EvalConfig:
     iteration of a fresh run when ``at_start``).
 
     ``max_prompts``: read only the first N prompts of the file (None: all of them).
+    ``detector``: the GenEval detector that judges prompt files with GenEval metadata: ``shapes`` (the
+    shapes world's, no weights), ``mask2former`` or ``owlv2`` (+ CLIP colour) from user weights given in
+    ``detector_args`` (``model_path``, ``clip_path``, ...). The prompt file is checked against its
+    vocabulary before training starts.
     ``images_per_prompt``: images per prompt; with ``images_per_task``, the fewest a prompt gets.
     ``images_per_task``: for GenEval prompt files, measure every task on exactly this many images (the
     same per-task balance as ``flowalign bench geneval``): per task, ``min(prompts of the task,
@@ -247,6 +251,8 @@ class EvalConfig:
     """
 
     prompts: str | None = "assets/shapes/prompts/test.jsonl"
+    detector: str = "shapes"
+    detector_args: dict[str, Any] = field(default_factory=dict)
     every: int = 10
     images_per_prompt: int = 2
     max_prompts: int | None = 32
@@ -429,6 +435,13 @@ def validate(config: Config, where: str = "config") -> None:
     if config.sft.batch_size < 1:
         fail("sft.batch_size", f"must be >= 1 (scenes per iteration), got {config.sft.batch_size}")
     ev = config.eval
+    if ev.detector not in ("shapes", "mask2former", "owlv2"):
+        fail("eval.detector", f"must be shapes, mask2former or owlv2, got {ev.detector!r}")
+    if ev.detector != "shapes" and "model_path" not in ev.detector_args:
+        fail(
+            "eval.detector_args",
+            f"{ev.detector} needs its weights: eval.detector_args.model_path=/path/to/model",
+        )
     if ev.images_per_prompt < 1:
         fail("eval.images_per_prompt", f"must be >= 1, got {ev.images_per_prompt}")
     if ev.max_prompts is not None and ev.max_prompts < 1:

@@ -29,10 +29,28 @@ from rewards.geneval.detectors import Detector, Mask2FormerDetector, Owlv2Detect
 from rewards.geneval.scorer import COUNTING_THRESHOLD, POSITION_THRESHOLD, THRESHOLD, MetadataError, evaluate
 from rewards.shapes.detector import ShapesDetector
 
-__all__ = ["GenEvalReward"]
+__all__ = ["DETECTORS", "GenEvalReward", "load_detector"]
 
 _MODES = ("strict", "partial")
-_DETECTORS = {"shapes": ShapesDetector, "mask2former": Mask2FormerDetector, "owlv2": Owlv2Detector}
+DETECTORS = {"shapes": ShapesDetector, "mask2former": Mask2FormerDetector, "owlv2": Owlv2Detector}
+"""GenEval detectors by name: the shapes world's (no weights), Mask2Former and OWLv2 (+ CLIP colour) from
+user paths."""
+
+
+def load_detector(name: str, device: str | torch.device = "cpu", **options: Any) -> Detector:
+    """The detector ``name`` (:data:`DETECTORS`) built with ``options`` (e.g. ``model_path``, ``clip_path``
+    for Mask2Former and OWLv2; the shapes detector takes ``min_confidence`` only)."""
+    if name not in DETECTORS:
+        raise ValueError(
+            f"unknown GenEval detector {name!r}; use one of {sorted(DETECTORS)} (Mask2Former and OWLv2 take "
+            "model_path and clip_path options)."
+        )
+    if name != "shapes":
+        options.setdefault("device", device)
+    try:
+        return DETECTORS[name](**options)
+    except TypeError as err:
+        raise ValueError(f"GenEval detector {name!r}: {err}") from None
 
 
 class GenEvalReward(Reward):
@@ -62,15 +80,12 @@ class GenEvalReward(Reward):
         if mode not in _MODES:
             raise ValueError(f"{self.name}: mode must be one of {_MODES}, got {mode!r}.")
         if isinstance(detector, str):
-            if detector not in _DETECTORS:
+            if detector not in DETECTORS:
                 raise ValueError(
-                    f"{self.name}: unknown detector {detector!r}; use one of {sorted(_DETECTORS)} or pass a "
+                    f"{self.name}: unknown detector {detector!r}; use one of {sorted(DETECTORS)} or pass a "
                     "detector object: images [B, 3, H, W] -> list of B detection lists."
                 )
-            options = dict(detector_kwargs or {})
-            if detector != "shapes":
-                options.setdefault("device", self.device)
-            self.detector: Detector = _DETECTORS[detector](**options)
+            self.detector: Detector = load_detector(detector, self.device, **dict(detector_kwargs or {}))
         else:
             if detector_kwargs:
                 raise ValueError(

@@ -56,6 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     geneval.add_argument("--seed", type=int, default=0, help="base seed of the per-image noise (default 0)")
     geneval.add_argument("--batch-size", type=int, default=32, help="images per sampler call (default 32)")
     geneval.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts")
+    geneval.add_argument(
+        "--detector", default="shapes", choices=["shapes", "mask2former", "owlv2"],
+        help="GenEval detector: the shapes world's (default), or Mask2Former / OWLv2 (+ CLIP colour) from "
+        "user weights given with --detector-arg model_path=DIR --detector-arg clip_path=DIR",
+    )  # fmt: skip
+    geneval.add_argument(
+        "--detector-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="an option of the detector (repeatable), e.g. model_path=/path/to/mask2former",
+    )  # fmt: skip
     geneval.add_argument("--out", required=True, help="output directory")
     geneval.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -84,15 +93,35 @@ def _resolve_prompts(path: str) -> Path:
     raise SystemExit(f"prompt file {path!r} not found (looked in the current directory and in {_REPO}).")
 
 
+def _detector_options(items: list[str]) -> dict:
+    """``["model_path=DIR", "min_confidence=0.5"]`` -> options (values read as YAML scalars)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"flowalign bench geneval: --detector-arg {item!r} must look like KEY=VALUE.")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 def _geneval(args: argparse.Namespace) -> int:
-    from flowalign.eval.geneval import balanced_images_per_prompt, run_geneval, stats_text, write_report
-    from flowalign.worlds.shapes.prompts import load_prompts
+    from flowalign.eval.geneval import (
+        balanced_images_per_prompt,
+        load_geneval_prompts,
+        run_geneval,
+        stats_text,
+        write_report,
+    )
+    from rewards.geneval_reward import load_detector
 
     prompts_path = _resolve_prompts(args.prompts)
     try:
-        prompts = load_prompts(prompts_path)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+        detector = load_detector(args.detector, args.device, **_detector_options(args.detector_arg))
+        prompts = load_geneval_prompts(prompts_path, detector)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"flowalign bench geneval: {err}") from None
     if args.max_prompts is not None:
         prompts = prompts[: args.max_prompts]
     if args.images_per_prompt < 1:
@@ -113,11 +142,14 @@ def _geneval(args: argparse.Namespace) -> int:
     try:
         report = run_geneval(
             model, prompts, images_per_prompt=counts, steps=args.steps, guidance=args.guidance,
-            resolution=args.resolution, seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+            resolution=args.resolution, seed=args.seed, batch_size=args.batch_size, detector=detector,
+            progress=not args.no_progress,
         )  # fmt: skip
     except ValueError as err:
         raise SystemExit(f"flowalign bench geneval: {err}") from None
-    report.model = {"model": str(args.model), "lora": args.lora, "prompts": str(args.prompts)}
+    report.model = {
+        "model": str(args.model), "lora": args.lora, "prompts": str(args.prompts), "detector": args.detector,
+    }  # fmt: skip
     paths = write_report(report, args.out, command=_command(args, report.config))
     s = report.summary
     print(stats_text(report.stats))
@@ -156,5 +188,9 @@ def _command(args: argparse.Namespace, config) -> str:
     parts += ["--batch-size", str(config.batch_size)]
     if args.max_prompts is not None:
         parts += ["--max-prompts", str(args.max_prompts)]
+    if args.detector != "shapes":
+        parts += ["--detector", args.detector]
+    for item in args.detector_arg:
+        parts += ["--detector-arg", item]
     parts += ["--out", str(args.out)]
     return " ".join(shlex.quote(p) for p in parts)

@@ -34,6 +34,7 @@ class Protocol:
         prompts: the prompt texts, in the order judged.
         images_per_prompt: images of each prompt.
         steps, guidance, resolution, seed: the sampler's settings and the base seed of the noise.
+        detector: the GenEval detector that judged the images (``shapes``, ``mask2former``, ``owlv2``).
     """
 
     prompts: tuple[str, ...]
@@ -42,6 +43,7 @@ class Protocol:
     guidance: float
     resolution: int
     seed: int
+    detector: str = "shapes"
 
     def mismatch(self, other: Protocol) -> str | None:
         """The first setting that differs, as ``"guidance (1.0 vs 1.5)"``; None when the runs pair."""
@@ -62,7 +64,7 @@ class Protocol:
                 f"images per prompt (prompt {first}: {self.images_per_prompt[first]} vs "
                 f"{other.images_per_prompt[first]} images)"
             )
-        for name in ("steps", "guidance", "resolution", "seed"):
+        for name in ("steps", "guidance", "resolution", "seed", "detector"):
             if getattr(self, name) != getattr(other, name):
                 return f"{name} ({getattr(self, name)} vs {getattr(other, name)})"
         return None
@@ -112,6 +114,7 @@ def load_run(directory: str | Path) -> BenchmarkRun:
         guidance=float(config["guidance"]),
         resolution=config["resolution"],
         seed=config["seed"],
+        detector=(payload.get("model") or {}).get("detector", "shapes"),
     )
     verdicts = Verdicts.from_images(
         [r["prompt_index"] for r in images], [r["tag"] for r in images], [r["correct"] for r in images]

@@ -60,7 +60,9 @@ __all__ = [
     "ShapesDetector",
     "balanced_images_per_prompt",
     "balanced_subset",
+    "check_prompts",
     "image_seed",
+    "load_geneval_prompts",
     "run_geneval",
     "stats_text",
     "summary_markdown",
@@ -178,6 +180,34 @@ def verdicts_of(records: Sequence[ImageRecord]) -> Verdicts:
     )
 
 
+def load_geneval_prompts(path: str | Path, detector: Any = None) -> list[dict[str, Any]]:
+    """Read a GenEval metadata jsonl and check every line against GenEval's schema and the vocabulary of
+    ``detector`` (its ``classes`` / ``colors``; default the shapes detector): a prompt naming a class the
+    detector cannot see is an error naming the file and line, not a failed image."""
+    detector = detector if detector is not None else ShapesDetector()
+    classes, colors = getattr(detector, "classes", None), getattr(detector, "colors", None)
+    prompts = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                metadata = json.loads(line)
+                validate_metadata(metadata, classes=classes, colors=colors)
+            except (json.JSONDecodeError, MetadataError) as err:
+                hint = (
+                    " (the shapes detector knows only the shapes world; pick a real-image detector with "
+                    "--detector / eval.detector)"
+                    if isinstance(detector, ShapesDetector)
+                    else ""
+                )
+                raise ValueError(
+                    f"{path}:{line_no}: not a GenEval prompt for this detector: {err}{hint}"
+                ) from None
+            prompts.append(metadata)
+    return prompts
+
+
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     """The seed of image ``image_index`` of prompt ``prompt_index`` (see the module docstring)."""
     return seed * 1_000_003 + prompt_index * 1_009 + image_index
@@ -246,7 +276,7 @@ def run_geneval(
     from flowalign.samplers import generate, seeded_generators
 
     detector = detector if detector is not None else ShapesDetector()
-    prompts = _check_prompts(prompts, detector)
+    prompts = check_prompts(prompts, detector)
     config = GenEvalConfig(
         images_per_prompt=_counts_per_prompt(images_per_prompt, len(prompts)),
         steps=steps if steps is not None else model.default_steps,
@@ -321,7 +351,9 @@ def _check_config(config: GenEvalConfig) -> None:
         raise ValueError(f"guidance must be a finite number >= 0, got {config.guidance!r}.")
 
 
-def _check_prompts(prompts: Sequence[Mapping[str, Any]], detector: Any) -> list[dict[str, Any]]:
+def check_prompts(prompts: Sequence[Mapping[str, Any]], detector: Any) -> list[dict[str, Any]]:
+    """Copies of ``prompts`` after checking each against GenEval's schema and ``detector``'s vocabulary
+    (``classes`` / ``colors``); ``ValueError`` names the first bad prompt by index."""
     if isinstance(prompts, (str, Path)) or not isinstance(prompts, Sequence):
         raise ValueError(
             f"prompts must be a list of GenEval metadata dicts, got {type(prompts).__name__}; read a jsonl "

@@ -27,6 +27,6 @@ def recipe(algorithm: str) -> Recipe:
 
 def train(config: Config) -> TrainResult:
     """Run the recipe ``config.train.algorithm`` names."""
-    from flowalign.train.evaluate import evaluate
+    from flowalign.train.evaluate import Evaluation
 
-    return run_training(config, recipe(config.train.algorithm), evaluate=evaluate)
+    return run_training(config, recipe(config.train.algorithm), evaluate=Evaluation())

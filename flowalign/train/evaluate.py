@@ -20,7 +20,7 @@ from flowalign.data.prompts import load_prompt_set
 from flowalign.samplers import generate, seeded_generators
 from flowalign.train.loop import TrainContext
 
-__all__ = ["evaluate"]
+__all__ = ["Evaluation"]
 
 
 @contextlib.contextmanager
@@ -37,21 +37,47 @@ def _eval_weights(ctx: TrainContext):
         model.set_training_module(wrapped)
 
 
-@torch.no_grad()
-def evaluate(ctx: TrainContext, step: int) -> dict[str, float]:
-    e = ctx.config.eval
-    records = load_prompt_set(e.prompts)[: e.max_prompts]
-    if all("include" in r.metadata for r in records):
-        return _evaluate_geneval(ctx, step, records)
-    if e.images_per_task is not None:
-        raise ValueError(
-            f"eval.images_per_task balances GenEval tasks, but eval.prompts {e.prompts!r} holds prompts without "
-            "GenEval metadata ('include'); set eval.images_per_task=null for this file."
-        )
-    return _evaluate_rewards(ctx, step, records)
+class Evaluation:
+    """The loop's periodic evaluation. :meth:`setup` (called by the loop before the first iteration) reads
+    ``eval.prompts``, builds the GenEval detector ``eval.detector`` on the process's device (main process)
+    and checks every prompt against its vocabulary, so a prompt file the detector cannot judge stops the run
+    before training, not at its first evaluation; calling it evaluates."""
+
+    def __init__(self) -> None:
+        self.records: list = []
+        self.detector = None
+
+    def setup(self, ctx: TrainContext) -> None:
+        e = ctx.config.eval
+        if not e.prompts or e.every <= 0:
+            return
+        self.records = load_prompt_set(e.prompts)[: e.max_prompts]
+        if all("include" in r.metadata for r in self.records):
+            from flowalign.eval.geneval import check_prompts
+            from rewards.geneval_reward import load_detector
+
+            if ctx.accelerator.is_main_process:
+                self.detector = load_detector(e.detector, ctx.accelerator.device, **e.detector_args)
+                try:
+                    check_prompts([{"prompt": r.prompt, **r.metadata} for r in self.records], self.detector)
+                except ValueError as err:
+                    raise ValueError(
+                        f"eval.prompts {e.prompts!r} with eval.detector={e.detector}: {err}"
+                    ) from None
+        elif e.images_per_task is not None:
+            raise ValueError(
+                f"eval.images_per_task balances GenEval tasks, but eval.prompts {e.prompts!r} holds prompts "
+                "without GenEval metadata ('include'); set eval.images_per_task=null for this file."
+            )
+
+    @torch.no_grad()
+    def __call__(self, ctx: TrainContext, step: int) -> dict[str, float]:
+        if self.records and all("include" in r.metadata for r in self.records):
+            return _evaluate_geneval(ctx, step, self.records, self.detector)
+        return _evaluate_rewards(ctx, step, self.records)
 
 
-def _evaluate_geneval(ctx: TrainContext, step: int, records) -> dict[str, float]:
+def _evaluate_geneval(ctx: TrainContext, step: int, records, detector) -> dict[str, float]:
     from flowalign.eval.geneval import balanced_subset, run_geneval, write_report
 
     config, acc = ctx.config, ctx.accelerator
@@ -68,7 +94,8 @@ def _evaluate_geneval(ctx: TrainContext, step: int, records) -> dict[str, float]
             report = run_geneval(
                 ctx.model, prompts, images_per_prompt=counts, steps=e.steps or config.sampling.steps,
                 guidance=config.sampling.guidance if e.guidance is None else e.guidance,
-                resolution=config.model.resolution, seed=config.train.seed, progress=False,
+                resolution=config.model.resolution, seed=config.train.seed, detector=detector,
+                batch_size=config.train.micro_batch_size or 32, progress=False,
             )  # fmt: skip
         summary, overall = report.summary, report.stats.overall
         out = {

@@ -245,6 +245,8 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
         output_dir,
     )
     recipe.setup(ctx)
+    if evaluate is not None and hasattr(evaluate, "setup"):
+        evaluate.setup(ctx)
     named = _named_trainable(model)
     start = 0
     if config.train.resume:

@@ -71,6 +71,10 @@ class SamplingConfig:
     ``random`` draws the shift per iteration uniformly from ``[0, sde_window_shift]`` (Flow-GRPO-Fast);
     ``sliding`` moves it one step every ``sde_window_interval`` iterations and wraps around (MixGRPO's
     sliding window, Li et al. 2025).
+    ``dynamics``: the SDE of training rollouts: ``flow_grpo``, ``cps`` or ``dance`` for flow models,
+    ``ddim`` (DDIM with eta = ``noise_level``, DDPO) for diffusion models; None picks ``flow_grpo`` or
+    ``ddim`` by the model's kind. A flow SDE named for a diffusion model (or ``ddim`` for a flow model) is
+    an error when the model loads.
     ``train_steps``: how many of the window's SDE steps are trained each iteration (a random subset,
     DanceGRPO's timestep fraction); None = all except the last step of the schedule (Flow-GRPO).
     ``group_noise``: ``independent`` initial noise per sample (Flow-GRPO) or ``shared`` by the samples of a
@@ -81,7 +85,7 @@ class SamplingConfig:
 
     steps: int = 10
     guidance: float = 1.0
-    dynamics: str = "flow_grpo"
+    dynamics: str | None = None
     noise_level: float = 0.7
     sde_window: list[int] | None = None
     sde_window_shift: int = 0
@@ -325,12 +329,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4).")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            key, _, raw = item.partition("=")
+            if _is_string_field(merged, key) and raw not in ("null", "~", ""):
+                # A string field takes the text as written: YAML would read `no`/`off` as False.
+                OmegaConf.update(merged, key, raw, merge=False)
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _error(f"override {item!r}", err) from None
     config: Config = OmegaConf.to_object(merged)
     validate(config, where=str(path) if path else "config")
     return config
+
+
+def _is_string_field(merged, key: str) -> bool:
+    from omegaconf.nodes import StringNode
+
+    parent, _, leaf = key.rpartition(".")
+    container = OmegaConf.select(merged, parent) if parent else merged
+    if not OmegaConf.is_dict(container) or leaf not in container:
+        return False
+    return isinstance(container._get_node(leaf), StringNode)
 
 
 def to_yaml(config: Config) -> str:
@@ -373,6 +392,17 @@ def validate(config: Config, where: str = "config") -> None:
                 "sampling.sde_window",
                 f"[{start}, {size}] shifted by up to {s.sde_window_shift} does not fit {s.steps} steps",
             )
+    if s.dynamics is not None and s.dynamics not in ("flow_grpo", "cps", "dance", "ddim"):
+        fail(
+            "sampling.dynamics",
+            f"must be flow_grpo, cps, dance (flow models) or ddim (diffusion), got {s.dynamics!r}",
+        )
+    if t.algorithm == "nft" and s.guidance != 1.0:
+        fail(
+            "sampling.guidance",
+            f"DiffusionNFT samples and trains CFG-free, so sampling.guidance={s.guidance} would change nothing; set "
+            "it to 1.0 (eval.guidance sets the guidance evaluation samples with)",
+        )
     if s.group_noise not in ("independent", "shared"):
         fail("sampling.group_noise", f"must be independent or shared, got {s.group_noise!r}")
     if s.group_noise == "shared" and t.algorithm != "grpo":

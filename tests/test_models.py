@@ -194,3 +194,55 @@ def test_load_from_saved_directory(tmp_path):
     latents = model.initial_noise(2, 32, 32, torch.Generator().manual_seed(8))
     reference = load_model("tiny-sd")
     torch.testing.assert_close(_sample(model, latents).images, _sample(reference, latents).images)
+
+
+def _modified(family, scheduler=None, vae=None):
+    """A tiny pipeline whose scheduler / VAE config carry extra options."""
+    pipeline = tiny_pipeline(family)
+    if scheduler:
+        config = {k: v for k, v in pipeline.scheduler.config.items() if not k.startswith("_")}
+        pipeline.scheduler = type(pipeline.scheduler).from_config({**config, **scheduler})
+    if vae:
+        pipeline.vae.register_to_config(**vae)
+    return pipeline
+
+
+@pytest.mark.parametrize(
+    "family,scheduler,vae",
+    [
+        ("sd3", {"shift_terminal": 0.1}, None),
+        ("flux", {"shift_terminal": 0.2}, None),
+        ("sd", {"clip_sample": True, "clip_sample_range": 0.5}, None),
+        ("sdxl", None, {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [0.5, 1.5, 0.8, 1.2]}),
+    ],
+    ids=["sd3-shift_terminal", "flux-shift_terminal", "sd-clip_sample", "sdxl-latents_mean_std"],
+)
+def test_scheduler_and_vae_options_are_implemented_as_the_stock_pipeline_does(family, scheduler, vae):
+    from flowalign.models import ADAPTERS
+
+    model = ADAPTERS[family](_modified(family, scheduler, vae))
+    latents = model.initial_noise(2, 32, 32, torch.Generator().manual_seed(11))
+    stock = _stock_images(_modified(family, scheduler, vae), family, latents)
+    plain = _sample(load_model(f"tiny-{family}"), latents).images
+    assert (_sample(model, latents).images - stock).abs().max() <= 1e-4
+    assert (plain - stock).abs().max() > 1e-3  # the option matters: ignoring it would fail the line above
+    if vae:  # encode_images as diffusers' SDXL training scripts: (z - mean) * scaling_factor / std
+        images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        scaling = model.pipeline.vae.config.scaling_factor
+        z = ADAPTERS[family](_modified(family)).encode_images(images) / scaling
+        mean, std = (torch.tensor(vae[k]).view(1, -1, 1, 1) for k in ("latents_mean", "latents_std"))
+        torch.testing.assert_close(model.encode_images(images), (z - mean) * scaling / std)
+
+
+def test_options_flowalign_does_not_implement_are_errors(tmp_path):
+    from flowalign.models import ADAPTERS
+
+    with pytest.raises(ModelLoadError, match=r"VAE config sets shift_factor=0\.1"):
+        ADAPTERS["sd"](_modified("sd", vae={"shift_factor": 0.1}))
+    model = ADAPTERS["flux"](_modified("flux", scheduler={"use_karras_sigmas": True}))
+    with pytest.raises(ModelLoadError, match="use_karras_sigmas=True"):
+        model.schedule(4, model.latent_shape(32, 32))
+    with pytest.raises(ValueError, match="takes no negative prompts"):
+        load_model("tiny-flux").encode(PROMPTS, negative_prompts="blurry")
+    tiny_pipeline("sd3").save_pretrained(tmp_path / "sd3")
+    assert load_model(tmp_path / "sd3", max_sequence_length=77).max_sequence_length == 77

@@ -472,3 +472,18 @@ def test_fp16_overflow_lets_the_gradient_scaler_skip_the_step_and_holds_the_sche
     optimizer.step_was_skipped = False
     accelerator.clip_grad_norm_ = lambda params, norm: torch.tensor(0.5)
     assert ctx.optimizer_step()["skipped_updates"] == 0.0 and calls == {"optimizer": 2, "scheduler": 1}
+
+
+def test_options_that_would_be_dropped_are_errors_or_honoured(tmp_path):
+    tiny = ROOT / "configs/grpo/tiny_sd3.yaml"
+    assert load_config(tiny, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # not YAML's False
+    with pytest.raises(ConfigError, match=r"sampling\.guidance.*CFG-free"):
+        load_config(ROOT / "configs/nft/tiny_sd3.yaml", ["sampling.guidance=4.5"])
+    with pytest.raises(ValueError, match=r"sampling\.dynamics=flow_grpo does not apply to a diffusion model"):
+        train(
+            _config(
+                "configs/grpo/tiny_sd_ddpo.yaml", tmp_path, "train.steps=1", "sampling.dynamics=flow_grpo"
+            )
+        )
+    with pytest.raises(ValueError, match=r"sampling\.dynamics=ddim does not apply to a flow model"):
+        train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "sampling.dynamics=ddim"))

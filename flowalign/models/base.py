@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from flowalign.samplers.schedules import Schedule
 
-__all__ = ["Cond", "ModelAdapter", "ModelLoadError"]
+__all__ = ["FLOW_SCHEDULER_DEFAULTS", "Cond", "ModelAdapter", "ModelLoadError", "refuse_options"]
 
 
 class ModelLoadError(ValueError):
@@ -145,9 +145,23 @@ class ModelAdapter:
         dtype: torch.dtype = torch.float32,
         **kwargs: Any,
     ) -> ModelAdapter:
-        """Load a diffusers pipeline from a local directory (or a hub id where a hub is reachable)."""
+        """Load a diffusers pipeline from a local directory (or a hub id where a hub is reachable).
+
+        ``kwargs`` naming an option of the adapter (its constructor's keyword arguments, e.g. SD3's and
+        FLUX's ``max_sequence_length``, ``cache_size``) go to the adapter; the rest go to diffusers'
+        ``from_pretrained`` (``variant``, ``revision``, ...)."""
+        import inspect
+
+        own = {
+            name
+            for klass in cls.__mro__
+            if "__init__" in vars(klass)
+            for name, param in inspect.signature(klass.__init__).parameters.items()
+            if param.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        adapter_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
         pipeline = _load_pipeline(path, cls.pipeline_classes, dtype, cls.pipeline_module, **kwargs)
-        return cls(pipeline, device=device, dtype=dtype)
+        return cls(pipeline, device=device, dtype=dtype, **adapter_kwargs)
 
     def _modules(self) -> dict[str, nn.Module]:
         return {k: v for k, v in self.pipeline.components.items() if isinstance(v, nn.Module)}
@@ -254,6 +268,11 @@ class ModelAdapter:
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
+        if negative_prompts is not None and not self.uses_cfg:
+            raise ValueError(
+                f"{type(self).__name__}: this model takes no negative prompts (guidance is an input of the "
+                "guidance-distilled transformer, not classifier-free guidance); drop negative_prompts."
+            )
         negatives: list[str] = []
         zeros = False
         if cfg and self.uses_cfg:
@@ -464,6 +483,27 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r}, kind={self.kind!r}, device={self.device}, dtype={self.dtype})"
+
+
+FLOW_SCHEDULER_DEFAULTS = {
+    "invert_sigmas": (False, None), "use_karras_sigmas": (False, None), "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None), "stochastic_sampling": (False, None),
+}  # fmt: skip
+"""``FlowMatchEulerDiscreteScheduler`` options flowalign does not implement, with their harmless values
+(``shift_terminal`` and the shifts are implemented)."""
+
+
+def refuse_options(config: Any, what: str, defaults: dict[str, Any]) -> None:
+    """Raise :class:`ModelLoadError` when ``config`` (a diffusers config) sets an option flowalign does not
+    implement to anything but its default: ``defaults`` maps each such option to its harmless value(s)."""
+    for name, default in defaults.items():
+        value = config.get(name, None)
+        allowed = default if isinstance(default, tuple) else (default,)
+        if value not in allowed:
+            raise ModelLoadError(
+                f"the {what} config sets {name}={value!r}, which flowalign does not implement (it would sample "
+                f"differently from the stock pipeline); remove it from the config (allowed: {allowed})."
+            )
 
 
 def _stack(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowalign.models.base import ModelAdapter
+from flowalign.models.base import FLOW_SCHEDULER_DEFAULTS, ModelAdapter, refuse_options
 from flowalign.samplers.schedules import Schedule, dynamic_shift_mu, flow_schedule
 
 __all__ = ["FluxAdapter", "pack_latents", "unpack_latents"]
@@ -103,6 +103,7 @@ class FluxAdapter(ModelAdapter):
         return (self.denoiser.config.in_channels // 4, 2 * (height // factor), 2 * (width // factor))
 
     def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Schedule:
+        refuse_options(self.pipeline.scheduler.config, "scheduler", FLOW_SCHEDULER_DEFAULTS)
         if latent_shape is None:
             raise ValueError("FLUX shifts sigmas by resolution: pass latent_shape to schedule().")
         config = self.pipeline.scheduler.config
@@ -114,5 +115,6 @@ class FluxAdapter(ModelAdapter):
         return flow_schedule(
             num_steps, shift=config.get("shift", 1.0), mu=mu if config.get("use_dynamic_shifting", False) else None,
             num_train_timesteps=config.num_train_timesteps, time_shift_type=config.get("time_shift_type", "exponential"),
+            shift_terminal=config.get("shift_terminal"),
             sigmas=np.linspace(1.0, 1 / num_steps, num_steps),
         ).to(self.device)  # fmt: skip

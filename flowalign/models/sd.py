@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from flowalign.models.base import ModelAdapter
+from flowalign.models.base import ModelAdapter, refuse_options
 from flowalign.samplers.schedules import Schedule, diffusion_schedule
 
 __all__ = ["StableDiffusionAdapter", "StableDiffusionXLAdapter"]
@@ -37,6 +38,8 @@ class StableDiffusionAdapter(ModelAdapter):
                 "dynamic thresholding schedulers are not supported; use a scheduler config without it."
             )
         self.clip_sample = config.get("clip_sample_range", 1.0) if config.get("clip_sample", False) else None
+        # The stock SD/SDXL pipelines decode with the scaling factor only (SDXL: and latents_mean/std).
+        refuse_options(pipeline.vae.config, "VAE", {"shift_factor": (None, 0, 0.0)})
 
     def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, False)
@@ -85,6 +88,40 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The VAE's per-channel ``latents_mean`` / ``latents_std`` (``[1, C, 1, 1]``) when its config has both."""
+        config = self.pipeline.vae.config
+        if config.get("latents_mean") is None or config.get("latents_std") is None:
+            return None
+        mean, std = (torch.tensor(config[k], dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+                     for k in ("latents_mean", "latents_std"))  # fmt: skip
+        return mean, std
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """As ``StableDiffusionXLPipeline``: with ``latents_mean``/``latents_std`` in the VAE config,
+        ``latents * std / scaling_factor + mean``; else ``latents / scaling_factor``."""
+        stats = self._latent_stats(latents)
+        if stats is None:
+            return super().decode(latents)
+        vae = self.pipeline.vae
+        mean, std = stats
+        z = latents.float() * std / vae.config.scaling_factor + mean
+        images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The inverse of :meth:`decode`: ``(z - mean) * scaling_factor / std`` with latent statistics."""
+        latents = super().encode_images(images, generator)
+        stats = self._latent_stats(latents)
+        if stats is None:
+            return latents
+        mean, std = stats
+        return (
+            (latents / self.pipeline.vae.config.scaling_factor - mean)
+            * self.pipeline.vae.config.scaling_factor
+            / std
+        )
 
     def _unet_kwargs(self, x: Tensor, embeds: dict[str, Tensor]) -> dict:
         height, width = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from flowalign.models.base import ModelAdapter
+from flowalign.models.base import FLOW_SCHEDULER_DEFAULTS, ModelAdapter, refuse_options
 from flowalign.samplers.schedules import Schedule, dynamic_shift_mu, flow_schedule
 
 __all__ = ["SD3Adapter"]
@@ -69,6 +69,7 @@ class SD3Adapter(ModelAdapter):
         )
 
     def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Schedule:
+        refuse_options(self.pipeline.scheduler.config, "scheduler", FLOW_SCHEDULER_DEFAULTS)
         config = self.pipeline.scheduler.config
         mu = None
         if config.get("use_dynamic_shifting", False):
@@ -85,4 +86,5 @@ class SD3Adapter(ModelAdapter):
         return flow_schedule(
             num_steps, shift=config.get("shift", 1.0), mu=mu, num_train_timesteps=config.num_train_timesteps,
             time_shift_type=config.get("time_shift_type", "exponential"),
+            shift_terminal=config.get("shift_terminal"),
         ).to(self.device)  # fmt: skip

@@ -102,6 +102,7 @@ def flow_schedule(
     time_shift_type: str = "exponential",
     num_train_timesteps: int = 1000,
     sigmas: np.ndarray | list[float] | None = None,
+    shift_terminal: float | None = None,
 ) -> Schedule:
     """The sigmas ``FlowMatchEulerDiscreteScheduler.set_timesteps`` produces.
 
@@ -113,6 +114,8 @@ def flow_schedule(
         num_train_timesteps: the scheduler's training horizon (timesteps = sigma * this).
         sigmas: explicit unshifted sigmas (the FLUX pipeline passes ``linspace(1, 1/N, N)``); default
             is the scheduler's own ``linspace`` between its shifted training extremes.
+        shift_terminal: after shifting, stretch the schedule so that its last sigma is this value (the
+            scheduler's ``stretch_shift_to_terminal``: ``1 - s`` scaled by ``(1 - terminal) / (1 - s_N)``).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
@@ -133,6 +136,9 @@ def flow_schedule(
         if levels.shape != (num_steps,):
             raise ValueError(f"expected {num_steps} sigmas, got shape {levels.shape}.")
     levels = _time_shift(mu, levels, time_shift_type) if mu is not None else shift_sigmas(levels, shift)
+    if shift_terminal:
+        one_minus = 1 - np.asarray(levels)
+        levels = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
     sigma = torch.from_numpy(np.asarray(levels)).to(torch.float32)
     timesteps = sigma * num_train_timesteps
     return Schedule("flow", timesteps, sigmas=torch.cat([sigma, torch.zeros(1)]))

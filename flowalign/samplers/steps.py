@@ -248,9 +248,8 @@ def ddim_step(
     model_output, sample = model_output.float(), sample.float()
     a, a_prev = _per_sample(alpha_bar, sample), _per_sample(alpha_bar_prev, sample)
     eps, x0 = diffusion_to_eps_x0(model_output, sample, a, prediction_type)
-    if clip_sample is not None:
-        x0 = x0.clamp(-clip_sample, clip_sample)
-        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
+    if clip_sample is not None:  # as diffusers' DDIMScheduler.step (use_clipped_model_output=False, what the
+        x0 = x0.clamp(-clip_sample, clip_sample)  # pipelines and DDPO use): only x0 is clipped, eps is kept
     variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
     std = eta * variance.sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps

@@ -114,6 +114,11 @@ class TrainContext:
         return gens
 
     @property
+    def dynamics(self) -> str:
+        """``sampling.dynamics`` resolved for the model's kind (see :func:`resolve_dynamics`)."""
+        return resolve_dynamics(self.config.sampling.dynamics, self.model.kind)
+
+    @property
     def trainable(self) -> list[torch.nn.Parameter]:
         return self.model.trainable_parameters()
 
@@ -145,6 +150,19 @@ class TrainContext:
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return {"grad_norm": norm if not skipped else float("nan"), "skipped_updates": float(skipped)}
+
+
+def resolve_dynamics(dynamics: str | None, kind: str) -> str:
+    """The rollout SDE: ``dynamics`` when it fits the model's ``kind`` (flow: ``flow_grpo``/``cps``/``dance``;
+    diffusion: ``ddim``), the kind's default when None; otherwise an error naming ``sampling.dynamics``."""
+    if dynamics is None:
+        return "ddim" if kind == "diffusion" else "flow_grpo"
+    if (kind == "diffusion") != (dynamics == "ddim"):
+        allowed = "ddim" if kind == "diffusion" else "flow_grpo, cps or dance"
+        raise ValueError(
+            f"sampling.dynamics={dynamics} does not apply to a {kind} model; use {allowed} (or leave it unset)."
+        )
+    return dynamics
 
 
 @dataclass
@@ -244,6 +262,7 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
         Clock(),
         output_dir,
     )
+    ctx.dynamics  # noqa: B018  (an SDE that does not fit the model is an error before the first iteration)
     recipe.setup(ctx)
     if evaluate is not None and hasattr(evaluate, "setup"):
         evaluate.setup(ctx)

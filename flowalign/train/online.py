@@ -37,7 +37,7 @@ def sampling_plan(ctx: TrainContext, step: int, schedule) -> SamplingPlan:
     sliding as in MixGRPO), or every step whose transition is stochastic."""
     s = ctx.config.sampling
     n = s.steps
-    dynamics = "ddim" if ctx.model.kind == "diffusion" else s.dynamics
+    dynamics = ctx.dynamics
     if s.sde_window is not None:
         start, size = s.sde_window
         if s.sde_window_shift and s.sde_window_mode == "sliding":

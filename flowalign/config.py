@@ -71,7 +71,8 @@ class SamplingConfig:
     ``random`` draws the shift per iteration uniformly from ``[0, sde_window_shift]`` (Flow-GRPO-Fast);
     ``sliding`` moves it one step every ``sde_window_interval`` iterations and wraps around (MixGRPO's
     sliding window, Li et al. 2025).
-    ``dynamics``: the SDE of training rollouts: ``flow_grpo``, ``cps`` or ``dance`` for flow models,
+    ``dynamics``: the SDE of training rollouts (GRPO, NFT, online DPO; reward backprop samples with the
+    ODE): ``flow_grpo``, ``cps`` or ``dance`` for flow models,
     ``ddim`` (DDIM with eta = ``noise_level``, DDPO) for diffusion models; None picks ``flow_grpo`` or
     ``ddim`` by the model's kind. A flow SDE named for a diffusion model (or ``ddim`` for a flow model) is
     an error when the model loads.

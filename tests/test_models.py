@@ -246,3 +246,22 @@ def test_options_flowalign_does_not_implement_are_errors(tmp_path):
         load_model("tiny-flux").encode(PROMPTS, negative_prompts="blurry")
     tiny_pipeline("sd3").save_pretrained(tmp_path / "sd3")
     assert load_model(tmp_path / "sd3", max_sequence_length=77).max_sequence_length == 77
+
+
+def test_models_import_nothing_from_rewards():
+    """The dependency rule (design section 2): model adapters import nothing from `rewards`; the shapes
+    model's words equal the sprites' vocabulary, in order (the shipped tokenizer's ids depend on it)."""
+    import ast
+    from pathlib import Path
+
+    from flowalign.models.shapes import COLOR_WORDS, SHAPE_WORDS
+    from rewards.shapes.sprites import COLORS, SHAPES
+
+    for path in (Path(__file__).resolve().parents[1] / "flowalign" / "models").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                )
+                assert not any(n == "rewards" or n.startswith("rewards.") for n in names), (path.name, names)
+    assert SHAPE_WORDS == SHAPES and COLOR_WORDS == tuple(COLORS)

@@ -200,6 +200,7 @@ def test_sde_window_random_and_sliding():
         ctx = SimpleNamespace(
             config=config,
             model=SimpleNamespace(kind="flow"),
+            dynamics="flow_grpo",
             shared_generator=lambda s, p: torch.Generator().manual_seed(s),
         )
         plans = [sampling_plan(ctx, step, schedule) for step in range(10)]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from flowalign.samplers import Rollout
+from flowalign.samplers.paths import FlowPath
 from flowalign.samplers.steps import Generators, randn
 
 __all__ = ["draft_lv_loss", "velocity_kl"]
@@ -72,10 +73,11 @@ def draft_lv_loss(
         raise ValueError(f"DRaFT-LV needs repeats >= 1, got {repeats}.")
     x0 = x0.detach()
     s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
+    path = FlowPath()
     losses = []
     for _ in range(repeats):
         eps = randn(x0.shape, generator, x0.device)
-        x_t = (1 - s) * x0 + s * eps
+        x_t = path.noised(x0, s, eps)
         velocity = model.predict(x_t, timestep.expand(x0.shape[0]), cond, guidance)
-        losses.append(-reward_fn(model.decode(x_t - s * velocity)).mean())
+        losses.append(-reward_fn(model.decode(path.x0_from_output(velocity, x_t, s))).mean())
     return torch.stack(losses).mean()

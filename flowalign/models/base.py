@@ -35,7 +35,14 @@ from torch import Tensor, nn
 
 from flowalign.samplers.schedules import Schedule
 
-__all__ = ["FLOW_SCHEDULER_DEFAULTS", "Cond", "ModelAdapter", "ModelLoadError", "refuse_options"]
+__all__ = [
+    "FLOW_SCHEDULER_DEFAULTS",
+    "Cond",
+    "ModelAdapter",
+    "ModelLoadError",
+    "check_images",
+    "refuse_options",
+]
 
 
 class ModelLoadError(ValueError):
@@ -195,6 +202,17 @@ class ModelAdapter:
         return int(self.denoiser.config.get("sample_size") or 128) * self.vae_scale_factor
 
     @property
+    def path(self):
+        """The forward path of this model's kind (:mod:`flowalign.samplers.paths`): noising, training
+        target and conversions, with the scheduler's training horizon / ``alphas_cumprod``."""
+        from flowalign.samplers.paths import DiffusionPath, FlowPath
+
+        scheduler = self.pipeline.scheduler
+        if self.kind == "flow":
+            return FlowPath(scheduler.config.num_train_timesteps)
+        return DiffusionPath(scheduler.alphas_cumprod, self.prediction_type)
+
+    @property
     def vae_scale_factor(self) -> int:
         vae = getattr(self.pipeline, "vae", None)
         return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
@@ -242,9 +260,7 @@ class ModelAdapter:
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``[B, 3, H, W]`` images in ``[0, 1]`` to latents: the VAE posterior mode, or a sample when a
         generator is given; ``(z - shift_factor) * scaling_factor``."""
-        from rewards.base import validate_images
-
-        validate_images(images, "encode_images")
+        check_images(images, "encode_images")
         vae = self.pipeline.vae
         posterior = vae.encode((images * 2 - 1).to(device=self.device, dtype=vae.dtype)).latent_dist
         latents = posterior.sample(generator) if generator is not None else posterior.mode()
@@ -491,6 +507,25 @@ FLOW_SCHEDULER_DEFAULTS = {
 }  # fmt: skip
 """``FlowMatchEulerDiscreteScheduler`` options flowalign does not implement, with their harmless values
 (``shift_terminal`` and the shifts are implemented)."""
+
+
+def check_images(images: Tensor, where: str) -> None:
+    """``images`` must be float ``[B, 3, H, W]`` in ``[0, 1]``; ``ValueError`` names what is wrong and how to
+    fix it."""
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        got = getattr(images, "dtype", type(images).__name__)
+        raise ValueError(
+            f"{where}: images must be a float tensor in [0, 1], got {got}; convert uint8 with images.float() / 255."
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{where}: images must have shape [B, 3, H, W], got {tuple(images.shape)}.")
+    if images.numel():
+        lo, hi = images.detach().aminmax()
+        if lo < 0 or hi > 1 or not torch.isfinite(lo + hi):
+            raise ValueError(
+                f"{where}: image values must lie in [0, 1], found range [{lo.item():.4g}, {hi.item():.4g}]; "
+                "images in [-1, 1] map to [0, 1] with (x + 1) / 2."
+            )
 
 
 def refuse_options(config: Any, what: str, defaults: dict[str, Any]) -> None:

@@ -50,9 +50,14 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "assets" / "shapes" / "mod
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 
 
-def _vocabulary() -> tuple[str, ...]:
-    from rewards.shapes.sprites import COLORS, SHAPES
+# The shapes world's words (models import nothing from `rewards`; a test checks these equal the sprites'
+# SHAPES and COLORS, in the same order, which fixes the shipped tokenizer's ids).
+SHAPE_WORDS = ("circle", "square", "triangle", "diamond")
+COLOR_WORDS = ("red", "green", "blue", "yellow", "cyan", "magenta", "white")
 
+
+def _vocabulary() -> tuple[str, ...]:
+    SHAPES, COLORS = SHAPE_WORDS, COLOR_WORDS  # noqa: N806
     numbers = ("two", "three", "four")
     plurals = tuple(f"{s}es" if s.endswith("s") else f"{s}s" for s in SHAPES)
     glue = ("a", "an", "photo", "of", "and", "left", "right", "above", "below", ".", ",")
@@ -330,9 +335,9 @@ class ShapesAdapter(ModelAdapter):
 
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``[B, 3, H, W]`` in ``[0, 1]`` to latents (exact; ``generator`` is unused: there is no posterior)."""
-        from rewards.base import validate_images
+        from flowalign.models.base import check_images
 
-        validate_images(images, "encode_images")
+        check_images(images, "encode_images")
         return self.pipeline.to_latents(images.to(self.device).float())
 
 

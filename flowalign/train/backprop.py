@@ -27,7 +27,7 @@ _GRAD_MODES = {
 
 def backprop_plan(ctx: TrainContext, step: int) -> SamplingPlan:
     b, s = ctx.config.backprop, ctx.config.sampling
-    dynamics = ctx.dynamics
+    dynamics = "ddim" if ctx.model.kind == "diffusion" else "flow_grpo"  # ODE steps: no SDE is drawn
     return SamplingPlan.build(
         s.steps, sde="none", grad=_GRAD_MODES[b.mode], k=b.k, k_min=b.k_min, checkpoint=b.checkpoint,
         dynamics=dynamics, generator=ctx.shared_generator(step, "window"),

@@ -100,19 +100,13 @@ def _noise_levels(ctx: TrainContext, gens: list[torch.Generator]) -> Tensor:
 
 
 def _noised(ctx: TrainContext, x0: Tensor, level: Tensor, noise: Tensor):
-    """``(x_t, model timestep, target)`` for clean latents ``x0`` at ``level``."""
-    model = ctx.model
+    """``(x_t, model timestep, target)`` for clean latents ``x0`` at ``level`` (flow: sigmas; diffusion:
+    training times), through the model's forward path."""
+    model, path = ctx.model, ctx.model.path
     if model.kind == "flow":
-        s = level.view(-1, *([1] * (x0.ndim - 1)))
-        num_train = model.pipeline.scheduler.config.num_train_timesteps
-        return (1 - s) * x0 + s * noise, level * num_train, noise - x0
-    abar = model.pipeline.scheduler.alphas_cumprod.to(x0.device)[level].view(-1, *([1] * (x0.ndim - 1)))
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    if model.prediction_type == "v_prediction":
-        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0
-    else:
-        target = noise
-    return x_t, level.float(), target
+        return path.noised(x0, level, noise), path.timestep(level), path.target(x0, noise, level)
+    abar = path.level_at(level)
+    return path.noised(x0, abar, noise), level.float(), path.target(x0, noise, abar)
 
 
 def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator, micro: list[Tensor]):  # gen: shared
@@ -136,17 +130,9 @@ def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator, micro:
     def level(k: int):
         index = int(indices[k])
         x_t = states[:, index]
-        if model.kind == "flow":
-            sigma = schedule.sigmas[index]
-            eps = (x_t - (1 - sigma) * x0) / sigma
-            return x_t, schedule.timesteps[index].expand(x0.shape[0]), eps - x0
-        abar = schedule.alphas_cumprod[index]
-        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
-        if model.prediction_type == "v_prediction":
-            target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
-        else:
-            target = eps
-        return x_t, schedule.timesteps[index].expand(x0.shape[0]), target
+        at = schedule.sigmas[index] if model.kind == "flow" else schedule.alphas_cumprod[index]
+        eps = model.path.eps_of(x_t, x0, at)
+        return x_t, schedule.timesteps[index].expand(x0.shape[0]), model.path.target(x0, eps, at)
 
     return level
 
@@ -165,6 +151,8 @@ class DPORecipe(Recipe):
         p = ctx.config.dpo
         self.ref = EMA(ctx.trainable) if p.ref_refresh_every > 0 or not ctx.model.has_lora else None
         self.pairs = _OfflinePairs(ctx) if p.pairs != "online" else None
+        if self.pairs is None:
+            ctx.dynamics  # noqa: B018  (online pairs come from SDE rollouts: their SDE must fit the model)
 
     def iteration(self, step: int) -> dict[str, float]:
         return _dpo_iteration(self.ctx, step, self.ref, self.pairs)

@@ -262,7 +262,6 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
         Clock(),
         output_dir,
     )
-    ctx.dynamics  # noqa: B018  (an SDE that does not fit the model is an error before the first iteration)
     recipe.setup(ctx)
     if evaluate is not None and hasattr(evaluate, "setup"):
         evaluate.setup(ctx)

@@ -134,6 +134,10 @@ class GRPORecipe(Recipe):
     """Flow-GRPO (flow models) or DDPO (diffusion models); no state beyond the trained weights (the
     reference is the model with its LoRA disabled)."""
 
+    def setup(self, ctx: TrainContext) -> None:
+        ctx.dynamics  # noqa: B018  (a rollout SDE that does not fit the model fails before training)
+        super().setup(ctx)
+
     def iteration(self, step: int) -> dict[str, float]:
         return _grpo_iteration(self.ctx, step)
 
@@ -229,6 +233,7 @@ class NFTRecipe(Recipe):
             raise ValueError(
                 "DiffusionNFT is defined for flow models; use train.algorithm=grpo (DDPO) for diffusion models."
             )
+        ctx.dynamics  # noqa: B018
         super().setup(ctx)
         self.old = EMA(ctx.trainable)
 
@@ -270,8 +275,7 @@ def _nft_iteration(ctx: TrainContext, step: int, old: EMA) -> dict[str, float]:
             for k in range(cfg.timesteps_per_sample):
                 level = levels[minibatch, k]
                 eps = randn(x0.shape, [sample_gens[i] for i in minibatch.tolist()], x0.device)
-                s = schedule.sigmas[level].view(-1, *([1] * (x0.ndim - 1)))
-                x_t = (1 - s) * x0 + s * eps
+                x_t = ctx.model.path.noised(x0, schedule.sigmas[level], eps)
                 for m, part in enumerate(micro):
                     index = minibatch[part]
                     sub, sigma, timestep = (

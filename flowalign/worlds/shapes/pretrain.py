@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from flowalign.models.shapes import ShapesAdapter, ShapesArchitecture, ShapesPipeline, build_shapes_pipeline
+from flowalign.samplers.paths import FlowPath
 from flowalign.samplers.schedules import shift_sigmas
 from flowalign.worlds.shapes.data import SceneStream
 
@@ -174,12 +175,12 @@ def flow_matching_loss(
 
     ``unet``: the velocity network to call, ``pipeline.unet`` by default; the training loop passes its
     accelerate-prepared wrapper of the same (LoRA-adapted) UNet (:mod:`flowalign.train.sft`)."""
-    s = sigmas.view(-1, 1, 1, 1)
-    x_sigma = (1 - s) * x0 + s * noise
+    path = FlowPath()
+    x_sigma = path.noised(x0, sigmas, noise)
     embeds = pipeline.encode_prompt(captions)
     net = pipeline.unet if unet is None else unet
-    velocity = net(x_sigma, sigmas * 1000, encoder_hidden_states=embeds, return_dict=False)[0]
-    return F.mse_loss(velocity, noise - x0)
+    velocity = net(x_sigma, path.timestep(sigmas), encoder_hidden_states=embeds, return_dict=False)[0]
+    return F.mse_loss(velocity, path.target(x0, noise, sigmas))
 
 
 def lr_factor(config: PretrainConfig, step: int) -> float:

@@ -36,7 +36,9 @@ from flowalign.config import load_config, to_yaml
 from flowalign.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "accelerate"
+)  # flowalign configs
 GENEVAL_METADATA = "assets/geneval/evaluation_metadata.jsonl"  # real GenEval classes (COCO)
 PLACEHOLDER = "/path/"
 

@@ -14,10 +14,13 @@ from safetensors.torch import load_file
 
 from flowalign.config import ALGORITHMS, ConfigError, load_config
 from flowalign.train import run_training, train
+from flowalign.train.loop import build_reward
 from flowalign.train.online import GRPORecipe
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "accelerate"
+)  # flowalign configs
 
 
 @pytest.fixture(autouse=True)
@@ -488,3 +491,39 @@ def test_options_that_would_be_dropped_are_errors_or_honoured(tmp_path):
         )
     with pytest.raises(ValueError, match=r"sampling\.dynamics=ddim does not apply to a flow model"):
         train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "sampling.dynamics=ddim"))
+
+
+def test_two_runs_in_one_process_may_differ_in_mixed_precision(tmp_path):
+    train(
+        _config("configs/grpo/tiny_sd3.yaml", tmp_path / "a", "train.steps=1", "train.mixed_precision=bf16")
+    )
+    result = train(
+        _config("configs/grpo/tiny_sd3.yaml", tmp_path / "b", "train.steps=1", "train.mixed_precision=no")
+    )
+    assert result.steps_done == 1
+
+
+def test_evaluation_scores_a_groupwise_reward_by_its_pointwise_judge(tmp_path):
+    """A win rate within a group has no per-image value (one image per prompt gives 0, several give a mean
+    of 0.5 by construction): evaluation logs its judge's score instead."""
+    from flowalign.config import RewardSpec
+    from flowalign.train.evaluate import _pointwise_scores
+    from rewards import load_reward
+
+    config = load_config(ROOT / "configs/grpo/tiny_sd3.yaml")
+    config.reward = {"winrate": RewardSpec(args={"judge": "compressibility"})}
+    reward = build_reward(config, torch.device("cpu"))
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores = _pointwise_scores(reward, images, ["a", "b", "c"], None)
+    expected = load_reward("compressibility")(images, ["a", "b", "c"]).scores.tolist()
+    assert scores == {"winrate/compressibility": expected}
+
+
+def test_accelerate_fsdp_launch_is_refused_and_shipped_accelerate_configs_parse(tmp_path, monkeypatch):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        ClusterConfig.from_yaml_file(str(path))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="train.sharding=fsdp"):
+        train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1"))

@@ -48,7 +48,17 @@ CASES: dict[str, tuple[str, list[str]]] = {
          "sampling.steps=3", "data.group_size=1", "data.groups_per_step=2"],
     ),  # fmt: skip
     "sft": ("configs/sft/tiny_shapes.yaml", ["sft.batch_size=4"]),
-}
+    # FSDP2 (train.sharding=fsdp) on N processes against one unsharded process: LoRA with the evaluation
+    # EMA and the KL reference, NFT's old policy, full fine-tuning; and a sharded resume.
+    "grpo_kl_fsdp": (
+        "configs/grpo/tiny_sd3.yaml",
+        ["grpo.kl_beta=0.01", "train.steps=2", "train.ema_decay=0.5", "train.sharding=fsdp", "optim.lr=50"],
+    ),
+    "nft_fsdp": ("configs/nft/tiny_sd3.yaml", ["train.sharding=fsdp"]),
+    "sft_full_fsdp": ("configs/sft/tiny_shapes.yaml", ["sft.batch_size=4", "model.lora_rank=0", "train.sharding=fsdp",
+                                                       "optim.lr=1e-3"]),
+    "grpo_fsdp_resume": ("configs/grpo/tiny_sd3.yaml", ["train.steps=2", "train.ema_decay=0.5", "train.sharding=fsdp"]),
+}  # fmt: skip
 GLOBAL_MINIBATCH = {"grpo": 4, "nft": 4}
 
 
@@ -92,14 +102,20 @@ def run_cases(out: Path, names: list[str], num_processes: int) -> None:
         offline = "offline" in name
         if offline:
             overrides.append(f"dpo.pairs={pairs}")
-        config = load_config(
-            ROOT / path,
-            [*SCALE_SENSITIVE, *overrides, f"train.output_dir={out / name}", "train.checkpoint_every=1",
-             "train.keep_checkpoints=1", "train.progress=false", "train.log_with=[]"],
-        )  # fmt: skip
-        if config.reward or algorithm in ("grpo", "nft", "dpo", "backprop"):
-            config.reward = {} if offline else {"smooth_red_for_equivalence": RewardSpec()}
-        train(config)
+        if num_processes == 1:  # the reference: one unsharded process
+            overrides = [o for o in overrides if o != "train.sharding=fsdp"]
+        common = [*SCALE_SENSITIVE, *overrides, "train.checkpoint_every=1", "train.keep_checkpoints=5",
+                  "train.progress=false", "train.log_with=[]"]  # fmt: skip
+
+        def run(output: Path, *extra: str) -> None:
+            config = load_config(ROOT / path, [*common, f"train.output_dir={output}", *extra])
+            if config.reward or algorithm in ("grpo", "nft", "dpo", "backprop"):
+                config.reward = {} if offline else {"smooth_red_for_equivalence": RewardSpec()}
+            train(config)
+
+        run(out / name)
+        if name.endswith("_resume"):  # continue from the first checkpoint in another directory
+            run(out / f"{name}_resumed", f"train.resume={out / name / 'checkpoints' / 'step-000001'}")
 
 
 def main() -> None:

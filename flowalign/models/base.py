@@ -426,16 +426,22 @@ class ModelAdapter:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
-    def save_lora(self, directory: str | Path) -> Path:
+    def save_lora(self, directory: str | Path, write: bool = True) -> Path:
         """Save the LoRA in diffusers format (``pytorch_lora_weights.safetensors`` with its config), loadable
-        with the stock ``Pipeline.load_lora_weights(directory)``."""
+        with the stock ``Pipeline.load_lora_weights(directory)``. A sharded (FSDP) denoiser's LoRA is
+        gathered first: every process calls this, the one with ``write`` writes."""
         from peft.utils import get_peft_model_state_dict
 
         if not self.has_lora:
             raise ValueError("this model has no LoRA adapter to save; call add_lora() first.")
+        state = {
+            k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in get_peft_model_state_dict(self.denoiser).items()
+        }
         directory = Path(directory)
+        if not write:
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.denoiser)
         config = self.denoiser.peft_config["default"].to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         type(self.pipeline).save_lora_weights(

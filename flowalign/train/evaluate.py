@@ -144,8 +144,27 @@ def _gain_since_first_evaluation(here: Path) -> dict[str, float]:
     }
 
 
+def _pointwise_scores(reward, images, prompts, metadata) -> dict[str, list[float]]:
+    """Each reward part's score of each image. A groupwise part (a win rate within a group of samples)
+    has no score for one image: it is scored by its pointwise judge, as ``<name>/<judge>``, or left out
+    when its judge is pairwise."""
+    from rewards import Reward
+
+    scores: dict[str, list[float]] = {}
+    for name, (part, _) in reward.parts.items():
+        key = name
+        if part.groupwise:
+            judge = getattr(part, "judge", None)
+            if not isinstance(judge, Reward):
+                continue
+            part, key = judge, f"{name}/{judge.name}"
+        scores[key] = part(images, prompts, metadata).scores.float().tolist()
+    return scores
+
+
 def _evaluate_rewards(ctx: TrainContext, step: int, records) -> dict[str, float]:
-    """Prompts split over processes; image ``j`` of prompt ``i`` starts from the noise of
+    """Mean score of each reward part (:func:`_pointwise_scores`) over the prompts, split over processes;
+    image ``j`` of prompt ``i`` starts from the noise of
     :func:`~flowalign.eval.geneval.image_seed` ``(train.seed, i, j)`` at every evaluation, so curves compare
     like with like and the images do not depend on the number of processes."""
     from accelerate.utils import gather_object
@@ -169,8 +188,7 @@ def _evaluate_rewards(ctx: TrainContext, step: int, records) -> dict[str, float]
                 resolution=config.model.resolution, micro_batch_size=config.train.micro_batch_size,
             ).images  # fmt: skip
         if ctx.reward is not None:
-            scored = ctx.reward(images, prompts, metadata)
-            scores = {name: value.float().tolist() for name, value in scored.components.items()}
+            scores = _pointwise_scores(ctx.reward, images, prompts, metadata)
     # Every process joins the gather, also one that had no prompt (no collective is skipped).
     parts = gather_object([scores]) if acc.num_processes > 1 else [scores]
     out: dict[str, float] = {}

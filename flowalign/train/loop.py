@@ -125,7 +125,11 @@ class TrainContext:
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """``accelerator.backward``; with ``sync=False`` (a backward that accumulates into the same
         optimizer step as a later one) DDP does not all-reduce the gradients yet."""
-        context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.net)
+        if self.config.train.sharding == "fsdp":  # FSDP2: skip the reduce-scatter until the last backward
+            self.model.denoiser.set_requires_gradient_sync(sync)
+            context = contextlib.nullcontext()
+        else:
+            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.net)
         with context, self.clock("backward"):
             self.accelerator.backward(loss)
 
@@ -136,7 +140,7 @@ class TrainContext:
         the optimizer step is always called, so that the scaler skips an overflowing step itself and lowers
         its scale (skipping the call would leave the scale too high forever)."""
         norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.optim.max_grad_norm)
-        norm = float(norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if getattr(self.accelerator, "scaler", None) is not None:
             self.optimizer.step()
             skipped = bool(getattr(self.optimizer, "step_was_skipped", False)) or not math.isfinite(norm)
@@ -150,6 +154,21 @@ class TrainContext:
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return {"grad_norm": norm if not skipped else float("nan"), "skipped_updates": float(skipped)}
+
+
+def _reset_single_process_state(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state: a second run in the same (single, non-launched) process with
+    another ``train.mixed_precision`` would be refused ("AcceleratorState has already been initialized").
+    Forget the earlier run's state then; distributed runs are one run per process and are left alone."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if (
+        state
+        and state.get("_mixed_precision") not in (None, mixed_precision)
+        and state.get("num_processes", 1) == 1
+    ):
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def resolve_dynamics(dynamics: str | None, kind: str) -> str:
@@ -221,8 +240,17 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
             "train.mixed_precision=fp16 needs a CUDA device: on the CPU accelerate runs neither fp16 autocast nor "
             "a gradient scaler, so the setting would be silently ignored; use bf16 or no."
         )
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            "accelerate was launched with FSDP (--use_fsdp or an fsdp_config): flowalign shards with FSDP2 itself; "
+            "launch plain processes (configs/accelerate/fsdp.yaml) and set train.sharding=fsdp. (accelerate's plugin "
+            "would wrap the model a second way, and on CPU it silently trains with DDP.)"
+        )
     # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu --num_processes N` run N
     # gloo processes on the CPU (accelerate's own `--cpu --num_processes N` starts only one without mpirun).
+    _reset_single_process_state(config.train.mixed_precision)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
@@ -231,12 +259,20 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
     )
     set_seed(config.train.seed, device_specific=True)
     model = _setup_model(config, accelerator.device)
+    sharded = config.train.sharding == "fsdp"
+    if sharded:
+        from flowalign.train.sharding import shard_denoiser
+
+        shard_denoiser(model.denoiser, accelerator.device.type, accelerator.num_processes)
     params = model.trainable_parameters()
     o = config.optim
     optimizer = torch.optim.AdamW(
         params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps
     )
-    wrapped, optimizer = accelerator.prepare(model.denoiser, optimizer)
+    if sharded:  # FSDP2 is the model's parallelism: accelerate wraps only the optimizer
+        wrapped, optimizer = None, accelerator.prepare(optimizer)
+    else:
+        wrapped, optimizer = accelerator.prepare(model.denoiser, optimizer)
     # Not prepared by accelerate: its wrapper steps a schedule once per process per call (warmup N times
     # too fast on N processes); ctx.optimizer_step advances it once per optimizer step instead.
     warmup = o.warmup_steps
@@ -269,8 +305,9 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
     start = 0
     if config.train.resume:
         state = load_checkpoint(
-            find_checkpoint(output_dir, config.train.resume), named, optimizer, scheduler, ema, recipe
-        )
+            find_checkpoint(output_dir, config.train.resume), named, optimizer, scheduler, ema, recipe,
+            sharded_module=model.denoiser if sharded else None,
+        )  # fmt: skip
         start = state["step"]
         accelerator.print(f"resumed from step {start}")
     if accelerator.is_main_process:
@@ -284,10 +321,11 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
 
     def checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_main_process or sharded:  # sharded: every process gathers, the main one writes
             save_checkpoint(
                 output_dir, step, named, optimizer, scheduler, ema, recipe, {"config": to_yaml(config)},
                 keep=config.train.keep_checkpoints, lora_saver=model.save_lora if model.has_lora else None,
+                write=accelerator.is_main_process, sharded_module=model.denoiser if sharded else None,
             )  # fmt: skip
         accelerator.wait_for_everyone()
 

@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flowalign.train.sharding import copy_full_, full_tensor
+
 __all__ = ["EMA", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
@@ -63,7 +65,7 @@ class EMA:
                 f"EMA state has {len(state)} tensors, this model has {len(self.shadow)} trainable parameters."
             )
         for i, shadow in enumerate(self.shadow):
-            shadow.copy_(state[str(i)])
+            copy_full_(shadow, state[str(i)])
 
 
 def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
@@ -90,6 +92,11 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     return path
 
 
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors on the CPU (shards gathered: every process must call this under FSDP)."""
+    return {k: full_tensor(v.detach()).contiguous().cpu() for k, v in state.items()}
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -101,53 +108,61 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep: int = 2,
     lora_saver=None,
+    write: bool = True,
+    sharded_module: nn.Module | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the ``keep`` newest.
 
     ``recipe``: a :class:`flowalign.train.recipe.Recipe` (its ``state_dict()`` is saved). With
     ``lora_saver``, ``lora/`` holds the trained LoRA and, when an ``ema`` is kept, ``lora_ema/`` the
-    averaged one (both in diffusers' LoRA format)."""
+    averaged one (both in diffusers' LoRA format; ``lora_saver(directory, write)``).
+
+    Under FSDP (``sharded_module``: the sharded denoiser) every process calls this: shards are gathered
+    into whole tensors (the optimizer state through ``torch.distributed.checkpoint``'s full state dict) and
+    only the process with ``write`` writes."""
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in named_params.items()},
-        str(tmp / "trainable.safetensors"),
-    )
-    if ema is not None:
-        save_file(
-            {k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema_ema.safetensors")
+    params, ema_state = _cpu(named_params), _cpu(ema.state_dict()) if ema is not None else None
+    recipe_state = _cpu(recipe.state_dict())
+    if sharded_module is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        inner = getattr(optimizer, "optimizer", optimizer)
+        optimizer_state = get_optimizer_state_dict(
+            sharded_module, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-    recipe_state = recipe.state_dict()
-    if recipe_state:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in recipe_state.items()},
-            str(tmp / "recipe.safetensors"),
-        )
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
-    )
-    version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    rng = {
-        "python": [version, list(state), gauss],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    torch.save(rng, tmp / "rng.pt")
+    else:
+        optimizer_state = optimizer.state_dict()
+    if write:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(params, str(tmp / "trainable.safetensors"))
+        if ema_state is not None:
+            save_file(ema_state, str(tmp / "ema_ema.safetensors"))
+        if recipe_state:
+            save_file(recipe_state, str(tmp / "recipe.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        version, state, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        rng = {
+            "python": [version, list(state), gauss],
+            "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+        }
+        torch.save(rng, tmp / "rng.pt")
     if lora_saver is not None:
-        lora_saver(tmp / "lora")
+        lora_saver(tmp / "lora", write)
         if ema is not None:  # the weights evaluation uses, loadable by Pipeline.load_lora_weights
             with ema.applied():
-                lora_saver(tmp / "lora_ema")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for _, old in _checkpoint_dirs(Path(output_dir))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+                lora_saver(tmp / "lora_ema", write)
+    if write:
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for _, old in _checkpoint_dirs(Path(output_dir))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -172,8 +187,10 @@ def load_checkpoint(
     scheduler: Any,
     ema: EMA | None,
     recipe: Any,
+    sharded_module: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns ``state.json`` (with ``step``)."""
+    """Restore what :func:`save_checkpoint` wrote; returns ``state.json`` (with ``step``). Under FSDP
+    (``sharded_module``) every process loads the whole tensors and keeps its shards."""
     params = load_file(str(path / "trainable.safetensors"))
     if set(params) != set(named_params):
         missing, unexpected = set(named_params) - set(params), set(params) - set(named_params)
@@ -181,14 +198,21 @@ def load_checkpoint(
             f"checkpoint {path} does not match this model's trainable parameters "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); check model.lora_rank/targets."
         )
-    with torch.no_grad():
-        for name, param in named_params.items():
-            param.copy_(params[name])
+    for name, param in named_params.items():
+        copy_full_(param, params[name])
     if ema is not None:
         ema.load_state_dict(load_file(str(path / "ema_ema.safetensors")))
     recipe.load_state_dict(_recipe_state(path))
     state = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded_module is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(
+            sharded_module, getattr(optimizer, "optimizer", optimizer), state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )  # fmt: skip
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True)
     version, state, gauss = rng["python"]

@@ -1,0 +1,65 @@
+"""Fully sharded data parallelism (FSDP2, ``torch.distributed.fsdp.fully_shard``) for the training loop.
+
+``train.sharding: fsdp`` shards the denoiser over all processes: every repeated block (the items of its
+``ModuleList``s: transformer blocks, UNet down/up blocks) is one FSDP unit, then the root. Parameters become
+``DTensor`` shards; forward passes all-gather a unit's weights, backward reduce-scatters (averages) its
+gradients, and the optimizer, the EMA and every recipe's policy copies hold only their shard.
+
+The loop drives FSDP2 directly rather than through accelerate's FSDP plugin, so that the same code runs on
+GPUs and on CPU processes (gloo): accelerate 1.15 turns its plugin on only for multi-accelerator runs, and a
+CPU run with an FSDP config silently trains with DDP instead (``DistributedType.MULTI_CPU``). Checkpoints
+hold full (unsharded) tensors, written by the main process after every process took part in gathering
+them, so a run resumes on any number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["copy_full_", "full_tensor", "is_sharded", "shard_denoiser"]
+
+
+def shard_denoiser(denoiser: nn.Module, device_type: str, num_processes: int) -> None:
+    """``fully_shard`` every block of ``denoiser``'s ``ModuleList``s, then the denoiser itself, over a 1-D
+    mesh of ``num_processes`` devices of ``device_type``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (num_processes,))
+    for block in _blocks(denoiser):
+        fully_shard(block, mesh=mesh)
+    fully_shard(denoiser, mesh=mesh)
+
+
+def _blocks(module: nn.Module) -> Iterator[nn.Module]:
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            yield from child
+        else:
+            yield from _blocks(child)
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor of a shard (a collective call: every process must make it), or ``tensor``."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def copy_full_(destination: Tensor, source: Tensor) -> None:
+    """``destination.copy_(source)`` where ``destination`` may be a shard and ``source`` the whole tensor."""
+    if is_sharded(destination):
+        from torch.distributed.tensor import distribute_tensor
+
+        source = distribute_tensor(
+            source.to(destination.device, destination.dtype), destination.device_mesh, destination.placements
+        )
+    destination.copy_(source)

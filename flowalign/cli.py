@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "score": ("flowalign.commands.score", "score a folder of images against prompts with rewards"),
     "train": ("flowalign.commands.train", "fine-tune a model from a YAML config (online RL, ...)"),
+    "plan": (
+        "flowalign.commands.plan",
+        "memory per GPU of a config at real size, and the largest micro-batch that fits",
+    ),
     "optimize-noise": (
         "flowalign.commands.optimize_noise",
         "ReNO: optimize the initial noise of a frozen model for differentiable rewards",

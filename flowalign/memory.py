@@ -1,0 +1,378 @@
+"""Per-GPU memory of a training config at real size, without the weights: ``flowalign plan CONFIG``.
+
+The real architectures (SD3.5-Medium, FLUX.1-dev, SDXL, SD1.5) are built on the ``meta`` device from their
+published configs (no weights, no memory), so parameter counts are exact. Per process:
+
+- **weights**: every pipeline component in ``model.dtype`` (the denoiser, its text encoders and the VAE;
+  text-encoder and VAE sizes are the published checkpoints' parameter counts, :data:`ARCHITECTURES`);
+  under ``train.sharding=fsdp`` the denoiser's share is ``1 / processes``.
+- **trainable state**: the trainable parameters (LoRA on the config's target modules, counted on the meta
+  model, or the whole denoiser) in float32, their gradients (float32) and AdamW's two moments; plus one
+  float32 copy per kept policy (the evaluation EMA, NFT's old policy, DPO's reference snapshot). Sharded by
+  FSDP.
+- **activations**: the bytes autograd saves for backward in one training forward of the denoiser on one
+  micro-batch at the config's resolution, measured by running the meta model under
+  ``torch.autograd.graph.saved_tensors_hooks`` (classifier-free guidance doubles GRPO's batch; reward
+  backprop keeps ``backprop.k`` steps). With gradient checkpointing only each block's inputs are kept,
+  plus one block's activations while it is recomputed. A margin of 10% of the total covers allocator
+  fragmentation and temporaries not saved for backward.
+
+What it does not count: the reward models (user weights of unknown size; add them with
+``--extra-gb``), the rollout's stored latents (``[B, steps + 1, C, h, w]`` float32, small), and CUDA
+context / kernels (~1 GB, inside the margin on 80 GB cards). ``benchmarks/perf/memory_table.py``
+writes the table for every shipped config and checks the activation count against a real CPU run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ARCHITECTURES", "MemoryEstimate", "activation_bytes", "estimate", "largest_micro_batch"]
+
+GB = 1024**3
+MARGIN = 0.10
+
+
+def _sd3_medium():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    )  # fmt: skip
+
+
+def _flux_dev():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )  # fmt: skip
+
+
+def _sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        use_linear_projection=True,
+    )  # fmt: skip
+
+
+def _sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A family's real-size pipeline: the denoiser built from its published config, and the parameter
+    counts of the other components (published checkpoints; ``text_tokens`` as the pipelines pad)."""
+
+    build: Callable[[], nn.Module]
+    other_params: dict[str, int]
+    latent_channels: int
+    vae_factor: int
+    text_tokens: int
+    text_dim: int
+    pooled_dim: int
+    lora_targets: tuple[str, ...]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # stabilityai/stable-diffusion-3.5-medium: CLIP-L 123.7M, CLIP-G 694.7M, T5-XXL encoder 4762.3M, VAE 83.8M.
+    "sd3": Architecture(
+        _sd3_medium,
+        {
+            "text_encoder": 123_650_304,
+            "text_encoder_2": 694_659_840,
+            "text_encoder_3": 4_762_310_656,
+            "vae": 83_819_683,
+        },
+        16,
+        8,
+        333,
+        4096,
+        2048,
+        ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    ),  # fmt: skip
+    # black-forest-labs/FLUX.1-dev: CLIP-L 123.1M, T5-XXL encoder 4762.3M, VAE 83.8M.
+    "flux": Architecture(
+        _flux_dev,
+        {"text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656, "vae": 83_819_683},
+        16,
+        8,
+        512,
+        4096,
+        768,
+        ("to_q", "to_k", "to_v", "to_out.0"),
+    ),  # fmt: skip
+    # stabilityai/stable-diffusion-xl-base-1.0: CLIP-L 123.1M, OpenCLIP-G 694.7M, VAE 83.7M.
+    "sdxl": Architecture(
+        _sdxl_unet,
+        {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863},
+        4,
+        8,
+        77,
+        2048,
+        1280,
+        ("to_q", "to_k", "to_v", "to_out.0"),
+    ),  # fmt: skip
+    # stable-diffusion-v1-5: CLIP-L 123.1M, VAE 83.7M.
+    "sd": Architecture(
+        _sd15_unet,
+        {"text_encoder": 123_060_480, "vae": 83_653_863},
+        4,
+        8,
+        77,
+        768,
+        0,
+        ("to_q", "to_k", "to_v", "to_out.0"),
+    ),  # fmt: skip
+}
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _forward(
+    family: str, net: nn.Module, batch: int, resolution: int, dtype: torch.dtype, device: str = "meta"
+) -> Callable[[], Any]:
+    arch = ARCHITECTURES[family]
+    side = resolution // arch.vae_factor
+    kw = {"device": device, "dtype": dtype}
+    text = torch.randn(batch, arch.text_tokens, arch.text_dim, **kw)
+    t = torch.ones(batch, device=device, dtype=dtype)
+    if family == "sd3":
+        x = torch.randn(batch, arch.latent_channels, side, side, **kw)
+        return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text,
+                           pooled_projections=torch.randn(batch, arch.pooled_dim, **kw)).sample  # fmt: skip
+    if family == "flux":
+        tokens = (side // 2) ** 2
+        x = torch.randn(batch, tokens, 64, **kw)
+        img_ids = torch.zeros(tokens, 3, **kw)
+        txt_ids = torch.zeros(arch.text_tokens, 3, **kw)
+        return lambda: net(hidden_states=x, timestep=t, guidance=t, encoder_hidden_states=text, img_ids=img_ids,
+                           txt_ids=txt_ids, pooled_projections=torch.randn(batch, arch.pooled_dim, **kw)).sample  # fmt: skip
+    x = torch.randn(batch, arch.latent_channels, side, side, **kw)
+    added = None
+    if family == "sdxl":
+        added = {
+            "text_embeds": torch.randn(batch, arch.pooled_dim, **kw),
+            "time_ids": torch.zeros(batch, 6, **kw),
+        }
+    return lambda: net(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Attention that keeps for backward what flash / memory-efficient kernels keep (q, k, v, the output and
+    the float32 log-sum-exp per query), not the ``N x N`` weights the meta device's math path would keep.
+    Its values are never computed: it runs on ``meta`` tensors only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class _FusedAttentionMode(torch.overrides.TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` (without mask or dropout) of a meta forward to
+    :class:`_FlashLikeAttention`, so the count matches the fused kernels the CPU and GPUs run."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args)) | kwargs
+            if named.get("attn_mask") is None and not named.get("dropout_p") and not named.get("is_causal"):
+                return _FlashLikeAttention.apply(named["query"], named["key"], named["value"])
+        return func(*args, **kwargs)
+
+
+def activation_bytes(
+    family: str,
+    net: nn.Module,
+    batch: int,
+    resolution: int,
+    dtype: torch.dtype,
+    checkpointing: bool,
+    device: str = "meta",
+) -> int:
+    """Bytes saved for backward by one training forward of ``net`` (meta, with its trainable parameters
+    marked) on ``batch`` samples: the storages autograd keeps alive, each counted once, other than the
+    weights. With ``checkpointing``: the non-block parts, every block's inputs, and the
+    largest block's own activations (it is recomputed, one block at a time, during backward)."""
+    total, per_block, inputs = [0], [], [0]
+    # Weights saved for backward (to form the input gradient) are resident anyway: not activations.
+    seen = {t.untyped_storage()._cdata for t in (*net.parameters(), *net.buffers())}
+    blocks = [b for child in net.modules() if isinstance(child, nn.ModuleList) for b in child]
+    top = {id(b) for b in blocks}
+    blocks = [b for b in blocks if not any(id(p) in top for p in _ancestors(net, b))]
+
+    def pack(tensor):
+        # What autograd keeps alive is storage: a saved view keeps its whole storage, and a storage saved
+        # by several operations (the output of one, the input of the next) counts once.
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total[0] += storage.nbytes()
+        return tensor
+
+    def before(module, args, kwargs):
+        module._flowalign_start = total[0]
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        inputs[0] += sum(a.numel() * a.element_size() for a in tensors)
+
+    def after(module, args, kwargs, output):
+        per_block.append(total[0] - module._flowalign_start)
+
+    handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in blocks]
+    handles += [b.register_forward_hook(after, with_kwargs=True) for b in blocks]
+    try:
+        fused = _FusedAttentionMode() if device == "meta" else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused:
+            _forward(family, net, batch, resolution, dtype, device)()
+    finally:
+        for h in handles:
+            h.remove()
+    if not checkpointing or not per_block:
+        return total[0]
+    return total[0] - sum(per_block) + inputs[0] + max(per_block)
+
+
+def _ancestors(root: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """Modules strictly between ``root`` and ``module`` (by identity of containment)."""
+    path: list[nn.Module] = []
+
+    def walk(node: nn.Module, trail: list[nn.Module]) -> bool:
+        for child in node.children():
+            if child is module:
+                path.extend(trail)
+                return True
+            if walk(child, [*trail, child]):
+                return True
+        return False
+
+    walk(root, [])
+    return path
+
+
+@dataclass
+class MemoryEstimate:
+    """GiB per process for one config and micro-batch; :attr:`total` includes the margin."""
+
+    family: str
+    micro_batch: int
+    processes: int
+    parts: dict[str, float] = field(default_factory=dict)
+    trainable_params: int = 0
+    denoiser_params: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values()) * (1 + MARGIN)
+
+
+def _lora_params(net: nn.Module, rank: int, targets: tuple[str, ...]) -> int:
+    """LoRA A and B of every targeted ``nn.Linear`` (peft's module-name suffix matching)."""
+    count = 0
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            count += rank * (module.in_features + module.out_features)
+    return count
+
+
+def estimate(
+    config: Any, micro_batch: int, processes: int = 1, net: nn.Module | None = None
+) -> MemoryEstimate:
+    """The memory of ``config`` (a :class:`flowalign.config.Config`) per process at ``micro_batch``
+    samples per denoiser call, on ``processes`` processes (see the module docstring)."""
+    m, t = config.model, config.train
+    family = m.family
+    if family not in ARCHITECTURES:
+        raise ValueError(
+            f"flowalign plan: model.family={family!r} has no real-size architecture here; known: {sorted(ARCHITECTURES)}."
+        )
+    arch = ARCHITECTURES[family]
+    dtype = getattr(torch, m.dtype)
+    if net is None:
+        with torch.device("meta"):
+            net = arch.build()
+    denoiser = sum(p.numel() for p in net.parameters())
+    trainable = (
+        _lora_params(net, m.lora_rank, tuple(m.lora_targets or arch.lora_targets))
+        if m.lora_rank
+        else denoiser
+    )
+    shard = processes if t.sharding == "fsdp" else 1
+    size = _bytes(dtype)
+    copies = int(t.ema_decay is not None) + int(t.algorithm == "nft")
+    copies += int(t.algorithm == "dpo" and (config.dpo.ref_refresh_every > 0 or not m.lora_rank))
+    resolution = m.resolution or 1024
+    batch = micro_batch * (2 if t.algorithm == "grpo" and config.sampling.guidance > 1 else 1)
+    net.requires_grad_(False)
+    for name, p in net.named_parameters():
+        trained = not m.lora_rank or any(
+            f"{target}." in name for target in (m.lora_targets or arch.lora_targets)
+        )
+        p.requires_grad_(trained)
+    net.to(dtype)
+    act = activation_bytes(family, net, batch, resolution, dtype, m.gradient_checkpointing)
+    if t.algorithm == "backprop" and not config.backprop.checkpoint:
+        act *= max(1, config.backprop.k)  # every differentiated step's activations stay alive
+    # (with backprop.checkpoint each step keeps only its input latent and is recomputed alone: one step's)
+    parts = {
+        "denoiser weights": denoiser * size / shard / GB,
+        "text encoders + VAE": sum(arch.other_params.values()) * size / GB,
+        "trainable (fp32) + grads + AdamW": trainable * 4 * 4 / shard / GB,
+        "policy copies (EMA, old, reference)": trainable * 4 * copies / shard / GB,
+        "activations": act / GB,
+    }
+    if not m.lora_rank:  # the trainable float32 weights replace the dtype copy of the denoiser
+        parts["denoiser weights"] = 0.0
+    return MemoryEstimate(family, micro_batch, processes, parts, trainable, denoiser)
+
+
+def largest_micro_batch(
+    config: Any, gpu_gb: float, processes: int = 1, extra_gb: float = 0.0, limit: int = 256
+):
+    """The largest micro-batch (powers of two up to ``limit``) whose estimate fits ``gpu_gb``, with every
+    estimate made: ``(best or None, [MemoryEstimate, ...])``."""
+    family = config.model.family
+    if family not in ARCHITECTURES:
+        raise ValueError(
+            f"flowalign plan: model.family={family!r} has no real-size architecture here; known: {sorted(ARCHITECTURES)}."
+        )
+    with torch.device("meta"):
+        net = ARCHITECTURES[family].build()
+    rows, best = [], None
+    for k in range(int(math.log2(limit)) + 1):
+        row = estimate(config, 2**k, processes, net=net)
+        row.parts["extra (--extra-gb)"] = extra_gb
+        rows.append(row)
+        if row.total > gpu_gb:
+            break
+        best = 2**k
+    return best, rows

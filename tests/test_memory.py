@@ -1,0 +1,63 @@
+"""``flowalign plan`` and :mod:`flowalign.memory`: real architectures on the meta device (exact parameter
+counts), LoRA counts equal peft's, activations linear in the batch and cut by checkpointing, sharding
+divides what it shards, and a config that cannot fit is a clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowalign.config import load_config
+from flowalign.memory import ARCHITECTURES, _lora_params, estimate
+
+ROOT = Path(__file__).resolve().parents[1]
+SD35 = ROOT / "configs/grpo/sd35m_geneval.yaml"
+
+
+@pytest.mark.parametrize(
+    "family,published",
+    [("sd3", 2_243_171_520), ("flux", 11_901_408_320), ("sdxl", 2_567_463_684), ("sd", 859_520_964)],
+)
+def test_real_architectures_have_the_published_parameter_counts(family, published):
+    with torch.device("meta"):
+        net = ARCHITECTURES[family].build()
+    assert sum(p.numel() for p in net.parameters()) == published
+
+
+def test_lora_count_equals_peft():
+    from flowalign.models import load_model
+
+    model = load_model("tiny-sd3")
+    targets = model.default_lora_targets
+    expected = _lora_params(model.denoiser, 4, targets)
+    model.add_lora(rank=4)
+    assert expected == sum(p.numel() for p in model.trainable_parameters()) > 0
+
+
+def test_estimate_scales_and_shards_as_it_should():
+    config = load_config(SD35)
+    one, two = estimate(config, 1), estimate(config, 2)
+    # batch-independent block inputs (embeddings shared by the batch) make it slightly less than linear
+    assert 1.9 * one.parts["activations"] < two.parts["activations"] <= 2 * one.parts["activations"]
+    assert two.parts["denoiser weights"] == one.parts["denoiser weights"]
+    plain = estimate(load_config(SD35, ["model.gradient_checkpointing=false"]), 1)
+    assert plain.parts["activations"] > 3 * one.parts["activations"]
+    sharded = estimate(load_config(SD35, ["train.sharding=fsdp", "eval.every=0"]), 1, processes=8)
+    assert sharded.parts["denoiser weights"] == pytest.approx(one.parts["denoiser weights"] / 8)
+    assert sharded.parts["text encoders + VAE"] == one.parts["text encoders + VAE"]
+
+
+def test_plan_prints_the_largest_micro_batch_and_refuses_what_cannot_fit(capsys):
+    from flowalign.cli import main
+
+    assert main(["plan", str(SD35), "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "largest micro-batch that fits 80 GiB: train.micro_batch_size=" in out
+    with pytest.raises(
+        SystemExit, match="does not fit 10 GiB even at train.micro_batch_size=1.*gradient_checkpointing"
+    ):
+        main(["plan", str(SD35), "--gpu-memory", "10"])
+    with pytest.raises(SystemExit, match="no real-size architecture"):
+        main(["plan", str(ROOT / "configs/grpo/shapes.yaml")])

@@ -10,6 +10,8 @@ published configs (no weights, no memory), so parameter counts are exact. Per pr
   model, or the whole denoiser) in float32, their gradients (float32) and AdamW's two moments; plus one
   float32 copy per kept policy (the evaluation EMA, NFT's old policy, DPO's reference snapshot). Sharded by
   FSDP.
+- **VAE decode**: decoding the micro-batch: the decoder's saved activations under reward backprop,
+  otherwise its transient peak (largest layer input + output) where it exceeds the training activations.
 - **activations**: the bytes autograd saves for backward in one training forward of the denoiser on one
   micro-batch at the config's resolution, measured by running the meta model under
   ``torch.autograd.graph.saved_tensors_hooks`` (classifier-free guidance doubles GRPO's batch; reward
@@ -17,7 +19,7 @@ published configs (no weights, no memory), so parameter counts are exact. Per pr
   plus one block's activations while it is recomputed. A margin of 10% of the total covers allocator
   fragmentation and temporaries not saved for backward.
 
-What it does not count: the reward models (user weights of unknown size; add them with
+What it does not count: the reward models (and, under reward backprop, their activations) (user weights of unknown size; add them with
 ``--extra-gb``), the rollout's stored latents (``[B, steps + 1, C, h, w]`` float32, small), and CUDA
 context / kernels (~1 GB, inside the margin on 80 GB cards). ``benchmarks/perf/memory_table.py``
 writes the table for every shipped config and checks the activation count against a real CPU run.
@@ -279,6 +281,56 @@ def _ancestors(root: nn.Module, module: nn.Module) -> list[nn.Module]:
     return path
 
 
+def _vae(latent_channels: int) -> nn.Module:
+    """The SD / SDXL (4 latent channels) or SD3 / FLUX (16) ``AutoencoderKL`` at real size."""
+    from diffusers import AutoencoderKL
+
+    blocks = ("DownEncoderBlock2D",) * 4
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=blocks, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=latent_channels,
+        use_quant_conv=latent_channels == 4, use_post_quant_conv=latent_channels == 4,
+    )  # fmt: skip
+
+
+def decode_bytes(family: str, batch: int, resolution: int, dtype: torch.dtype, grad: bool) -> int:
+    """VAE decoding of ``batch`` latents at ``resolution``: with ``grad`` (reward backprop) the bytes saved
+    for backward; without, the largest input + output of any single layer (the transient peak)."""
+    arch = ARCHITECTURES[family]
+    with torch.device("meta"):
+        vae = _vae(arch.latent_channels).to(dtype).requires_grad_(False)
+    side = resolution // arch.vae_factor
+    z = torch.randn(batch, arch.latent_channels, side, side, device="meta", dtype=dtype, requires_grad=grad)
+    if grad:
+        total, seen = [0], {t.untyped_storage()._cdata for t in vae.parameters()}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage._cdata not in seen:
+                seen.add(storage._cdata)
+                total[0] += storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionMode():
+            vae.decode(z)
+        return total[0]
+    peak = [0]
+
+    def layer(module, args, output):
+        tensors = [a for a in (*args, output) if isinstance(a, torch.Tensor)]
+        peak[0] = max(peak[0], sum(t.numel() * t.element_size() for t in tensors))
+
+    leaves = [m for m in vae.decoder.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(layer) for m in leaves]
+    try:
+        with torch.no_grad(), _FusedAttentionMode():
+            vae.decode(z)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak[0]
+
+
 @dataclass
 class MemoryEstimate:
     """GiB per process for one config and micro-batch; :attr:`total` includes the margin."""
@@ -343,12 +395,17 @@ def estimate(
     if t.algorithm == "backprop" and not config.backprop.checkpoint:
         act *= max(1, config.backprop.k)  # every differentiated step's activations stay alive
     # (with backprop.checkpoint each step keeps only its input latent and is recomputed alone: one step's)
+    # Decoding: with reward backprop the decoder's activations live next to the rollout's; otherwise decoding
+    # happens before the training forward and only its excess over the training activations adds up.
+    backprop = t.algorithm == "backprop"
+    decode = decode_bytes(family, micro_batch, resolution, dtype, grad=backprop)
     parts = {
         "denoiser weights": denoiser * size / shard / GB,
         "text encoders + VAE": sum(arch.other_params.values()) * size / GB,
         "trainable (fp32) + grads + AdamW": trainable * 4 * 4 / shard / GB,
         "policy copies (EMA, old, reference)": trainable * 4 * copies / shard / GB,
         "activations": act / GB,
+        "VAE decode": (decode if backprop else max(0, decode - act)) / GB,
     }
     if not m.lora_rank:  # the trainable float32 weights replace the dtype copy of the denoiser
         parts["denoiser weights"] = 0.0

@@ -78,8 +78,8 @@ def main() -> None:
         f"includes a {MARGIN:.0%} margin). Reward models are not counted. Micro-batches are tried in powers "
         "of two up to 256 (256: the largest tried fits).",
         "",
-        "| config | family | LoRA rank | resolution | checkpointing | weights | trainable state | activations / sample | total at micro-batch 1 | largest micro-batch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | family | LoRA rank | resolution | checkpointing | weights | trainable state | activations / sample | VAE decode / sample | total at micro-batch 1 | largest micro-batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     results = {}
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
@@ -99,7 +99,7 @@ def main() -> None:
         m = config.model
         lines.append(
             f"| {name} | {m.family} | {m.lora_rank} | {m.resolution} | {m.gradient_checkpointing} | {weights:.1f} | "
-            f"{state:.1f} | {per_sample:.2f} | {one.total:.1f} | {best} |"
+            f"{state:.1f} | {per_sample:.2f} | {one.parts['VAE decode']:.2f} | {one.total:.1f} | {best} |"
         )
         results[name] = {
             "largest_micro_batch": best,

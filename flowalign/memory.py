@@ -213,6 +213,21 @@ class _FusedAttentionMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _storage_counter(seen: set[int], total: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A saved-tensor pack hook adding to ``total[0]`` the bytes of each storage autograd keeps alive: a saved
+    view keeps its whole storage, and a storage saved by several operations (the output of one, the input
+    of the next) counts once; storages in ``seen`` (the weights) do not count."""
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total[0] += storage.nbytes()
+        return tensor
+
+    return pack
+
+
 def activation_bytes(
     family: str,
     net: nn.Module,
@@ -233,14 +248,7 @@ def activation_bytes(
     top = {id(b) for b in blocks}
     blocks = [b for b in blocks if not any(id(p) in top for p in _ancestors(net, b))]
 
-    def pack(tensor):
-        # What autograd keeps alive is storage: a saved view keeps its whole storage, and a storage saved
-        # by several operations (the output of one, the input of the next) counts once.
-        storage = tensor.untyped_storage()
-        if storage._cdata not in seen:
-            seen.add(storage._cdata)
-            total[0] += storage.nbytes()
-        return tensor
+    pack = _storage_counter(seen, total)
 
     def before(module, args, kwargs):
         module._flowalign_start = total[0]
@@ -302,15 +310,8 @@ def decode_bytes(family: str, batch: int, resolution: int, dtype: torch.dtype, g
     side = resolution // arch.vae_factor
     z = torch.randn(batch, arch.latent_channels, side, side, device="meta", dtype=dtype, requires_grad=grad)
     if grad:
-        total, seen = [0], {t.untyped_storage()._cdata for t in vae.parameters()}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage._cdata not in seen:
-                seen.add(storage._cdata)
-                total[0] += storage.nbytes()
-            return tensor
-
+        total = [0]
+        pack = _storage_counter({t.untyped_storage()._cdata for t in vae.parameters()}, total)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionMode():
             vae.decode(z)
         return total[0]

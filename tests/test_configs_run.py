@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from tiny_weights import write_pair_file
 
 from flowalign.config import load_config, to_yaml
 from flowalign.train import train
@@ -121,15 +121,7 @@ def prompt_files(tmp_path_factory):
 def pair_file(tmp_path_factory):
     """A DPO pair file: two pairs of random 32x32 PNGs next to it (tests/test_dpo.py's layout)."""
     directory = tmp_path_factory.mktemp("pairs")
-    gen = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(2):
-        for name in (f"w{i}.png", f"l{i}.png"):
-            pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(directory / name)
-        prompt = ["a photo of a cat", "a red bicycle by a lake"][i]
-        lines.append(json.dumps({"prompt": prompt, "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
-    (directory / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    write_pair_file(directory, ["a photo of a cat", "a red bicycle by a lake"])
     return directory / "pairs.jsonl"
 
 

@@ -11,6 +11,7 @@ import torch
 from analytic import GaussianMixture, MixtureEpsModel, MixtureFlowModel
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_weights import write_pair_file
 
 from flowalign.algorithms.dpo import denoising_error, dpo_loss
 from flowalign.config import load_config
@@ -183,16 +184,7 @@ def test_online_dpo_reuses_each_pair_for_several_levels(inversion, tmp_path, mon
 @pytest.mark.parametrize("family,inversion", [("sd", False), ("sd", True), ("sd3", True)])
 def test_offline_pairs_and_inpo_move_parameters(family, inversion, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    gen = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(2):
-        for name in (f"w{i}.png", f"l{i}.png"):
-            pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(tmp_path / name)
-        lines.append(
-            json.dumps({"prompt": f"a photo of {i} circles", "chosen": f"w{i}.png", "rejected": f"l{i}.png"})
-        )
-    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    write_pair_file(tmp_path, [f"a photo of {i} circles" for i in range(2)])
     config = load_config(
         ROOT / "configs/dpo/tiny_sd3_online.yaml",
         [f"model.path=tiny-{family}", f"dpo.pairs={tmp_path / 'pairs.jsonl'}", "dpo.pairs_per_step=2",
@@ -234,19 +226,7 @@ def test_offline_pair_latents_are_streamed_with_a_bounded_cache(tmp_path, monkey
     from flowalign.train.dpo import DPORecipe
 
     monkeypatch.chdir(ROOT)
-    gen = torch.Generator().manual_seed(1)
-    lines = []
-    for i in range(3):
-        for name in (f"w{i}.png", f"l{i}.png"):
-            Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(
-                tmp_path / name
-            )
-        lines.append(
-            json.dumps(
-                {"prompt": f"a photo of {i + 2} circles", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}
-            )
-        )
-    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    write_pair_file(tmp_path, [f"a photo of {i + 2} circles" for i in range(3)], seed=1)
     sizes, weights = {}, {}
     for cache in (0, 1, 4096):
 

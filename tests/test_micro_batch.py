@@ -8,13 +8,12 @@ loss weighted wrongly (a sum where a mean belongs, a share forgotten) shows as a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from tiny_weights import write_pair_file
 
 from flowalign.config import RewardSpec, load_config
 from flowalign.train import train
@@ -40,19 +39,7 @@ def _repo_cwd(monkeypatch):
 
 
 def _pairs(tmp_path: Path) -> Path:
-    gen = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(3):
-        for name in (f"w{i}.png", f"l{i}.png"):
-            pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(tmp_path / name)
-        lines.append(
-            json.dumps(
-                {"prompt": f"a photo of {i + 2} circles", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}
-            )
-        )
-    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    return tmp_path / "pairs.jsonl"
+    return write_pair_file(tmp_path, [f"a photo of {i + 2} circles" for i in range(3)])
 
 
 RECIPES = {

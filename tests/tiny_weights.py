@@ -69,3 +69,25 @@ def save_tiny_mask2former(directory: Path, labels: Sequence[str] | None = None, 
     Mask2FormerForUniversalSegmentation(config).eval().save_pretrained(directory)
     Mask2FormerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(directory)
     return directory
+
+
+def write_pair_file(directory, prompts, seed: int = 0):
+    """A DPO pair file ``directory/pairs.jsonl``: one pair of random 32x32 PNGs (``w{i}.png`` chosen,
+    ``l{i}.png`` rejected, next to it) per prompt. Returns its path."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    lines = []
+    for i, prompt in enumerate(prompts):
+        for name in (f"w{i}.png", f"l{i}.png"):
+            pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(directory / name)
+        lines.append(json.dumps({"prompt": prompt, "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
+    (directory / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return directory / "pairs.jsonl"

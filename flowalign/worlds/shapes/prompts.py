@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from rewards.geneval.scorer import TASKS, MetadataError, validate_metadata
+from rewards.geneval.scorer import TASKS
 from rewards.shapes.sprites import COLORS, SHAPES
 
 __all__ = [
@@ -292,19 +292,11 @@ def write_splits(splits: PromptSplits, out_dir: str | Path) -> dict[str, Path]:
 
 
 def load_prompts(path: str | Path) -> list[Metadata]:
-    """Read a jsonl prompt file and check every line against GenEval's schema and the shapes vocabulary."""
-    prompts = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                metadata = json.loads(line)
-                validate_metadata(metadata, classes=SHAPES, colors=COLORS)
-            except (json.JSONDecodeError, MetadataError) as err:
-                raise ValueError(f"{path}:{line_no}: not a shapes-world GenEval prompt: {err}") from None
-            prompts.append(metadata)
-    return prompts
+    """Read a jsonl prompt file and check every line against GenEval's schema and the shapes vocabulary
+    (:func:`flowalign.eval.geneval.load_geneval_prompts` with the shapes detector)."""
+    from flowalign.eval.geneval import load_geneval_prompts
+
+    return load_geneval_prompts(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

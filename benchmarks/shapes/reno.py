@@ -40,7 +40,7 @@ def main() -> None:
 
     from flowalign.algorithms.noise_opt import optimize_noise
     from flowalign.models import load_model
-    from flowalign.samplers import SamplingPlan, rollout
+    from flowalign.samplers import SamplingPlan, generate, seeded_generators
     from flowalign.worlds.shapes import load_prompts
     from rewards import WeightedReward
     from rewards.geneval import evaluate, summarize
@@ -60,19 +60,18 @@ def main() -> None:
         chunk = prompts[start : start + args.batch_size]
         texts = [p["prompt"] for p in chunk]
         cond = model.encode(texts, cfg=guidance > 1)
-        gens = [torch.Generator().manual_seed(args.seed * 100_003 + start + i) for i in range(len(chunk))]
+        gens = seeded_generators([args.seed * 100_003 + start + i for i in range(len(chunk))], model.device)
         noise = model.initial_noise(len(chunk), model.default_resolution, model.default_resolution, gens)
-        schedule = model.schedule(args.steps, noise.shape[1:])
         plan = SamplingPlan.build(args.steps, sde="none", grad="all", checkpoint=False)
 
-        def generate(z, cond=cond, schedule=schedule, plan=plan):
-            return rollout(model, cond, z, schedule, plan, guidance=guidance).images
+        def generate_from(z, cond=cond, plan=plan):
+            return generate(model, None, z, cond=cond, steps=args.steps, guidance=guidance, plan=plan).images
 
         def reward_fn(images, texts=texts, chunk=chunk):
             return reward(images, texts, chunk).scores
 
         result = optimize_noise(
-            generate, reward_fn, noise, iterations=args.iterations, snapshot_at=checkpoints
+            generate_from, reward_fn, noise, iterations=args.iterations, snapshot_at=checkpoints
         )
         for k in checkpoints:
             detections = detect_batch(result.snapshots[k])

@@ -278,8 +278,7 @@ class TrainConfig:
     (unless ``reward.<name>.args.max_batch_size`` says otherwise). None: no micro-batching.
     ``sharding``: ``ddp`` (every process holds the whole model; accelerate's DDP) or ``fsdp`` (FSDP2: the
     denoiser's parameters, gradients, optimizer and EMA states sharded over the processes, on GPUs or CPU
-    processes; :mod:`flowalign.train.sharding`). Evaluation during training is not yet sharded: with
-    ``fsdp`` set ``eval.every=0`` and benchmark the saved LoRA or weights with ``flowalign bench``.
+    processes; :mod:`flowalign.train.sharding`). Evaluation splits its images over the processes either way.
     """
 
     algorithm: str = "grpo"
@@ -380,12 +379,6 @@ def validate(config: Config, where: str = "config") -> None:
         fail("train.mixed_precision", f"must be no, bf16 or fp16, got {t.mixed_precision!r}")
     if t.sharding not in ("ddp", "fsdp"):
         fail("train.sharding", f"must be ddp or fsdp, got {t.sharding!r}")
-    if t.sharding == "fsdp" and config.eval.prompts and config.eval.every > 0:
-        fail(
-            "eval.every",
-            "evaluation during training runs on the main process, which a sharded (fsdp) model cannot do alone; "
-            "set eval.every=0 and benchmark checkpoints with `flowalign bench geneval --lora ...`",
-        )
     if t.micro_batch_size is not None and t.micro_batch_size < 1:
         fail("train.micro_batch_size", f"must be >= 1 or null (no micro-batching), got {t.micro_batch_size}")
     if config.optim.warmup_steps < 0:

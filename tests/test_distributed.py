@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "dist" / "recipe_equivalence.py"
 CASES = ["grpo_kl", "nft", "dpo_online", "inpo_offline", "dpo_offline_one_pair", "alignprop", "sft"]
 FSDP_CASES = ["grpo_kl_fsdp", "nft_fsdp", "sft_full_fsdp"]
+EVAL_CASES = ["grpo_eval", "grpo_eval_fsdp"]
 NOT_COMPARED = {"step_time", "model_time_share"}
 
 
 def _run(out: Path, processes: int) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), str(out), *CASES, *FSDP_CASES, "grpo_fsdp_resume"]
+    command = [sys.executable, str(SCRIPT), str(out), *CASES, *FSDP_CASES, "grpo_fsdp_resume", *EVAL_CASES]
     if processes > 1:
         command[1:1] = ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines",
                         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]  # fmt: skip
@@ -96,3 +97,15 @@ def test_sharded_checkpoints_hold_whole_tensors_and_resume_exactly(runs):
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-9, msg=key)
     lora = sorted((two / "checkpoints").glob("step-*"))[-1] / "lora" / "pytorch_lora_weights.safetensors"
     assert lora.is_file() and len(load_file(str(lora))) == sum("lora" in k for k in straight)
+
+
+@pytest.mark.parametrize("case", EVAL_CASES)
+def test_evaluation_split_over_processes_judges_the_images_of_one_process(runs, case):
+    """Each process samples and judges its share of the held-out images (padded to equal shares: a sharded
+    forward is a collective); the merged report equals one process's, image by image, detections included."""
+    for step in ("step-000000", "step-000001"):
+        one = json.loads((runs / "one" / case / "eval" / step / "results.json").read_text())
+        two = json.loads((runs / "two" / case / "eval" / step / "results.json").read_text())
+        assert len(two["images"]) == len(one["images"]) == 5
+        assert two["images"] == one["images"] and two["summary"] == one["summary"], step
+    assert (runs / "two" / case / "eval" / "step-000001" / "grids").is_dir()

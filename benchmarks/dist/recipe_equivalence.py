@@ -58,6 +58,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "sft_full_fsdp": ("configs/sft/tiny_shapes.yaml", ["sft.batch_size=4", "model.lora_rank=0", "train.sharding=fsdp",
                                                        "optim.lr=1e-3"]),
     "grpo_fsdp_resume": ("configs/grpo/tiny_sd3.yaml", ["train.steps=2", "train.ema_decay=0.5", "train.sharding=fsdp"]),
+    # GenEval evaluation split over the processes (5 prompts: one process pads its share), unsharded and sharded.
+    "grpo_eval": ("configs/grpo/tiny_sd3.yaml", ["eval.prompts=assets/shapes/prompts/test.jsonl", "eval.every=1",
+                                                 "eval.max_prompts=5", "eval.images_per_prompt=1"]),
+    "grpo_eval_fsdp": ("configs/grpo/tiny_sd3.yaml", ["eval.prompts=assets/shapes/prompts/test.jsonl", "eval.every=1",
+                                                      "eval.max_prompts=5", "eval.images_per_prompt=1",
+                                                      "train.sharding=fsdp", "train.steps=1"]),
 }  # fmt: skip
 GLOBAL_MINIBATCH = {"grpo": 4, "nft": 4}
 

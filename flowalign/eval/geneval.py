@@ -63,6 +63,7 @@ __all__ = [
     "check_prompts",
     "image_seed",
     "load_geneval_prompts",
+    "merge_reports",
     "run_geneval",
     "stats_text",
     "summary_markdown",
@@ -263,11 +264,13 @@ def run_geneval(
     detector: Detector | Callable[[Tensor], list[list[Detection]]] | None = None,
     keep_images: bool = True,
     progress: bool = True,
+    jobs: Sequence[tuple[int, int]] | None = None,
 ) -> GenEvalReport:
     """Benchmark ``model`` (a :class:`~flowalign.models.ModelAdapter`) on GenEval metadata ``prompts``.
 
     ``images_per_prompt`` is one count for every prompt or one count per prompt (e.g.
-    :func:`balanced_images_per_prompt`); ``records`` are prompt-major either way. ``steps``/``guidance``/
+    :func:`balanced_images_per_prompt`); ``records`` are prompt-major either way. ``jobs``: only these
+    ``(prompt index, image index)`` images (a process's share; :func:`merge_reports` joins the shares). ``steps``/``guidance``/
     ``resolution`` default to the model's own defaults. Raises ``ValueError`` naming the bad argument or
     prompt (with its index) before any sampling.
     """
@@ -287,7 +290,12 @@ def run_geneval(
     )
     _check_config(config)
 
-    jobs = [(i, j) for i, n in enumerate(config.images_per_prompt) for j in range(n)]
+    if jobs is None:
+        jobs = [(i, j) for i, n in enumerate(config.images_per_prompt) for j in range(n)]
+    else:  # a share of the benchmark (one process's): its images, with the seeds they have in the whole
+        jobs = [(int(i), int(j)) for i, j in jobs]
+        if any(not 0 <= i < len(prompts) or not 0 <= j < config.images_per_prompt[i] for i, j in jobs):
+            raise ValueError("jobs name an image outside the prompts and images_per_prompt given.")
     records: list[ImageRecord] = []
     kept: list[Tensor] = []
     start = time.perf_counter()
@@ -322,6 +330,29 @@ def run_geneval(
         images=torch.cat(kept) if keep_images else None,
         wall_time_s=time.perf_counter() - start,
     )
+
+
+def merge_reports(parts: Sequence[GenEvalReport]) -> GenEvalReport:
+    """One report from the reports of disjoint shares of one benchmark (:func:`run_geneval` with ``jobs``):
+    records prompt-major, summary and intervals over all of them, images joined when every share kept
+    its own (else None), wall time the longest share's."""
+    first = parts[0]
+    indexed = sorted(
+        (
+            (r.prompt_index, r.image_index, n, k)
+            for n, part in enumerate(parts)
+            for k, r in enumerate(part.records)
+        )
+    )
+    records = [parts[n].records[k] for _, _, n, k in indexed]
+    images = None
+    if all(part.images is not None for part in parts):
+        images = torch.stack([parts[n].images[k] for _, _, n, k in indexed]) if records else None
+    return GenEvalReport(
+        summary=summarize([r.result for r in records]), stats=benchmark_stats(verdicts_of(records)),
+        records=records, prompts=first.prompts, config=first.config, images=images,
+        wall_time_s=max(part.wall_time_s for part in parts), model=first.model,
+    )  # fmt: skip
 
 
 def _counts_per_prompt(images_per_prompt: int | Sequence[int], n_prompts: int) -> tuple[int, ...]:

@@ -39,8 +39,7 @@ def _eval_weights(ctx: TrainContext):
 
 class Evaluation:
     """The loop's periodic evaluation. :meth:`setup` (called by the loop before the first iteration) reads
-    ``eval.prompts``, builds the GenEval detector ``eval.detector`` on the process's device (main process)
-    and checks every prompt against its vocabulary, so a prompt file the detector cannot judge stops the run
+    ``eval.prompts``, builds the GenEval detector ``eval.detector`` on each process's device and checks every prompt against its vocabulary, so a prompt file the detector cannot judge stops the run
     before training, not at its first evaluation; calling it evaluates."""
 
     def __init__(self) -> None:
@@ -56,14 +55,14 @@ class Evaluation:
             from flowalign.eval.geneval import check_prompts
             from rewards.geneval_reward import load_detector
 
-            if ctx.accelerator.is_main_process:
-                self.detector = load_detector(e.detector, ctx.accelerator.device, **e.detector_args)
-                try:
-                    check_prompts([{"prompt": r.prompt, **r.metadata} for r in self.records], self.detector)
-                except ValueError as err:
-                    raise ValueError(
-                        f"eval.prompts {e.prompts!r} with eval.detector={e.detector}: {err}"
-                    ) from None
+            # Every process judges its share of the images with its own detector.
+            self.detector = load_detector(e.detector, ctx.accelerator.device, **e.detector_args)
+            try:
+                check_prompts([{"prompt": r.prompt, **r.metadata} for r in self.records], self.detector)
+            except ValueError as err:
+                raise ValueError(
+                    f"eval.prompts {e.prompts!r} with eval.detector={e.detector}: {err}"
+                ) from None
         elif e.images_per_task is not None:
             raise ValueError(
                 f"eval.images_per_task balances GenEval tasks, but eval.prompts {e.prompts!r} holds prompts "
@@ -77,47 +76,83 @@ class Evaluation:
         return _evaluate_rewards(ctx, step, self.records)
 
 
+_GATHER_IMAGE_BYTES = 512 * 2**20
+"""Above this many bytes of uint8 images, a multi-process evaluation writes no PNG grids (verdicts only)."""
+
+
+def _share(jobs: list[tuple[int, int]], index: int, processes: int) -> tuple[list[tuple[int, int]], int]:
+    """Process ``index``'s contiguous block of ``jobs``, padded by repeating its last job so that every
+    process runs the same number (the same number of model calls: a sharded model's forward is a
+    collective); returns the block and how many of its jobs are real."""
+    per = -(-len(jobs) // processes)
+    mine = jobs[index * per : (index + 1) * per]
+    real = len(mine)
+    return mine + [(mine or jobs)[-1]] * (per - real), real
+
+
 def _evaluate_geneval(ctx: TrainContext, step: int, records, detector) -> dict[str, float]:
-    from flowalign.eval.geneval import balanced_subset, run_geneval, write_report
+    """GenEval on the held-out prompts, the images split over the processes (each judges its share with its
+    own detector; the main process merges the verdicts and writes the report). Every image has the seed it
+    has on one process, so the result does not depend on the number of processes."""
+    from accelerate.utils import gather_object
+
+    from flowalign.eval.geneval import balanced_subset, merge_reports, run_geneval, write_report
 
     config, acc = ctx.config, ctx.accelerator
+    e = config.eval
+    counts: int | list[int] = e.images_per_prompt
+    if e.images_per_task is not None:
+        tags = [r.metadata.get("tag") for r in records]
+        subset = balanced_subset(tags, e.images_per_task, images_per_prompt=e.images_per_prompt)
+        records, counts = [records[i] for i, _ in subset], [n for _, n in subset]
+    prompts = [{"prompt": r.prompt, **r.metadata} for r in records]
+    per_prompt = counts if isinstance(counts, list) else [counts] * len(prompts)
+    jobs = [(i, j) for i, n in enumerate(per_prompt) for j in range(n)]
+    side = config.model.resolution or ctx.model.default_resolution
+    keep_images = acc.num_processes == 1 or len(jobs) * 3 * side * side <= _GATHER_IMAGE_BYTES
+    mine, real = (
+        _share(jobs, acc.process_index, acc.num_processes) if acc.num_processes > 1 else (jobs, len(jobs))
+    )
+    with _eval_weights(ctx):
+        report = run_geneval(
+            ctx.model, prompts, images_per_prompt=per_prompt, steps=e.steps or config.sampling.steps,
+            guidance=config.sampling.guidance if e.guidance is None else e.guidance,
+            resolution=config.model.resolution, seed=config.train.seed, detector=detector,
+            batch_size=config.train.micro_batch_size or 32, progress=False, jobs=mine, keep_images=keep_images,
+        )  # fmt: skip
+    if acc.num_processes > 1:
+        report.records = report.records[:real]
+        if report.images is not None:
+            report.images = (report.images[:real] * 255).round().to(torch.uint8)
+        parts = gather_object([report])
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return {}
+        report = merge_reports(parts)
+        if report.images is not None:
+            report.images = report.images.float() / 255
     out: dict[str, float] = {}
-    if acc.is_main_process:
-        e = config.eval
-        counts: int | list[int] = e.images_per_prompt
-        if e.images_per_task is not None:
-            tags = [r.metadata.get("tag") for r in records]
-            subset = balanced_subset(tags, e.images_per_task, images_per_prompt=e.images_per_prompt)
-            records, counts = [records[i] for i, _ in subset], [n for _, n in subset]
-        prompts = [{"prompt": r.prompt, **r.metadata} for r in records]
-        with _eval_weights(ctx):
-            report = run_geneval(
-                ctx.model, prompts, images_per_prompt=counts, steps=e.steps or config.sampling.steps,
-                guidance=config.sampling.guidance if e.guidance is None else e.guidance,
-                resolution=config.model.resolution, seed=config.train.seed, detector=detector,
-                batch_size=config.train.micro_batch_size or 32, progress=False,
-            )  # fmt: skip
-        summary, overall = report.summary, report.stats.overall
-        out = {
-            "eval/geneval_overall": summary.overall,
-            "eval/geneval_overall_lo": overall.low,
-            "eval/geneval_overall_hi": overall.high,
-            "eval/geneval_images": summary.image_accuracy,
-        }
-        out.update({f"eval/geneval_{task}": value for task, value in summary.task_accuracy.items()})
-        here = ctx.output_dir / "eval" / f"step-{step:06d}"
-        write_report(report, here)
-        out.update(_gain_since_first_evaluation(here))
-        if config.train.progress:
-            from tqdm.auto import tqdm
+    summary, overall = report.summary, report.stats.overall
+    out = {
+        "eval/geneval_overall": summary.overall,
+        "eval/geneval_overall_lo": overall.low,
+        "eval/geneval_overall_hi": overall.high,
+        "eval/geneval_images": summary.image_accuracy,
+    }
+    out.update({f"eval/geneval_{task}": value for task, value in summary.task_accuracy.items()})
+    here = ctx.output_dir / "eval" / f"step-{step:06d}"
+    write_report(report, here)
+    out.update(_gain_since_first_evaluation(here))
+    if config.train.progress:
+        from tqdm.auto import tqdm
 
-            line = f"step {step}: held-out GenEval overall {overall.estimate:.3f} [{overall.low:.3f}, {overall.high:.3f}]"
-            if "eval/geneval_gain" in out:
-                line += (
-                    f"; gain since the first evaluation {out['eval/geneval_gain']:+.3f} "
-                    f"[{out['eval/geneval_gain_lo']:+.3f}, {out['eval/geneval_gain_hi']:+.3f}] (same images, 95%)"
-                )
-            tqdm.write(line)
+        line = f"step {step}: held-out GenEval overall {overall.estimate:.3f} [{overall.low:.3f}, {overall.high:.3f}]"
+        if "eval/geneval_gain" in out:
+            line += (
+                f"; gain since the first evaluation {out['eval/geneval_gain']:+.3f} "
+                f"[{out['eval/geneval_gain_lo']:+.3f}, {out['eval/geneval_gain_hi']:+.3f}] (same images, 95%)"
+            )
+        tqdm.write(line)
     acc.wait_for_everyone()
     return out
 

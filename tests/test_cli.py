@@ -85,3 +85,24 @@ def test_train_command_and_config_errors(tmp_path, monkeypatch, capsys):
     assert "finished after 1 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="optim.lrr"):
         main(["train", "configs/grpo/tiny_sd3.yaml", "optim.lrr=1"])
+
+
+def test_bench_geneval_with_a_real_image_detector(tmp_path, capsys):
+    """`--detector mask2former` on GenEval's own prompts (COCO classes) with tiny random weights: the shapes
+    detector would refuse these prompts; the run writes a report that names its detector."""
+    from tiny_weights import save_tiny_mask2former, save_tiny_open_clip
+
+    mask2former = save_tiny_mask2former(tmp_path / "mask2former")
+    clip = save_tiny_open_clip(tmp_path / "clip")
+    common = ["bench", "geneval", "--model", "tiny-sd3", "--prompts", "assets/geneval/evaluation_metadata.jsonl",
+              "--max-prompts", "2", "--images-per-prompt", "1", "--min-images-per-task", "0", "--steps", "2",
+              "--resolution", "32", "--no-progress"]  # fmt: skip
+    with pytest.raises(SystemExit, match="pick a real-image detector with --detector"):
+        main([*common, "--out", str(tmp_path / "shapes")])
+    assert main([*common, "--detector", "mask2former", "--detector-arg", f"model_path={mask2former}",
+                 "--detector-arg", f"clip_path={clip}", "--out", str(tmp_path / "m2f")]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "m2f" / "results.json").read_text())
+    assert results["model"]["detector"] == "mask2former" and results["n_images"] == 2
+    assert "--detector mask2former" in results["command"]
+    with pytest.raises(SystemExit, match="--detector-arg 'oops' must look like KEY=VALUE"):
+        main([*common, "--detector", "mask2former", "--detector-arg", "oops", "--out", str(tmp_path / "bad")])

@@ -276,6 +276,10 @@ class TrainConfig:
     a call's batch); a minibatch larger than it is processed in micro-batches whose gradients accumulate
     into one optimizer step, which gives the same update as one call. Rewards score in chunks of it too
     (unless ``reward.<name>.args.max_batch_size`` says otherwise). None: no micro-batching.
+    ``checkpoint_every``: save a checkpoint every N iterations; the final one is always saved (0: only the
+    final one). ``keep_checkpoints``: how many of the newest to keep (>= 1).
+    ``overwrite``: a run that starts (no ``resume``) in an ``output_dir`` holding another run deletes that
+    run first; without it such a start is refused (:mod:`flowalign.train.rundir`).
     ``sharding``: ``ddp`` (every process holds the whole model; accelerate's DDP) or ``fsdp`` (FSDP2: the
     denoiser's parameters, gradients, optimizer and EMA states sharded over the processes, on GPUs or CPU
     processes; :mod:`flowalign.train.sharding`). Evaluation splits its images over the processes either way.
@@ -293,6 +297,7 @@ class TrainConfig:
     max_minutes: float | None = None
     micro_batch_size: int | None = None
     sharding: str = "ddp"
+    overwrite: bool = False
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
 

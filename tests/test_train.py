@@ -3,6 +3,7 @@ exact resume, SIGTERM, non-finite rewards."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -164,10 +165,17 @@ def test_two_processes_give_the_same_advantages_as_one(tmp_path):
 
     script = ROOT / "benchmarks" / "dist" / "advantage_equivalence.py"
     config = "configs/grpo/tiny_sd3.yaml"
-    common = [f"train.output_dir={tmp_path}/run", "data.groups_per_step=2"]
+    common = ["data.groups_per_step=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, str(script), config, str(tmp_path / "one.pt"), *common],
+        [
+            sys.executable,
+            str(script),
+            config,
+            str(tmp_path / "one.pt"),
+            f"train.output_dir={tmp_path}/one",
+            *common,
+        ],
         check=True,
         cwd=ROOT,
         env=env,
@@ -175,7 +183,10 @@ def test_two_processes_give_the_same_advantages_as_one(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu"]  # fmt: skip
     subprocess.run(
-        [*launch, str(script), config, str(tmp_path / "two.pt"), *common], check=True, cwd=ROOT, env=env
+        [*launch, str(script), config, str(tmp_path / "two.pt"), f"train.output_dir={tmp_path}/two", *common],
+        check=True,
+        cwd=ROOT,
+        env=env,
     )
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["num_processes"] == 1 and two["num_processes"] == 2
@@ -527,3 +538,55 @@ def test_accelerate_fsdp_launch_is_refused_and_shipped_accelerate_configs_parse(
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="train.sharding=fsdp"):
         train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1"))
+
+
+def test_a_run_owns_its_output_directory(tmp_path):
+    """A second run into a directory holding a run is refused (its checkpoints would be pruned, its config
+    overwritten); train.overwrite=true deletes the old run first; a live holder's lock refuses, a dead
+    holder's lock is broken."""
+    import socket
+    import subprocess
+
+    from flowalign.train.rundir import RunDirError
+
+    first = train(
+        _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=2", "train.checkpoint_every=1")
+    )
+    assert first.steps_done == 2 and not (tmp_path / "run.lock").exists()
+    with pytest.raises(
+        RunDirError,
+        match=r"already holds a run \(config\.yaml, metrics\.jsonl, checkpoints\).*train\.resume=latest.*train\.overwrite=true",
+    ):
+        train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "train.overwrite=true"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (other / "run.lock").write_text(
+            json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": 0})
+        )
+        with pytest.raises(RunDirError, match=rf"in use by the run with pid {holder.pid}"):
+            train(_config("configs/grpo/tiny_sd3.yaml", other, "train.steps=1"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (
+        train(_config("configs/grpo/tiny_sd3.yaml", other, "train.steps=1")).steps_done == 1
+    )  # stale lock broken
+
+
+def test_resume_logs_each_step_once_and_the_final_weights_are_always_saved(tmp_path):
+    train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=4", "train.checkpoint_every=2",
+                  "train.keep_checkpoints=5"))  # fmt: skip
+    step2 = tmp_path / "checkpoints" / "step-000002"
+    train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=4", f"train.resume={step2}",
+                  "train.checkpoint_every=2", "train.keep_checkpoints=5"))  # fmt: skip
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    only_final = tmp_path / "final"
+    train(_config("configs/grpo/tiny_sd3.yaml", only_final, "train.steps=2", "train.checkpoint_every=0"))
+    assert [p.name for p in (only_final / "checkpoints").iterdir()] == ["step-000002"]

@@ -231,7 +231,6 @@ def _trackers(config: Config) -> list[str]:
 def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = None) -> TrainResult:
     """Run ``config.train.steps`` iterations of ``recipe`` with everything around them."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     output_dir = Path(config.train.output_dir)
     trackers = _trackers(config)
@@ -257,6 +256,34 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
         log_with=trackers or None,
         project_dir=str(output_dir),
     )
+    from flowalign.train.rundir import RunDirError, claim, release
+
+    # One run owns the output directory (train/rundir.py): the main process locks it, every process learns
+    # the verdict, so a refused run stops everywhere with the same message.
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = claim(output_dir, resume=bool(config.train.resume), overwrite=config.train.overwrite)
+        except RunDirError as err:
+            refusal = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise RunDirError(refusal)
+    try:
+        return _run(config, recipe, evaluate, accelerator, output_dir, trackers)
+    finally:
+        release(lock)
+
+
+def _run(
+    config: Config, recipe: Recipe, evaluate, accelerator, output_dir: Path, trackers: list[str]
+) -> TrainResult:
+    """The body of :func:`run_training` once the output directory is this run's."""
+    from accelerate.utils import set_seed
+
     set_seed(config.train.seed, device_specific=True)
     model = _setup_model(config, accelerator.device)
     sharded = config.train.sharding == "fsdp"
@@ -309,6 +336,10 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
             sharded_module=model.denoiser if sharded else None,
         )  # fmt: skip
         start = state["step"]
+        if accelerator.is_main_process:
+            from flowalign.train.rundir import trim_metrics
+
+            trim_metrics(output_dir, start)  # the steps after the checkpoint are logged again
         accelerator.print(f"resumed from step {start}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -372,10 +403,9 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
                 checkpoint(done)
                 accelerator.print(f"SIGTERM: saved checkpoint at step {done} and stopped.")
                 return TrainResult(done, output_dir, metrics, True)
-            if config.train.checkpoint_every > 0 and (
-                done % config.train.checkpoint_every == 0 or done == config.train.steps
-            ):
-                checkpoint(done)
+            every = config.train.checkpoint_every
+            if done == config.train.steps or (every > 0 and done % every == 0):
+                checkpoint(done)  # the final weights are always saved (checkpoint_every=0: only them)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if trackers:

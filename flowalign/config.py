@@ -331,10 +331,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist.")
+        import yaml
+
         try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as err:
             raise _error(str(path), err) from None
+        except yaml.YAMLError as err:  # not YAML, or a key given twice
+            raise ConfigError(f"{path}: not a valid YAML config: {' '.join(str(err).split())}") from None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4).")
@@ -348,7 +352,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OmegaConfBaseException as err:
             raise _error(f"override {item!r}", err) from None
     config: Config = OmegaConf.to_object(merged)
-    validate(config, where=str(path) if path else "config")
+    sources = {item.partition("=")[0].lstrip("+"): f"override {item!r}" for item in overrides or []}
+    validate(config, where=str(path) if path else "config", sources=sources)
     return config
 
 
@@ -366,11 +371,92 @@ def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def validate(config: Config, where: str = "config") -> None:
-    """Cross-field checks; raises :class:`ConfigError` naming the key."""
+def _check_numbers(config: Config, fail) -> None:
+    """Ranges of the numeric settings: a value outside its range would be silently reinterpreted (a negative
+    clipping norm reverses the update, guidance below 1 turns CFG off, a zero epoch count trains nothing)."""
+
+    def need(key: str, ok: bool, rule: str) -> None:
+        if not ok:
+            section, _, rest = key.partition(".")
+            value = (
+                getattr(getattr(config, section), rest, None)
+                if section != "reward"
+                else config.reward[rest.rsplit(".", 1)[0]].weight
+            )
+            fail(key, f"{rule}, got {value}")
+
+    def finite(x) -> bool:
+        return x is not None and math.isfinite(x)
+
+    o, s, g, n, t, e = config.optim, config.sampling, config.grpo, config.nft, config.train, config.eval
+    need("optim.lr", finite(o.lr) and o.lr >= 0, "must be a finite number >= 0 (0 trains nothing)")
+    need(
+        "optim.max_grad_norm",
+        o.max_grad_norm > 0,
+        "must be > 0 (inf: no clipping); a negative norm reverses the update",
+    )
+    need("optim.eps", finite(o.eps) and o.eps > 0, "must be a finite number > 0")
+    need("optim.weight_decay", finite(o.weight_decay) and o.weight_decay >= 0, "must be a finite number >= 0")
+    need(
+        "optim.betas",
+        len(o.betas) == 2 and all(finite(b) and 0 <= b < 1 for b in o.betas),
+        "must be two numbers in [0, 1)",
+    )
+    for key, value in (("sampling.guidance", s.guidance), ("eval.guidance", e.guidance)):
+        if key == "eval.guidance" and value is None:
+            continue
+        need(
+            key,
+            finite(value) and value >= 1,
+            "must be a finite number >= 1 (1: no guidance; below 1 it would be ignored)",
+        )
+    need("sampling.noise_level", finite(s.noise_level) and s.noise_level >= 0, "must be a finite number >= 0")
+    need("grpo.clip_range", finite(g.clip_range) and g.clip_range > 0, "must be a finite number > 0")
+    need("grpo.adv_clip", g.adv_clip > 0, "must be > 0 (inf: no clipping)")
+    need("grpo.kl_beta", finite(g.kl_beta) and g.kl_beta >= 0, "must be a finite number >= 0")
+    need("nft.adv_clip", n.adv_clip > 0, "must be > 0 (inf: no clipping)")
+    need("nft.beta", finite(n.beta) and n.beta > 0, "must be a finite number > 0")
+    for key, value in (("grpo.inner_epochs", g.inner_epochs), ("nft.inner_epochs", n.inner_epochs),
+                       ("grpo.minibatch_size", g.minibatch_size), ("nft.minibatch_size", n.minibatch_size),
+                       ("nft.timesteps_per_sample", n.timesteps_per_sample), ("dpo.pairs_per_step", config.dpo.pairs_per_step),
+                       ("train.keep_checkpoints", t.keep_checkpoints)):  # fmt: skip
+        need(key, value >= 1, "must be >= 1")
+    need("train.checkpoint_every", t.checkpoint_every >= 0, "must be >= 0 (0: only the final checkpoint)")
+    need(
+        "backprop.kl_beta",
+        finite(config.backprop.kl_beta) and config.backprop.kl_beta >= 0,
+        "must be a finite number >= 0",
+    )
+    need("eval.every", e.every >= 0, "must be >= 0 (0: no evaluation)")
+    if t.max_minutes is not None:
+        need(
+            "train.max_minutes",
+            finite(t.max_minutes) and t.max_minutes > 0,
+            "must be a finite number > 0 or null",
+        )
+    for name, spec in config.reward.items():
+        need(
+            f"reward.{name}.weight",
+            finite(spec.weight) and spec.weight != 0,
+            "must be a finite, non-zero number",
+        )
+
+
+def validate(config: Config, where: str = "config", sources: dict[str, str] | None = None) -> None:
+    """Cross-field checks; raises :class:`ConfigError` naming the key and where its value came from: the
+    command-line override that set it (``sources``: key -> description), else ``where`` (the file)."""
 
     def fail(key: str, message: str) -> None:
-        raise ConfigError(f"{where}: invalid key {key!r}: {message}")
+        # Blame the command-line override that set the key (or a section holding it), else the file.
+        given = next(
+            (
+                src
+                for k, src in (sources or {}).items()
+                if k == key or key.startswith(k + ".") or k.startswith(key + ".")
+            ),
+            where,
+        )
+        raise ConfigError(f"{given}: invalid key {key!r}: {message}")
 
     t, s, d = config.train, config.sampling, config.data
     from flowalign.train.recipe import RECIPES  # recipes registered by user code count too
@@ -393,6 +479,7 @@ def validate(config: Config, where: str = "config") -> None:
         )
     if t.ema_decay is not None and not 0 < t.ema_decay < 1:
         fail("train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
+    _check_numbers(config, fail)
     if s.steps < 2:
         fail("sampling.steps", f"must be >= 2, got {s.steps}")
     if s.sde_window is not None:
@@ -450,9 +537,6 @@ def validate(config: Config, where: str = "config") -> None:
     needs_reward = t.algorithm != "sft" and not (t.algorithm == "dpo" and config.dpo.pairs != "online")
     if not config.reward and needs_reward:
         fail("reward", "name at least one reward, e.g. reward: {geneval: {weight: 1.0}}")
-    for name, spec in config.reward.items():
-        if spec.weight == 0:
-            fail(f"reward.{name}.weight", "is 0; remove the reward instead")
     for section, scope in (("grpo", config.grpo.std_scope), ("nft", config.nft.std_scope)):
         if scope not in ("group", "global"):
             fail(f"{section}.std_scope", f"must be group or global, got {scope!r}")

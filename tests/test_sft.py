@@ -176,6 +176,8 @@ def test_other_model_families_and_bad_keys_are_refused(tmp_path):
         match=r"^train\.algorithm=sft continues the shapes world.*'sd3' family; use model\.path=shapes",
     ):
         train(_config(tmp_path, "model.path=tiny-sd3", "model.resolution=32"))
-    with pytest.raises(ConfigError, match=r"tiny_shapes\.yaml: invalid key 'sft\.batch_size': must be >= 1"):
+    with pytest.raises(
+        ConfigError, match=r"override 'sft\.batch_size=0': invalid key 'sft\.batch_size': must be >= 1"
+    ):
         load_config(TINY, ["sft.batch_size=0"])
     assert not load_config(TINY).reward  # the control needs no reward

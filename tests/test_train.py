@@ -590,3 +590,33 @@ def test_resume_logs_each_step_once_and_the_final_weights_are_always_saved(tmp_p
     only_final = tmp_path / "final"
     train(_config("configs/grpo/tiny_sd3.yaml", only_final, "train.steps=2", "train.checkpoint_every=0"))
     assert [p.name for p in (only_final / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_a_skipped_nonfinite_step_moves_neither_weights_nor_ema(tmp_path):
+    """Reward backprop whose reward turns NaN at the second iteration: that step is skipped, and neither the
+    weights nor the EMA (which trails the first update, so an EMA step would move it) change."""
+    from rewards import Reward, RewardOutput, register_reward
+
+    calls = {"n": 0}
+
+    @register_reward("nan_second_time_for_test")
+    class NaNSecondTime(Reward):
+        differentiable = True
+
+        def score_batch(self, images, prompts, metadata):
+            calls["n"] += 1
+            scale = 1.0 if calls["n"] == 1 else float("nan")
+            return RewardOutput(images[:, 0].flatten(1).mean(1) * scale)
+
+    from flowalign.config import RewardSpec
+
+    config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=2", "train.algorithm=backprop",
+                     "backprop.mode=draft", "backprop.k=1", "sampling.steps=3", "data.group_size=1",
+                     "train.ema_decay=0.5", "train.checkpoint_every=1", "train.keep_checkpoints=5")  # fmt: skip
+    config.reward = {"nan_second_time_for_test": RewardSpec()}
+    result = train(config)
+    assert result.last_metrics["skipped_updates"] == 1.0
+    first, second = (tmp_path / "checkpoints" / f"step-00000{i}" for i in (1, 2))
+    for name in ("trainable", "ema_ema"):
+        a, b = load_file(str(first / f"{name}.safetensors")), load_file(str(second / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name

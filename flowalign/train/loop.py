@@ -72,7 +72,8 @@ class TrainContext:
     Attributes:
         ema: the average of the trained weights that evaluation and ``lora_ema/`` use (``train.ema_decay``;
             None when not kept). The loop updates it after every iteration that made an optimizer step.
-        updates: optimizer steps taken so far in this process's run (the LR schedule counts them).
+        updates: optimizer updates applied so far in this process's run (skipped non-finite steps do not
+            count); the EMA follows an iteration only when it applied one.
     """
 
     config: Config
@@ -152,7 +153,7 @@ class TrainContext:
                 self.optimizer.step()
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.updates += 1
+        self.updates += 0 if skipped else 1  # the EMA follows real updates only (not a skipped NaN step)
         return {"grad_norm": norm if not skipped else float("nan"), "skipped_updates": float(skipped)}
 
 

@@ -620,3 +620,75 @@ def test_a_skipped_nonfinite_step_moves_neither_weights_nor_ema(tmp_path):
     for name in ("trainable", "ema_ema"):
         a, b = load_file(str(first / f"{name}.safetensors")), load_file(str(second / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _corrupt_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 100] = bytes(100)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (
+            lambda c: _corrupt_bytes(c / "trainable.safetensors"),
+            "trainable.safetensors does not match its checksum",
+        ),
+        (
+            lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]),
+            "optimizer.pt has 100 bytes",
+        ),
+        (lambda c: (c / "ema_ema.safetensors").unlink(), "ema_ema.safetensors is missing"),
+        (lambda c: (c / "state.json").write_text(""), "state.json does not read"),
+        (lambda c: (c / "state.json").unlink(), "incomplete"),
+        (
+            lambda c: (c / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"x"),
+            "lora/pytorch_lora_weights",
+        ),
+    ],
+    ids=[
+        "bytes-overwritten",
+        "optimizer-truncated",
+        "file-deleted",
+        "state-empty",
+        "unfinished",
+        "lora-replaced",
+    ],
+)
+def test_resume_skips_a_damaged_checkpoint_and_falls_back(tmp_path, damage, reason):
+    """Checkpoints carry a manifest of checksums; resume=latest names and skips the newest if it does not
+    verify, and resumes from the previous one, which then gives the weights of an undamaged run."""
+    common = [
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=5",
+        "train.ema_decay=0.5",
+        "grpo.minibatch_size=2",
+    ]
+    straight = tmp_path / "straight"
+    train(_config("configs/grpo/tiny_sd3.yaml", straight, "train.steps=3", *common))
+    run = tmp_path / "run"
+    train(_config("configs/grpo/tiny_sd3.yaml", run, "train.steps=2", *common))
+    damage(run / "checkpoints" / "step-000002")
+    with pytest.warns(UserWarning, match=rf"skipping checkpoint .*step-000002: .*{reason}"):
+        train(_config("configs/grpo/tiny_sd3.yaml", run, "train.steps=3", "train.resume=latest", *common))
+    a, b = _lora_params(straight), _lora_params(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_when_no_checkpoint_verifies_and_cleans_partial_saves(tmp_path):
+    from flowalign.train.state import find_checkpoint
+
+    common = ["train.checkpoint_every=1", "train.keep_checkpoints=5"]
+    train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", *common))
+    (tmp_path / "checkpoints" / "step-000007.tmp" / "lora").mkdir(parents=True)  # a save a kill interrupted
+    _corrupt_bytes(tmp_path / "checkpoints" / "step-000001" / "trainable.safetensors")
+    with (
+        pytest.warns(UserWarning, match="step-000001"),
+        pytest.raises(FileNotFoundError, match="holds no valid checkpoint"),
+    ):
+        find_checkpoint(tmp_path, "latest")
+    with pytest.raises(FileNotFoundError, match="cannot be used: trainable.safetensors does not match"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-000001"))
+    train(_config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=1", "train.overwrite=true", *common))
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))

@@ -2,10 +2,11 @@
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step-<N>`` holding the trainable parameters
 (safetensors), the optimizer and LR-scheduler state, the evaluation EMA's shadow (``ema_ema``), the
-recipe's own state (``recipe.safetensors``: an old or reference policy...), and ``state.json`` (step,
-config).
-It is written to ``step-<N>.tmp`` and renamed into place, so a crash mid-write never leaves a directory
-that loads wrong. Every random draw of the training loops derives from ``(seed, iteration)``, so the
+recipe's own state (``recipe.safetensors``: an old or reference policy...), ``manifest.json`` (every file's
+size and SHA-256, written after the files are fsynced) and, last, ``state.json`` (step, config): the mark
+that the save finished. It is written to ``step-<N>.tmp`` and renamed into place. Resume verifies the
+manifest (:func:`verify_checkpoint`) and, for ``latest``, falls back past checkpoints that do not verify,
+naming each; leftover ``.tmp`` folders of interrupted saves are removed at the next save. Every random draw of the training loops derives from ``(seed, iteration)``, so the
 step counter is all the data position and RNG state a resume needs; the global RNG states are saved too
 for user code that uses them.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 from collections.abc import Iterator, Sequence
@@ -27,7 +29,7 @@ from torch import nn
 
 from flowalign.train.sharding import copy_full_, full_tensor
 
-__all__ = ["EMA", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["EMA", "find_checkpoint", "load_checkpoint", "save_checkpoint", "verify_checkpoint"]
 
 
 class EMA:
@@ -77,18 +79,81 @@ def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
-    """``resume`` is ``"latest"`` (newest complete checkpoint under ``output_dir``) or a checkpoint path."""
-    if resume == "latest":
-        found = _checkpoint_dirs(Path(output_dir))
-        if not found:
-            raise FileNotFoundError(
-                f"train.resume=latest but {output_dir}/checkpoints holds no complete checkpoint."
-            )
-        return found[-1][1]
-    path = Path(resume)
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    """Record every file's size and SHA-256 (fsynced) before ``state.json``, the completion mark, is written."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be trusted (missing, incomplete, a file changed), or None when every
+    file its manifest lists is there with its recorded size and SHA-256 and ``state.json`` reads."""
     if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"train.resume={resume!r} is not a checkpoint directory (no state.json).")
+        return "incomplete (no state.json: its save did not finish)"
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"state.json does not read ({err})"
+    if not (path / MANIFEST).is_file():
+        return "no manifest.json (its files cannot be verified)"
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        return f"manifest.json does not read ({err})"
+    for name, record in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != record["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {record['bytes']} were written"
+        if _sha256(file) != record["sha256"]:
+            return f"{name} does not match its checksum (changed after it was written)"
+    return None
+
+
+def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
+    """``resume`` is ``"latest"`` (the newest checkpoint under ``output_dir`` that verifies; newer ones that
+    do not are skipped with a warning naming them and why) or a checkpoint path (which must verify)."""
+    import warnings
+
+    if resume == "latest":
+        root = Path(output_dir) / "checkpoints"
+        candidates = sorted(
+            (int(p.name.removeprefix("step-")), p)
+            for p in root.glob("step-*")
+            if p.is_dir() and not p.name.endswith(".tmp") and p.name.removeprefix("step-").isdigit()
+        )
+        for _, path in reversed(candidates):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            warnings.warn(f"train.resume=latest: skipping checkpoint {path}: {problem}", stacklevel=2)
+        raise FileNotFoundError(
+            f"train.resume=latest but {root} holds no valid checkpoint"
+            + (f" ({len(candidates)} found, none verifies)" if candidates else "")
+            + "; start without train.resume (train.overwrite=true to delete the run) or pass a checkpoint path."
+        )
+    path = Path(resume)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise FileNotFoundError(f"train.resume={resume!r} cannot be used: {problem}.")
     return path
 
 
@@ -157,10 +222,13 @@ def save_checkpoint(
             with ema.applied():
                 lora_saver(tmp / "lora_ema", write)
     if write:
-        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        _write_manifest(tmp)
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))  # the completion mark
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        for orphan in root.glob("step-*.tmp"):  # saves a kill interrupted
+            shutil.rmtree(orphan, ignore_errors=True)
         for _, old in _checkpoint_dirs(Path(output_dir))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     return final

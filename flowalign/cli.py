@@ -1,7 +1,8 @@
 """The ``flowalign`` command: ``flowalign <subcommand> [options]``.
 
 Each subcommand lives in ``flowalign/commands/<name>.py`` and exposes ``add_arguments(parser)`` and
-``run(args) -> int``; it is imported only when invoked, so ``flowalign --help`` stays fast.
+``run(args) -> int``; it is imported only when invoked, so ``flowalign --help`` stays fast. User errors are
+one line (``--debug`` anywhere on the command line shows the traceback).
 """
 
 from __future__ import annotations
@@ -44,9 +45,29 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. A user error (a bad value, a missing file, a run directory in use, ...) is one line
+    on stderr and exit status 2; ``--debug`` (or ``FLOWALIGN_DEBUG=1``) shows the traceback instead."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FLOWALIGN_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser(argv).parse_args(argv)
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        ImportError,
+    ) as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -106,3 +106,19 @@ def test_bench_geneval_with_a_real_image_detector(tmp_path, capsys):
     assert "--detector mask2former" in results["command"]
     with pytest.raises(SystemExit, match="--detector-arg 'oops' must look like KEY=VALUE"):
         main([*common, "--detector", "mask2former", "--detector-arg", "oops", "--out", str(tmp_path / "bad")])
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    """A run directory in use is a ValueError deep in the loop: the command prints one line and exits 2;
+    --debug raises it with its traceback."""
+    from flowalign.train.rundir import RunDirError
+
+    out = tmp_path / "run"
+    args = ["train", "configs/grpo/tiny_sd3.yaml", f"train.output_dir={out}", "train.steps=1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: train.output_dir=") and "--debug" in err
+    with pytest.raises(RunDirError, match="already holds a run"):
+        main([*args, "--debug"])

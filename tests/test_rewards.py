@@ -574,8 +574,11 @@ def test_score_command_by_order_and_by_file_name(tmp_path, capsys):
                 "oops",
             ]
         )
+    capsys.readouterr()
+    assert main(["score", str(images_dir), "--prompts", str(prompts), "--reward", "nope"]) == 2
+    assert "error:" in capsys.readouterr().err  # one line, not a traceback
     with pytest.raises(ValueError, match="unknown reward"):
-        main(["score", str(images_dir), "--prompts", str(prompts), "--reward", "nope"])
+        main(["score", str(images_dir), "--prompts", str(prompts), "--reward", "nope", "--debug"])
 
 
 def test_rewards_package_never_imports_flowalign():

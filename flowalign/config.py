@@ -280,6 +280,9 @@ class TrainConfig:
     final one). ``keep_checkpoints``: how many of the newest to keep (>= 1).
     ``overwrite``: a run that starts (no ``resume``) in an ``output_dir`` holding another run deletes that
     run first; without it such a start is refused (:mod:`flowalign.train.rundir`).
+    ``allow_code``: let ``reward`` keys name code by dotted path (``package.module:ClassName``), which imports
+    it; the target must still be a ``rewards.Reward`` subclass (or a ``@rewards.reward_factory`` function).
+    Off: only registered names and installed entry points.
     ``sharding``: ``ddp`` (every process holds the whole model; accelerate's DDP) or ``fsdp`` (FSDP2: the
     denoiser's parameters, gradients, optimizer and EMA states sharded over the processes, on GPUs or CPU
     processes; :mod:`flowalign.train.sharding`). Evaluation splits its images over the processes either way.
@@ -298,6 +301,7 @@ class TrainConfig:
     micro_batch_size: int | None = None
     sharding: str = "ddp"
     overwrite: bool = False
+    allow_code: bool = False
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
 
@@ -534,6 +538,13 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
         fail("backprop.k", f"refl draws its step from [k_min, k) in [0, {s.steps}); got [{b.k_min}, {b.k})")
     if d.groups_per_step < 1:
         fail("data.groups_per_step", f"must be >= 1, got {d.groups_per_step}")
+    for name in config.reward:
+        if ("." in name or ":" in name) and not t.allow_code:
+            fail(
+                f"reward.{name}",
+                "is a code path (importing it runs the code it names); set train.allow_code=true to allow it, or "
+                "use a registered reward name",
+            )
     needs_reward = t.algorithm != "sft" and not (t.algorithm == "dpo" and config.dpo.pairs != "online")
     if not config.reward and needs_reward:
         fail("reward", "name at least one reward, e.g. reward: {geneval: {weight: 1.0}}")

@@ -15,7 +15,13 @@ preprocessing, differentiability and weights.
 from rewards._deps import MissingExtraError
 from rewards.base import Reward, RewardInputError, RewardOutput, flatten_frames, validate_images
 from rewards.compose import WeightedReward, parse_reward_spec
-from rewards.registry import available_rewards, load_reward, register_reward, resolve_reward_class
+from rewards.registry import (
+    available_rewards,
+    load_reward,
+    register_reward,
+    resolve_reward_class,
+    reward_factory,
+)
 from rewards.weights import RewardWeightsError
 
 __all__ = [
@@ -31,5 +37,6 @@ __all__ = [
     "parse_reward_spec",
     "register_reward",
     "resolve_reward_class",
+    "reward_factory",
     "validate_images",
 ]

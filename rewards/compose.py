@@ -89,6 +89,7 @@ class WeightedReward(Reward):
         cls,
         specs: Sequence[str],
         reward_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        allow_code: bool = False,
         **options: Any,
     ) -> WeightedReward:
         """Build from ``["ocr=1", "aesthetic=0.5"]``; ``reward_kwargs[name]`` go to that reward's constructor."""
@@ -106,7 +107,8 @@ class WeightedReward(Reward):
         if unused:
             raise ValueError(f"arguments given for reward(s) {sorted(unused)} that are not among {names}.")
         parts = {
-            name: (load_reward(name, **dict(reward_kwargs.get(name, {}))), weight) for name, weight in parsed
+            name: (load_reward(name, allow_code=allow_code, **dict(reward_kwargs.get(name, {}))), weight)
+            for name, weight in parsed
         }
         return cls(parts, **options)
 

@@ -1,5 +1,10 @@
 """Find a reward by name, by dotted path, or through the ``flowalign.rewards`` entry-point group.
 
+A dotted path (``package.module:ClassName``) imports and runs code named by whoever wrote the config or
+the command line, so it is refused unless the caller opts in (``allow_code=True``; ``train.allow_code``,
+``--allow-code``), and even then the target must be a :class:`~rewards.base.Reward` subclass, or a function
+marked with :func:`reward_factory`, checked before anything is called.
+
 Built-in rewards are listed here by import path, so importing :mod:`rewards` never imports an OCR engine,
 a face model or CLIP; the module is imported when the reward is first asked for. A third-party package
 exposes its rewards with an entry point::
@@ -17,7 +22,14 @@ from typing import Any
 
 from rewards.base import Reward
 
-__all__ = ["ENTRY_POINT_GROUP", "available_rewards", "load_reward", "register_reward", "resolve_reward_class"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "available_rewards",
+    "load_reward",
+    "register_reward",
+    "resolve_reward_class",
+    "reward_factory",
+]
 
 ENTRY_POINT_GROUP = "flowalign.rewards"
 
@@ -76,8 +88,15 @@ def _import_attr(path: str) -> Any:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r} (reward {path!r}).") from err
 
 
-def resolve_reward_class(spec: str) -> Callable[..., Reward]:
-    """The class (or factory) behind a reward name or dotted path, without instantiating it."""
+def reward_factory(fn: Callable[..., Reward]) -> Callable[..., Reward]:
+    """Mark a function that builds a :class:`~rewards.base.Reward`, so a dotted path may name it."""
+    fn.is_reward_factory = True  # type: ignore[attr-defined]
+    return fn
+
+
+def resolve_reward_class(spec: str, allow_code: bool = False) -> Callable[..., Reward]:
+    """The class (or factory) behind a reward name or dotted path, without instantiating it. A dotted path
+    needs ``allow_code`` and must name a Reward subclass or a :func:`reward_factory` function."""
     if spec in _REGISTERED:
         return _REGISTERED[spec]
     if spec in _BUILTIN:
@@ -86,7 +105,20 @@ def resolve_reward_class(spec: str) -> Callable[..., Reward]:
     if spec in eps:
         return eps[spec].load()
     if "." in spec or ":" in spec:
-        return _import_attr(spec)
+        if not allow_code:
+            raise ValueError(
+                f"reward {spec!r} is a code path: importing it runs code the config or command line names. Opt "
+                "in with train.allow_code=true (configs) or --allow-code (commands), or register the reward "
+                f"under the {ENTRY_POINT_GROUP!r} entry-point group."
+            )
+        target = _import_attr(spec)
+        is_reward_class = isinstance(target, type) and issubclass(target, Reward)
+        if not (is_reward_class or getattr(target, "is_reward_factory", False)):
+            raise ValueError(
+                f"reward {spec!r} names a {type(target).__name__}, not a rewards.Reward subclass or a function "
+                "marked with @rewards.reward_factory; it was not called."
+            )
+        return target
     raise ValueError(
         f"unknown reward {spec!r}. Known rewards: {', '.join(available_rewards())}. "
         "A reward of your own can be given as 'package.module:ClassName' or registered under the "
@@ -94,9 +126,10 @@ def resolve_reward_class(spec: str) -> Callable[..., Reward]:
     )
 
 
-def load_reward(spec: str, **kwargs: Any) -> Reward:
-    """Instantiate a reward from a name or dotted path; ``kwargs`` go to its constructor."""
-    factory = resolve_reward_class(spec)
+def load_reward(spec: str, allow_code: bool = False, **kwargs: Any) -> Reward:
+    """Instantiate a reward from a name or (with ``allow_code``) a dotted path; ``kwargs`` go to its
+    constructor."""
+    factory = resolve_reward_class(spec, allow_code=allow_code)
     reward = factory(**kwargs)
     if not isinstance(reward, Reward):
         raise TypeError(

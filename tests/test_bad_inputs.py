@@ -109,3 +109,24 @@ def test_an_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not a valid YAML config"):
         load_config(bad)
+
+
+def test_a_config_cannot_run_code_unless_allowed(tmp_path):
+    """The reported exploit: a reward key naming torch.hub.load with a local repository ran its hubconf.py.
+    Now the key is refused at load; opting in still refuses anything but a Reward class, before calling."""
+    bad = tmp_path / "hub.yaml"
+    bad.write_text(
+        TINY.read_text().replace(
+            "  incompressibility: {weight: 1.0}",
+            '  "torch.hub:load": {weight: 1.0, args: {repo_or_dir: /tmp/nowhere, model: x, source: local}}',
+        )
+    )
+    with pytest.raises(ConfigError, match=r"reward\.torch\.hub:load.*code path.*train\.allow_code=true"):
+        load_config(bad)
+    from flowalign.train.loop import build_reward
+
+    config = load_config(bad, ["train.allow_code=true"])
+    import torch
+
+    with pytest.raises(ValueError, match="not a rewards.Reward subclass.*was not called"):
+        build_reward(config, torch.device("cpu"))

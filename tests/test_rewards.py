@@ -179,8 +179,14 @@ def test_every_builtin_is_listed_and_resolves():
 
 def test_registry_by_name_dotted_path_and_register():
     assert isinstance(load_reward("compressibility"), Reward)
-    assert isinstance(load_reward("rewards.compressibility:CompressibilityReward"), Reward)
-    assert isinstance(load_reward("rewards.compressibility.IncompressibilityReward"), Reward)
+    assert isinstance(load_reward("rewards.compressibility:CompressibilityReward", allow_code=True), Reward)
+    assert isinstance(load_reward("rewards.compressibility.IncompressibilityReward", allow_code=True), Reward)
+    with pytest.raises(ValueError, match=r"is a code path.*train\.allow_code=true.*--allow-code"):
+        load_reward("rewards.compressibility:CompressibilityReward")
+    # Opting in still names only rewards: torch.hub.load (which would run a repository's hubconf.py) is
+    # refused before it is called.
+    with pytest.raises(ValueError, match=r"names a function, not a rewards\.Reward subclass.*was not called"):
+        load_reward("torch.hub:load", allow_code=True, repo_or_dir="/nonexistent", model="x", source="local")
     try:
         register_reward("test-fixed")(FixedScores)
         assert "test-fixed" in available_rewards()
@@ -195,9 +201,9 @@ def test_unknown_reward_name_lists_known_ones():
     with pytest.raises(ValueError, match=r"unknown reward 'nope'.*compressibility"):
         load_reward("nope")
     with pytest.raises(ValueError, match="cannot import module"):
-        load_reward("no_such_module:Reward")
-    with pytest.raises(TypeError, match="not a rewards.Reward"):
-        load_reward("collections:OrderedDict")
+        load_reward("no_such_module:Reward", allow_code=True)
+    with pytest.raises(ValueError, match="not a rewards.Reward subclass"):
+        load_reward("collections:OrderedDict", allow_code=True)
 
 
 def test_entry_point_from_an_installed_distribution(tmp_path, monkeypatch):

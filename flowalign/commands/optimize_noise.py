@@ -16,6 +16,11 @@ from flowalign.commands.common import add_model_arguments, load_model_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-code", action="store_true",
+        help="let --reward name code by dotted path (package.module:ClassName): it is imported and must be a "
+        "rewards.Reward subclass; off by default",
+    )  # fmt: skip
     add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     parser.add_argument(
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     reward_args = parse_reward_args(args.reward_arg)
     for spec in args.reward:
         reward_args.setdefault(parse_reward_spec(spec)[0], {}).setdefault("device", args.device)
-    reward = WeightedReward.from_specs(args.reward, reward_args)
+    reward = WeightedReward.from_specs(args.reward, reward_args, allow_code=args.allow_code)
     if not reward.differentiable:
         names = [n for n, (r, _) in reward.parts.items() if not r.differentiable]
         raise SystemExit(f"noise optimization needs differentiable rewards; {names} are not.")

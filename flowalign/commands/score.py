@@ -25,6 +25,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-code", action="store_true",
+        help="let --reward name code by dotted path (package.module:ClassName): it is imported and must be a "
+        "rewards.Reward subclass; off by default",
+    )  # fmt: skip
     parser.add_argument("images", metavar="IMAGES_DIR", help="folder of images to score")
     parser.add_argument(
         "--reward",
@@ -112,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     reward_args = parse_reward_args(args.reward_arg)
     for spec in args.reward:
         reward_args.setdefault(parse_reward_spec(spec)[0], {}).setdefault("device", args.device)
-    reward = WeightedReward.from_specs(args.reward, reward_args, normalize=args.normalize)
+    reward = WeightedReward.from_specs(
+        args.reward, reward_args, allow_code=args.allow_code, normalize=args.normalize
+    )
     pairs = match_images(Path(args.images), read_prompts(Path(args.prompts)))
     images = [load_image_tensor(path) for path, _ in pairs]
     prompts = [entry["prompt"] for _, entry in pairs]

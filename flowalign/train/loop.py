@@ -43,7 +43,10 @@ def build_reward(config: Config, device: torch.device):
         return None
     chunk = {"max_batch_size": config.train.micro_batch_size} if config.train.micro_batch_size else {}
     parts = {
-        name: (load_reward(name, device=device, **{**chunk, **spec.args}), spec.weight)
+        name: (
+            load_reward(name, allow_code=config.train.allow_code, device=device, **{**chunk, **spec.args}),
+            spec.weight,
+        )
         for name, spec in config.reward.items()
     }
     return WeightedReward(parts)

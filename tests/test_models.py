@@ -265,3 +265,21 @@ def test_models_import_nothing_from_rewards():
                 )
                 assert not any(n == "rewards" or n.startswith("rewards.") for n in names), (path.name, names)
     assert SHAPE_WORDS == SHAPES and COLOR_WORDS == tuple(COLORS)
+
+
+def test_a_lora_of_another_model_or_a_corrupt_file_is_an_error_naming_the_file(tmp_path):
+    sd3 = load_model("tiny-sd3")
+    sd3.add_lora(rank=4)
+    sd3.save_lora(tmp_path / "sd3_lora")
+    with pytest.raises(
+        ModelLoadError, match=r"sd3_lora.*(does not fit this sd model|of its \d+ LoRA tensors apply)"
+    ):
+        load_model("tiny-sd").load_lora(tmp_path / "sd3_lora")
+    fresh = load_model("tiny-sd3")
+    fresh.load_lora(tmp_path / "sd3_lora")  # the right model: loads
+    assert fresh.has_lora
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match=r"broken/pytorch_lora_weights\.safetensors' cannot be read"):
+        load_model("tiny-sd3").load_lora(broken)

@@ -455,10 +455,37 @@ class ModelAdapter:
         return directory
 
     def load_lora(self, directory: str | Path, trainable: bool = False) -> None:
-        """Load a diffusers-format LoRA through the stock pipeline loader."""
-        if not Path(directory).exists():
+        """Load a diffusers-format LoRA through the stock pipeline loader. A file that does not read, or whose
+        tensors do not all land on this model's denoiser (a LoRA of another model), is a
+        :class:`ModelLoadError` naming the file and what it expected, not a warning and the base model."""
+        directory = Path(directory)
+        if not directory.exists():
             raise ModelLoadError(f"LoRA directory {str(directory)!r} does not exist.")
-        self.pipeline.load_lora_weights(str(directory), adapter_name="default")
+        files = [directory] if directory.is_file() else sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"LoRA directory {str(directory)!r} holds no .safetensors file.")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(files[0]), "pt") as f:
+                in_file = sum(1 for key in f.keys() if "lora" in key)
+        except Exception as err:  # noqa: BLE001  (safetensors raises several types for a damaged file)
+            raise ModelLoadError(
+                f"LoRA file {str(files[0])!r} cannot be read: {' '.join(str(err).split())}"
+            ) from None
+        before = sum(1 for name, _ in self.denoiser.named_parameters() if "lora_" in name)
+        try:
+            self.pipeline.load_lora_weights(str(directory), adapter_name="default")
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(
+                f"LoRA {str(directory)!r} does not fit this {self.family} model: {' '.join(str(err).split())}"
+            ) from None
+        applied = sum(1 for name, _ in self.denoiser.named_parameters() if "lora_" in name) - before
+        if applied == 0 or applied < in_file:
+            raise ModelLoadError(
+                f"LoRA {str(directory)!r}: {applied} of its {in_file} LoRA tensors apply to this {self.family} "
+                f"model's {self.denoiser_name}; it was trained for another model (check --model / model.path)."
+            )
         for name, param in self.denoiser.named_parameters():
             param.requires_grad_(trainable and "lora_" in name)
 

@@ -283,3 +283,11 @@ def test_a_lora_of_another_model_or_a_corrupt_file_is_an_error_naming_the_file(t
     (broken / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match=r"broken/pytorch_lora_weights\.safetensors' cannot be read"):
         load_model("tiny-sd3").load_lora(broken)
+
+
+def test_a_broken_model_index_is_one_error_naming_the_file(tmp_path):
+    for text, message in [("{not json", "is not valid JSON"), ('{"other": 1}', "has no '_class_name'"),
+                          ('{"_class_name": 3}', "must be a pipeline class name")]:  # fmt: skip
+        (tmp_path / "model_index.json").write_text(text)
+        with pytest.raises(ModelLoadError, match=rf"model_index\.json.*{message}"):
+            load_model(tmp_path)

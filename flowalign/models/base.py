@@ -583,7 +583,17 @@ def pipeline_class_name(path: str | Path) -> str | None:
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return None
-    return json.loads(index.read_text())["_class_name"]
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(
+            f"{index} is not valid JSON ({err}); re-save the pipeline with save_pretrained."
+        ) from None
+    except (KeyError, TypeError):
+        raise ModelLoadError(f"{index} has no '_class_name'; it is not a diffusers pipeline index.") from None
+    if not isinstance(name, str):
+        raise ModelLoadError(f"{index}: '_class_name' must be a pipeline class name, got {name!r}.")
+    return name
 
 
 def _load_pipeline(

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flowalign.train.sharding import blocks
+
 __all__ = ["ARCHITECTURES", "MemoryEstimate", "activation_bytes", "estimate", "largest_micro_batch"]
 
 GB = 1024**3
@@ -244,9 +246,7 @@ def activation_bytes(
     total, per_block, inputs = [0], [], [0]
     # Weights saved for backward (to form the input gradient) are resident anyway: not activations.
     seen = {t.untyped_storage()._cdata for t in (*net.parameters(), *net.buffers())}
-    blocks = [b for child in net.modules() if isinstance(child, nn.ModuleList) for b in child]
-    top = {id(b) for b in blocks}
-    blocks = [b for b in blocks if not any(id(p) in top for p in _ancestors(net, b))]
+    units = list(blocks(net))
 
     pack = _storage_counter(seen, total)
 
@@ -258,8 +258,8 @@ def activation_bytes(
     def after(module, args, kwargs, output):
         per_block.append(total[0] - module._flowalign_start)
 
-    handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in blocks]
-    handles += [b.register_forward_hook(after, with_kwargs=True) for b in blocks]
+    handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in units]
+    handles += [b.register_forward_hook(after, with_kwargs=True) for b in units]
     try:
         fused = _FusedAttentionMode() if device == "meta" else contextlib.nullcontext()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused:
@@ -270,23 +270,6 @@ def activation_bytes(
     if not checkpointing or not per_block:
         return total[0]
     return total[0] - sum(per_block) + inputs[0] + max(per_block)
-
-
-def _ancestors(root: nn.Module, module: nn.Module) -> list[nn.Module]:
-    """Modules strictly between ``root`` and ``module`` (by identity of containment)."""
-    path: list[nn.Module] = []
-
-    def walk(node: nn.Module, trail: list[nn.Module]) -> bool:
-        for child in node.children():
-            if child is module:
-                path.extend(trail)
-                return True
-            if walk(child, [*trail, child]):
-                return True
-        return False
-
-    walk(root, [])
-    return path
 
 
 def _vae(latent_channels: int) -> nn.Module:

@@ -19,17 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
-from flowalign.samplers.steps import diffusion_to_eps_x0, velocity_to_eps, velocity_to_x0
+from flowalign.samplers.steps import _per_sample, diffusion_to_eps_x0, velocity_to_eps, velocity_to_x0
 
 __all__ = ["DiffusionPath", "FlowPath"]
-
-
-def _per_sample(level: float | Tensor, like: Tensor) -> Tensor:
-    level = torch.as_tensor(level, dtype=like.dtype, device=like.device)
-    return level.view(-1, *([1] * (like.ndim - 1))) if level.ndim else level
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from collections import defaultdict
@@ -243,8 +244,6 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
             "train.mixed_precision=fp16 needs a CUDA device: on the CPU accelerate runs neither fp16 autocast nor "
             "a gradient scaler, so the setting would be silently ignored; use bf16 or no."
         )
-    import os
-
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise ValueError(
             "accelerate was launched with FSDP (--use_fsdp or an fsdp_config): flowalign shards with FSDP2 itself; "

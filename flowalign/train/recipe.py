@@ -34,6 +34,7 @@ recipe.)
 
 from __future__ import annotations
 
+import abc
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
@@ -47,7 +48,7 @@ RECIPES: dict[str, type[Recipe]] = {}
 """``train.algorithm`` name -> recipe class (filled by :func:`register_recipe`)."""
 
 
-class Recipe:
+class Recipe(abc.ABC):
     """One algorithm family on the shared loop. Subclasses write :meth:`iteration` and, when they keep
     state across iterations (an old or reference policy, a pair cache), :meth:`setup`,
     :meth:`state_dict` and :meth:`load_state_dict`.
@@ -64,10 +65,10 @@ class Recipe:
         """Called once before the first iteration (and before a resume loads the state)."""
         self.ctx = ctx
 
+    @abc.abstractmethod
     def iteration(self, step: int) -> dict[str, float]:
         """Iteration ``step`` (0-based): sample, score, update. Returns the metrics to log. Every process
         must make the same number of collective calls (backward passes under DDP/FSDP, gathers)."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors this recipe needs to continue exactly after a resume (flat names; saved with safetensors)."""

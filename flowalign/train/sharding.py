@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["copy_full_", "full_tensor", "is_sharded", "shard_denoiser"]
+__all__ = ["blocks", "copy_full_", "full_tensor", "is_sharded", "shard_denoiser"]
 
 
 def shard_denoiser(denoiser: nn.Module, device_type: str, num_processes: int) -> None:
@@ -29,17 +29,19 @@ def shard_denoiser(denoiser: nn.Module, device_type: str, num_processes: int) ->
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device_type, (num_processes,))
-    for block in _blocks(denoiser):
+    for block in blocks(denoiser):
         fully_shard(block, mesh=mesh)
     fully_shard(denoiser, mesh=mesh)
 
 
-def _blocks(module: nn.Module) -> Iterator[nn.Module]:
+def blocks(module: nn.Module) -> Iterator[nn.Module]:
+    """The repeated blocks of ``module``: the items of its outermost ``ModuleList``s (transformer blocks,
+    UNet down/up blocks), the units FSDP shards and activation checkpointing recomputes."""
     for child in module.children():
         if isinstance(child, nn.ModuleList):
             yield from child
         else:
-            yield from _blocks(child)
+            yield from blocks(child)
 
 
 def is_sharded(tensor: Tensor) -> bool:

@@ -70,13 +70,18 @@ class EMA:
             copy_full_(shadow, state[str(i)])
 
 
+def _step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """``checkpoints/step-<N>`` folders (not ``.tmp`` saves in progress), oldest first."""
+    return sorted(
+        (int(p.name.removeprefix("step-")), p)
+        for p in (output_dir / "checkpoints").glob("step-*")
+        if p.is_dir() and p.name.removeprefix("step-").isdigit()
+    )
+
+
 def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
-    root = output_dir / "checkpoints"
-    found = []
-    for path in root.glob("step-*"):
-        if path.is_dir() and not path.name.endswith(".tmp") and (path / "state.json").is_file():
-            found.append((int(path.name.removeprefix("step-")), path))
-    return sorted(found)
+    """The step folders whose save finished (``state.json`` written), oldest first."""
+    return [(n, p) for n, p in _step_dirs(output_dir) if (p / "state.json").is_file()]
 
 
 MANIFEST = "manifest.json"
@@ -135,11 +140,7 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
 
     if resume == "latest":
         root = Path(output_dir) / "checkpoints"
-        candidates = sorted(
-            (int(p.name.removeprefix("step-")), p)
-            for p in root.glob("step-*")
-            if p.is_dir() and not p.name.endswith(".tmp") and p.name.removeprefix("step-").isdigit()
-        )
+        candidates = _step_dirs(Path(output_dir))
         for _, path in reversed(candidates):
             problem = verify_checkpoint(path)
             if problem is None:

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from flowalign.worlds.shapes.calibration import NEGATIVE_KINDS, Figure, calibration_suite, render_figures
 from flowalign.worlds.shapes.scene import render_scenes, scene_from_detections
 from rewards.geneval import evaluate
 from rewards.geneval.scorer import TASKS
 from rewards.shapes import detect, detect_batch
-from rewards.shapes.detector import _SMALLEST_AREA, fit_shape, signed_distance
+from rewards.shapes.detector import _SMALLEST_AREA, CONFIDENCE_DECIMALS, fit_shape, signed_distance
 from rewards.shapes.sprites import SHAPES, shape_mask, sprite_mask
 
 
@@ -40,16 +41,17 @@ def test_suite_is_balanced_and_labelled(suite):
 
 
 def test_judge_meets_its_measured_rates_on_a_fixed_subset(suite):
-    """The fixed-seed subset's rates (the card's targets are 97%; the reported draw of 200 per task is
-    in benchmarks/results/judge_calibration/results.md). Overall >= 95% both ways, every task >= 90%."""
+    """The fixed-seed subset's rates (the card's targets are 97%; the reported draws of 200 per task are
+    in benchmarks/results/judge_calibration/). Overall >= 97% both ways, every task >= 92% (at most 2 of
+    its 25 wrong)."""
     cases, verdicts = suite
     pos = [v for c, v in zip(cases, verdicts) if c.positive]
     neg = [not v for c, v in zip(cases, verdicts) if not c.positive]
-    assert np.mean(pos) >= 0.95 and np.mean(neg) >= 0.95
+    assert np.mean(pos) >= 0.97 and np.mean(neg) >= 0.97
     for tag in TASKS:
         tp = [v for c, v in zip(cases, verdicts) if c.tag == tag and c.positive]
         tn = [not v for c, v in zip(cases, verdicts) if c.tag == tag and not c.positive]
-        assert np.mean(tp) >= 0.9 and np.mean(tn) >= 0.9, (tag, np.mean(tp), np.mean(tn))
+        assert np.mean(tp) >= 0.92 and np.mean(tn) >= 0.92, (tag, np.mean(tp), np.mean(tn))
 
 
 def test_clean_renders_are_exact_with_confidence_one():
@@ -90,6 +92,28 @@ def test_scaled_soft_shapes_are_confident_and_their_halves_are_not(shape):
     assert detect(half.float()) == []
 
 
+def test_blur_keeps_the_evidence_that_thresholding_loses():
+    """A blurred 7.7-px square: its thresholded mask alone reads as a disc (the corners fell below the
+    threshold), its pixel values still show the corners."""
+    image = render_figures([Figure("square", "green", 12.3, 12.6, 7.7)])
+    image = np.round(np.stack([ndimage.gaussian_filter(c, 0.6, mode="constant") for c in image]) * 255) / 255
+    mask = image[1] * 255 >= 128
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    assert fit_shape(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]).shape == "circle"
+    (d,) = detect(torch.from_numpy(image).float())
+    assert (d.class_name, d.confidence) == ("square", 1.0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_figures_outside_the_worlds_sizes_are_no_objects(shape):
+    """The world's objects have sides 7.65-12.65 px: a whole figure of side 5.5 (a triangle cut off a
+    triangle is one) is too small to be one, a blob of side 15 too large."""
+    for side, whole in ((5.5, False), (7.7, True), (15.0, False)):
+        image = torch.from_numpy(render_figures([Figure(shape, "red", 15.5, 15.5, side)])).float()
+        found = detect(image)
+        assert (found != []) == whole and all(d.class_name == shape for d in found), (side, found)
+
+
 def test_specks_too_small_to_fit_have_no_objectness():
     rng = np.random.default_rng(0)
     limit = int(np.ceil(_SMALLEST_AREA / 3))
@@ -111,4 +135,4 @@ def test_rounding_a_square_moves_the_posterior_towards_the_circle():
     assert [f.shape for f in fits] == ["square", "square", "circle"]
     assert fits[0].confidence == 1.0 and fits[2].confidence == 1.0
     assert fits[1].shape_posterior[0] > fits[0].shape_posterior[0]
-    assert fits[1].confidence == round(fits[1].shape_posterior[1] * fits[1].objectness, 6)
+    assert fits[1].confidence == round(fits[1].shape_posterior[1] * fits[1].objectness, CONFIDENCE_DECIMALS)

@@ -172,7 +172,7 @@ def test_detections_are_sorted_by_confidence_then_position():
         Scene((SceneObject("circle", "red", 9, 20, 2), SceneObject("square", "blue", 9, 2, 20)))
     )
     assert [d.class_name for d in detect(image)] == ["circle", "square"]  # reading order on ties
-    image[:, 2, 24:26] = 0  # two pixels off the circle's top edge
+    image[:, 2, 23:27] = 0  # the circle's top edge flattened (4 pixels off)
     dets = detect(image)
     assert [d.class_name for d in dets] == ["square", "circle"] and dets[1].confidence < 1
 

@@ -13,6 +13,7 @@ differentiable parts (the others are computed without gradients).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -32,11 +33,21 @@ def parse_reward_spec(spec: str) -> tuple[str, float]:
     if not sep:
         return spec, 1.0
     try:
-        return name, float(weight)
+        value = float(weight)
     except ValueError:
         raise ValueError(
             f"reward spec {spec!r} must look like NAME or NAME=WEIGHT with a number weight."
         ) from None
+    _check_weight(name, value, f"reward spec {spec!r}")
+    return name, value
+
+
+def _check_weight(name: str, weight: float, where: str) -> None:
+    if not math.isfinite(weight) or weight == 0:
+        raise ValueError(
+            f"{where}: the weight of {name!r} must be a finite nonzero number, got {weight}; a zero weight "
+            "would score nothing (leave the reward out), NaN or inf would poison every total."
+        )
 
 
 class WeightedReward(Reward):
@@ -65,6 +76,8 @@ class WeightedReward(Reward):
                 raise TypeError(
                     f"WeightedReward part {key!r} must be a (Reward, weight) tuple, got {part!r}."
                 )
+        for key, (_, weight) in parts.items():
+            _check_weight(key, float(weight), "WeightedReward")
         super().__init__(device=next(iter(parts.values()))[0].device)
         self.parts = {key: (reward, float(weight)) for key, (reward, weight) in parts.items()}
         if isinstance(normalize, bool):

@@ -74,12 +74,11 @@ class FaceBox:
 
 
 def load_image_tensor(path: str | Path) -> Tensor:
-    """An image file as a ``[3, H, W]`` float tensor in [0, 1] (RGB)."""
-    from PIL import Image
+    """An image file as a ``[3, H, W]`` float tensor in [0, 1] (RGB), by :func:`rewards.images.load_image`'s
+    rules (transparent images are refused: composite them first)."""
+    from rewards.images import load_image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    return load_image(path)
 
 
 def _to_uint8(image: Tensor) -> np.ndarray:

@@ -126,10 +126,39 @@ def resolve_reward_class(spec: str, allow_code: bool = False) -> Callable[..., R
     )
 
 
+def _accepted_arguments(factory: Any) -> set[str] | None:
+    """The keyword arguments ``factory`` accepts, following ``**kwargs`` up a class's bases; None when it
+    takes arbitrary keywords."""
+    import inspect
+
+    chain = (
+        [c.__init__ for c in factory.__mro__ if "__init__" in vars(c)]
+        if inspect.isclass(factory)
+        else [factory]
+    )
+    names: set[str] = set()
+    for function in chain:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names - {"self"}
+    return None
+
+
 def load_reward(spec: str, allow_code: bool = False, **kwargs: Any) -> Reward:
     """Instantiate a reward from a name or (with ``allow_code``) a dotted path; ``kwargs`` go to its
     constructor."""
     factory = resolve_reward_class(spec, allow_code=allow_code)
+    accepted = _accepted_arguments(factory)
+    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    if unknown:
+        raise ValueError(
+            f"reward {spec!r} has no argument(s) {unknown}; its arguments are {sorted(accepted)} (config: "
+            f"reward.{spec}.args; command line: --reward-arg {spec}.KEY=VALUE)."
+        )
     reward = factory(**kwargs)
     if not isinstance(reward, Reward):
         raise TypeError(

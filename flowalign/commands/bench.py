@@ -20,7 +20,13 @@ import argparse
 import shlex
 from pathlib import Path
 
-from flowalign.commands.common import add_model_arguments, load_model_from_args
+from flowalign.commands.common import (
+    UsageError,
+    add_model_arguments,
+    check_int,
+    check_sampling_arguments,
+    load_model_from_args,
+)
 
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = "assets/shapes/prompts/test.jsonl"
@@ -90,7 +96,7 @@ def _resolve_prompts(path: str) -> Path:
     fallback = _REPO / path
     if not candidate.is_absolute() and fallback.exists():
         return fallback
-    raise SystemExit(f"prompt file {path!r} not found (looked in the current directory and in {_REPO}).")
+    raise UsageError(f"prompt file {path!r} not found (looked in the current directory and in {_REPO}).")
 
 
 def _detector_options(items: list[str]) -> dict:
@@ -101,7 +107,7 @@ def _detector_options(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"flowalign bench geneval: --detector-arg {item!r} must look like KEY=VALUE.")
+            raise UsageError(f"flowalign bench geneval: --detector-arg {item!r} must look like KEY=VALUE.")
         options[key] = yaml.safe_load(value)
     return options
 
@@ -116,23 +122,20 @@ def _geneval(args: argparse.Namespace) -> int:
     )
     from rewards.geneval_reward import load_detector
 
+    check_sampling_arguments(args)
+    check_int("--max-prompts", args.max_prompts)
+    check_int("--images-per-prompt", args.images_per_prompt)
+    check_int(
+        "--min-images-per-task", args.min_images_per_task, least=0, hint=" (0: GenEval's uniform protocol)"
+    )
     prompts_path = _resolve_prompts(args.prompts)
     try:
         detector = load_detector(args.detector, args.device, **_detector_options(args.detector_arg))
         prompts = load_geneval_prompts(prompts_path, detector)
     except (ValueError, OSError) as err:
-        raise SystemExit(f"flowalign bench geneval: {err}") from None
+        raise UsageError(f"flowalign bench geneval: {err}") from None
     if args.max_prompts is not None:
         prompts = prompts[: args.max_prompts]
-    if args.images_per_prompt < 1:
-        raise SystemExit(
-            f"flowalign bench geneval: --images-per-prompt must be >= 1, got {args.images_per_prompt}."
-        )
-    if args.min_images_per_task < 0:
-        raise SystemExit(
-            f"flowalign bench geneval: --min-images-per-task must be >= 0 (0: GenEval's uniform protocol), got "
-            f"{args.min_images_per_task}."
-        )
     counts = balanced_images_per_prompt(
         [p["tag"] for p in prompts],
         images_per_prompt=args.images_per_prompt,
@@ -146,7 +149,7 @@ def _geneval(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )  # fmt: skip
     except ValueError as err:
-        raise SystemExit(f"flowalign bench geneval: {err}") from None
+        raise UsageError(f"flowalign bench geneval: {err}") from None
     report.model = {
         "model": str(args.model), "lora": args.lora, "prompts": str(args.prompts), "detector": args.detector,
     }  # fmt: skip
@@ -166,7 +169,7 @@ def _compare(args: argparse.Namespace) -> int:
         a, b = load_run(args.a), load_run(args.b)
         comparison = compare_runs(a, b)
     except ValueError as err:
-        raise SystemExit(f"flowalign bench compare: {err}") from None
+        raise UsageError(f"flowalign bench compare: {err}") from None
     print(comparison_markdown(a, b, comparison), end="")
     if args.out:
         paths = write_comparison(a, b, comparison, args.out)

@@ -3,11 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 # The shipped shapes-world model (assets/shapes/model, see its README.md); load_model resolves the name.
 DEFAULT_MODEL = "shapes"
+
+
+class UsageError(ValueError):
+    """A bad command-line value or input file: ``flowalign`` prints it as one line (exit status 2)."""
+
+
+def check_int(flag: str, value: int | None, least: int = 1, hint: str = "") -> None:
+    """``value`` (None: the default) must be an integer >= ``least``; else a :class:`UsageError`."""
+    if value is not None and value < least:
+        raise UsageError(f"{flag} must be an integer >= {least}{hint}, got {value}.")
+
+
+def check_float(
+    flag: str, value: float | None, least: float | None = None, greater: float | None = None, hint: str = ""
+) -> None:
+    """``value`` (None: the default) must be finite, ``>= least`` and ``> greater`` where given."""
+    if value is None:
+        return
+    if (
+        not math.isfinite(value)
+        or (least is not None and value < least)
+        or (greater is not None and value <= greater)
+    ):
+        bounds = [
+            f">= {least:g}" if least is not None else "",
+            f"> {greater:g}" if greater is not None else "",
+        ]
+        wanted = " and ".join(b for b in bounds if b)
+        raise UsageError(
+            f"{flag} must be a finite number{' ' + wanted if wanted else ''}{hint}, got {value}."
+        )
+
+
+GUIDANCE_HINT = " (1: no guidance; CFG needs a scale above 1)"
+
+
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """The sampling options every generating command shares, checked before the model loads."""
+    check_int("--steps", getattr(args, "steps", None))
+    check_float("--guidance", getattr(args, "guidance", None), least=1, hint=GUIDANCE_HINT)
+    for flag in ("resolution", "height", "width", "micro_batch_size", "batch_size"):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag, None))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from flowalign.commands.common import add_model_arguments, load_model_from_args
+from flowalign.commands.common import (
+    UsageError,
+    add_model_arguments,
+    check_float,
+    check_int,
+    check_sampling_arguments,
+    load_model_from_args,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,14 +80,19 @@ def run(args: argparse.Namespace) -> int:
     from flowalign.samplers import SamplingPlan, generate, seeded_generators
     from rewards import WeightedReward, parse_reward_spec
 
-    model = load_model_from_args(args)
+    check_sampling_arguments(args)
+    check_int("--iterations", args.iterations)
+    check_float("--lr", args.lr, least=0)
+    check_float("--grad-clip", args.grad_clip, greater=0)
+    check_float("--reg-weight", args.reg_weight, least=0)
     reward_args = parse_reward_args(args.reward_arg)
     for spec in args.reward:
         reward_args.setdefault(parse_reward_spec(spec)[0], {}).setdefault("device", args.device)
     reward = WeightedReward.from_specs(args.reward, reward_args, allow_code=args.allow_code)
     if not reward.differentiable:
         names = [n for n, (r, _) in reward.parts.items() if not r.differentiable]
-        raise SystemExit(f"noise optimization needs differentiable rewards; {names} are not.")
+        raise UsageError(f"noise optimization needs differentiable rewards; {names} are not.")
+    model = load_model_from_args(args)
     size = args.resolution or model.default_resolution
     guidance = model.default_guidance if args.guidance is None else args.guidance
     prompts = list(args.prompt)

@@ -24,16 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowalign.config import ConfigError, load_config
+    from flowalign.commands.common import check_float, check_int
+    from flowalign.config import load_config
     from flowalign.memory import MARGIN, largest_micro_batch
 
-    if args.gpu_memory <= 0 or args.processes < 1 or args.extra_gb < 0:
-        raise SystemExit("error: --gpu-memory must be > 0, --processes >= 1 and --extra-gb >= 0.")
-    try:
-        config = load_config(args.config, args.overrides)
-        best, rows = largest_micro_batch(config, args.gpu_memory, args.processes, args.extra_gb)
-    except (ConfigError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    check_float("--gpu-memory", args.gpu_memory, greater=0)
+    check_int("--processes", args.processes)
+    check_float("--extra-gb", args.extra_gb, least=0)
+    config = load_config(args.config, args.overrides)
+    best, rows = largest_micro_batch(config, args.gpu_memory, args.processes, args.extra_gb)
     m = config.model
     first = rows[0]
     print(

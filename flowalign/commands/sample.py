@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-from flowalign.commands.common import add_model_arguments, load_model_from_args
+from flowalign.commands.common import (
+    add_model_arguments,
+    check_int,
+    check_sampling_arguments,
+    load_model_from_args,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from flowalign.eval.geneval import image_seed
     from flowalign.samplers import generate, seeded_generators
 
-    if args.num_images < 1:
-        raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
+    check_int("--num-images", args.num_images)
+    check_sampling_arguments(args)
     model = load_model_from_args(args)
     jobs = [(i, j) for i in range(len(args.prompt)) for j in range(args.num_images)]
     with torch.no_grad():

@@ -21,6 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from flowalign.commands.common import UsageError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -51,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--normalize", action="store_true", help="z-score each reward over the images before weighting"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per reward call (default 16)")
+    parser.add_argument(
+        "--background", default=None, metavar="white|black|R,G,B",
+        help="composite images with transparent pixels on this colour (default: refuse them)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-pixels", type=int, default=None,
+        help="refuse images with more pixels than this (default 4096 x 4096 = 16777216)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
 
 
@@ -63,7 +73,7 @@ def parse_reward_args(items: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, value = item.partition("=")
         name, dot, arg = key.partition(".")
         if not sep or not dot or not name or not arg:
-            raise SystemExit(
+            raise UsageError(
                 f"--reward-arg {item!r} must look like NAME.KEY=VALUE, e.g. ocr.min_confidence=0.5"
             )
         parsed[name][arg] = yaml.safe_load(value) if value else ""
@@ -77,29 +87,29 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     try:
         return [{"prompt": r.prompt, **r.metadata} for r in load_prompt_set(path)]
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"--prompts: {err}") from None
+        raise UsageError(f"--prompts: {err}") from None
 
 
 def match_images(images_dir: Path, entries: list[dict[str, Any]]) -> list[tuple[Path, dict[str, Any]]]:
     """Pair image files with prompt entries (see the module docstring)."""
     if not images_dir.is_dir():
-        raise SystemExit(f"IMAGES_DIR {str(images_dir)!r} is not a directory.")
+        raise UsageError(f"IMAGES_DIR {str(images_dir)!r} is not a directory.")
     named = [("file" in e or "files" in e) for e in entries]
     if any(named):
         if not all(named):
-            raise SystemExit('either every prompts.jsonl line names its image(s) with "file" or none does.')
+            raise UsageError('either every prompts.jsonl line names its image(s) with "file" or none does.')
         pairs = []
         for entry in entries:
             files = entry.get("files", entry.get("file"))
             for name in [files] if isinstance(files, str) else list(files):
                 path = images_dir / name
                 if not path.is_file():
-                    raise SystemExit(f"image {str(path)!r} named in the prompts file does not exist.")
+                    raise UsageError(f"image {str(path)!r} named in the prompts file does not exist.")
                 pairs.append((path, entry))
         return pairs
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) != len(entries):
-        raise SystemExit(
+        raise UsageError(
             f"{len(files)} images in {str(images_dir)!r} but {len(entries)} prompts; matching by file order needs "
             'one prompt per image (or name each image with "file" in prompts.jsonl).'
         )
@@ -109,11 +119,14 @@ def match_images(images_dir: Path, entries: list[dict[str, Any]]) -> list[tuple[
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from flowalign.commands.common import check_int
     from rewards import WeightedReward, parse_reward_spec
-    from rewards.identity import load_image_tensor
+    from rewards.images import MAX_PIXELS, load_image, parse_background
 
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_int("--batch-size", args.batch_size)
+    check_int("--max-pixels", args.max_pixels)
+    max_pixels = MAX_PIXELS if args.max_pixels is None else args.max_pixels
+    background = parse_background(args.background)
     reward_args = parse_reward_args(args.reward_arg)
     for spec in args.reward:
         reward_args.setdefault(parse_reward_spec(spec)[0], {}).setdefault("device", args.device)
@@ -121,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         args.reward, reward_args, allow_code=args.allow_code, normalize=args.normalize
     )
     pairs = match_images(Path(args.images), read_prompts(Path(args.prompts)))
-    images = [load_image_tensor(path) for path, _ in pairs]
+    images = [load_image(path, background=background, max_pixels=max_pixels) for path, _ in pairs]
     prompts = [entry["prompt"] for _, entry in pairs]
     metadata = [
         {k: v for k, v in entry.items() if k not in ("prompt", "file", "files")} for _, entry in pairs

@@ -14,13 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowalign.config import ConfigError, load_config
+    from flowalign.config import load_config
     from flowalign.train import train
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    config = load_config(args.config, args.overrides)
     result = train(config)
     state = "interrupted" if result.interrupted else "finished"
     print(f"{state} after {result.steps_done} steps; outputs in {result.output_dir}")

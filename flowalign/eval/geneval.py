@@ -206,6 +206,10 @@ def load_geneval_prompts(path: str | Path, detector: Any = None) -> list[dict[st
                     f"{path}:{line_no}: not a GenEval prompt for this detector: {err}{hint}"
                 ) from None
             prompts.append(metadata)
+    if not prompts:
+        raise ValueError(
+            f"prompt file {str(path)!r} holds no prompts; write one GenEval metadata object per line."
+        )
     return prompts
 
 

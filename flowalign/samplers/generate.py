@@ -10,6 +10,7 @@ classifier-free guidance) without changing what is generated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,6 +73,13 @@ def generate(
     optimization); a caller that needs bounded memory with gradients backpropagates per micro-batch itself.
     """
     n = len(noise)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"generate: steps must be an integer >= 1, got {steps!r}.")
+    if not math.isfinite(guidance) or guidance < 1:
+        raise ValueError(
+            f"generate: guidance must be a finite number >= 1 (1: no guidance; CFG needs a scale above 1), got "
+            f"{guidance!r}."
+        )
     if cond is None:
         if prompts is None or len(prompts) != n:
             raise ValueError(

@@ -74,6 +74,7 @@ def files(tmp_path_factory) -> Path:
     (d / "lora").mkdir()
     (d / "lora/pytorch_lora_weights.safetensors").write_bytes(b"\x00" * 64)
     (d / "config.yaml").write_text("train: [unclosed\n")
+    (d / "a_file").write_text("")
     return d
 
 
@@ -95,6 +96,36 @@ CASES = [
     ("sample-num-images-0", [*SAMPLE, "--num-images", "0"], r"--num-images .*>= 1", True),
     ("sample-height-0", [*SAMPLE, "--height", "0"], r"--height .*>= 1", True),
     ("sample-width-negative", [*SAMPLE, "--width", "-32"], r"--width", True),
+    (
+        "sample-out-is-a-directory",
+        [*SAMPLE, "--out", "{F}/emptydir"],
+        r"--out .*emptydir' is a directory",
+        True,
+    ),
+    (
+        "sample-out-no-image-suffix",
+        [*SAMPLE, "--out", "{F}/grid"],
+        r"--out .*grid' must end with \.png",
+        True,
+    ),
+    (
+        "bench-out-is-a-file",
+        ["bench", "geneval", "--out", "{F}/a_file"],
+        r"--out .*a_file' exists and is not a directory",
+        True,
+    ),
+    (
+        "noise-out-is-a-file",
+        [*NOISE, "--out", "{F}/a_file"],
+        r"--out .*a_file' exists and is not a directory",
+        True,
+    ),
+    (
+        "score-out-is-a-directory",
+        [*SCORE, "--reward", "geneval", "--out", "{F}/emptydir"],
+        r"--out .*is a directory",
+        True,
+    ),
     ("sample-micro-batch-0", [*SAMPLE, "--micro-batch-size", "0"], r"--micro-batch-size", True),
     ("bench-guidance-inf", [*BENCH, "--guidance", "inf"], r"--guidance", True),
     ("bench-steps-0", [*BENCH, "--steps", "0"], r"--steps", True),
@@ -345,6 +376,7 @@ CASES = [
 @pytest.mark.parametrize("argv,message,before_load", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_command_line_inputs_are_one_clear_line(files, monkeypatch, capsys, argv, message, before_load):
     import flowalign.models
+    import flowalign.train.loop  # binds load_model at import: imported (and patched) here, so nothing leaks
 
     if before_load:
 
@@ -352,6 +384,7 @@ def test_bad_command_line_inputs_are_one_clear_line(files, monkeypatch, capsys, 
             raise AssertionError("the model was loaded before the bad input was refused")
 
         monkeypatch.setattr(flowalign.models, "load_model", refuse)
+        monkeypatch.setattr(flowalign.train.loop, "load_model", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("FLOWALIGN_DEBUG", raising=False)
     try:

@@ -59,5 +59,5 @@ def test_plan_prints_the_largest_micro_batch_and_refuses_what_cannot_fit(capsys)
         SystemExit, match="does not fit 10 GiB even at train.micro_batch_size=1.*gradient_checkpointing"
     ):
         main(["plan", str(SD35), "--gpu-memory", "10"])
-    with pytest.raises(SystemExit, match="no real-size architecture"):
-        main(["plan", str(ROOT / "configs/grpo/shapes.yaml")])
+    assert main(["plan", str(ROOT / "configs/grpo/shapes.yaml")]) == 2
+    assert "no real-size architecture" in capsys.readouterr().err

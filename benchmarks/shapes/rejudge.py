@@ -34,13 +34,15 @@ from evidence import ROOT, Benchmark, _markdown, benchmark_dir, compare, split_p
 
 
 def _judge_version() -> str:
+    """The commit that last changed the detector (the judge's version, stable across later commits)."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
+            ["git", "log", "-1", "--format=%h", "--", "rewards/shapes/detector.py"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return f"rewards/shapes/detector.py at commit {commit}"
+    return f"rewards/shapes/detector.py as of commit {commit or 'unknown'}"
 
 
 def _prompts(model: dict) -> list[dict]:

@@ -24,6 +24,7 @@ from flowalign.commands.common import (
     UsageError,
     add_model_arguments,
     check_int,
+    check_output_dir,
     check_sampling_arguments,
     load_model_from_args,
 )
@@ -123,6 +124,7 @@ def _geneval(args: argparse.Namespace) -> int:
     from rewards.geneval_reward import load_detector
 
     check_sampling_arguments(args)
+    check_output_dir("--out", args.out)
     check_int("--max-prompts", args.max_prompts)
     check_int("--images-per-prompt", args.images_per_prompt)
     check_int(

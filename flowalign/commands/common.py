@@ -42,6 +42,29 @@ def check_float(
         )
 
 
+def check_output_file(flag: str, path: str | None, suffixes: tuple[str, ...]) -> None:
+    """An output file path: not an existing directory, with one of ``suffixes`` (checked before work starts,
+    so a long run does not fail at its last line)."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise UsageError(
+            f"{flag} {path!r} is a directory; pass a file path such as {path.rstrip('/')}/out{suffixes[0]}."
+        )
+    if Path(path).suffix.lower() not in suffixes:
+        raise UsageError(f"{flag} {path!r} must end with {' or '.join(suffixes)}.")
+
+
+def check_output_dir(flag: str, path: str | None) -> None:
+    """An output directory path: not an existing file."""
+    from pathlib import Path
+
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path!r} exists and is not a directory; pass a directory path.")
+
+
 GUIDANCE_HINT = " (1: no guidance; CFG needs a scale above 1)"
 
 

@@ -17,6 +17,7 @@ from flowalign.commands.common import (
     add_model_arguments,
     check_float,
     check_int,
+    check_output_dir,
     check_sampling_arguments,
     load_model_from_args,
 )
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from rewards import WeightedReward, parse_reward_spec
 
     check_sampling_arguments(args)
+    check_output_dir("--out", args.out)
     check_int("--iterations", args.iterations)
     check_float("--lr", args.lr, least=0)
     check_float("--grad-clip", args.grad_clip, greater=0)

@@ -1,0 +1,163 @@
+"""Distribution-matching distillation losses: DMD / DMD2, f-distill's weighting, the GAN terms.
+
+A few-step student ``G`` generates ``x = G(z)``. DMD (Yin et al. 2024, "One-step Diffusion with
+Distribution Matching Distillation") moves ``G``'s distribution toward the teacher's by the gradient of
+the reverse KL between their noised marginals: with ``x_t`` a re-noised student sample (flow form
+``x_t = (1 - t) x + t eps``; any noising with an x0-prediction works alike),
+
+    d KL(q_t || p_t) / d theta = E[ (s_fake(x_t) - s_real(x_t)) dx_t/dtheta ]
+
+where ``s_real`` is the teacher's score (with CFG) and ``s_fake`` the score of a model trained online on
+the student's samples (the *fake score*). In x0-prediction form the score difference is proportional to
+``x0_fake - x0_real`` (for flows: ``s_fake - s_real = (1 - t) (x0_fake - x0_real) / t^2``). DMD2 (Yin et al.
+2024, "Improved Distribution Matching Distillation for Fast Image Synthesis"; ``tianweiy/DMD2``
+``main/sd_guidance.py``) normalises it per sample by the mean distance to the teacher's prediction and
+turns it into a loss whose gradient with respect to ``x`` is that direction:
+
+    grad = (x0_fake - x0_real) / mean_{non-batch} |x - x0_real|
+    L_DMD = 0.5 * mean((x - stopgrad(x - grad))^2)          (d L / d x = grad / numel)
+
+f-distill (Xu et al. 2025, "One-step Diffusion Models with f-Divergence Distribution Matching";
+``NVlabs/FastGen`` ``f_distill.py``) weights each sample's gradient by ``h(r) = f''(r) r^2`` of the
+density ratio ``r = p_teacher / q_student``, estimated from a discriminator's logit (``r = exp(logit)``),
+clipped and normalised (:func:`f_divergence_weight`); reverse KL has ``h = 1`` and is plain DMD.
+
+The discriminator of DMD2's GAN term is trained with the non-saturating losses
+:func:`gan_discriminator_loss` / :func:`gan_generator_loss` (DMD2 ``sd_guidance.py``: ``softplus``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "F_DIVERGENCES",
+    "dmd_gradient",
+    "dmd_loss",
+    "f_divergence_weight",
+    "fake_score_loss",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
+]
+
+
+def _per_sample_mean(x: Tensor) -> Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def dmd_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor, *, normalize: bool = True) -> Tensor:
+    """The distribution-matching direction for student samples ``x [B, *S]`` (detached).
+
+    ``real_x0`` / ``fake_x0``: the teacher's (with CFG) and the fake score's x0-predictions at the re-noised
+    ``x``. ``normalize``: DMD2's division by ``mean |x - real_x0|`` per sample (``False``: the raw
+    difference, which is the reverse-KL score difference up to the noise level's factor). Non-finite
+    entries (a zero distance) become 0, as in DMD2.
+    """
+    if not (x.shape == real_x0.shape == fake_x0.shape):
+        raise ValueError(
+            f"dmd_gradient: x {tuple(x.shape)}, real_x0 {tuple(real_x0.shape)} and fake_x0 "
+            f"{tuple(fake_x0.shape)} must have one shape."
+        )
+    with torch.no_grad():
+        x, real_x0, fake_x0 = x.double(), real_x0.double(), fake_x0.double()
+        grad = fake_x0 - real_x0
+        if normalize:
+            grad = grad / _per_sample_mean((x - real_x0).abs())
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dmd_loss(
+    x: Tensor, real_x0: Tensor, fake_x0: Tensor, *, weight: Tensor | None = None, normalize: bool = True
+) -> Tensor:
+    """DMD2's generator loss ``0.5 * mean((x - stopgrad(x - w * grad))^2)`` (see the module docstring).
+
+    ``x`` carries the gradient to the student; ``weight [B]`` multiplies each sample's direction
+    (f-distill's :func:`f_divergence_weight`; None: 1).
+    """
+    grad = dmd_gradient(x, real_x0, fake_x0, normalize=normalize)
+    if weight is not None:
+        if weight.shape != x.shape[:1]:
+            raise ValueError(f"dmd_loss: weight must have shape [{x.shape[0]}], got {tuple(weight.shape)}.")
+        grad = grad * weight.detach().double().reshape(-1, *([1] * (x.ndim - 1)))
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    target = (x.detach().double() - grad).to(dtype)
+    return 0.5 * F.mse_loss(x.to(dtype), target, reduction="mean")
+
+
+def fake_score_loss(velocity: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+    """The fake score's flow-matching loss on detached student samples ``x0``: ``mean((v - (noise - x0))^2)``
+    with ``velocity`` predicted at ``x_t = (1 - t) x0 + t noise`` (the velocity target of
+    ``NVlabs/FastGen``'s ``flow`` parameterisation and RTDMD's fake-score update)."""
+    return F.mse_loss(velocity.float(), (noise - x0.detach()).float(), reduction="mean")
+
+
+F_DIVERGENCES: dict[str, Callable[[Tensor], Tensor]] = {
+    "rkl": lambda r: torch.ones_like(r),
+    "kl": lambda r: r,
+    "js": lambda r: 1 - 1 / (1 + r),
+    "sf": lambda r: 1 / (1 + r),
+    "neyman": lambda r: 1 / r,
+    "sh": lambda r: r.sqrt(),
+    "jf": lambda r: 1 + r,
+}
+"""``h(r) = f''(r) r^2`` up to a constant factor (the batch normalisation removes it), per divergence:
+reverse KL ``f = -log r``; forward KL ``r log r``; Jensen-Shannon; the softened reverse KL
+``(r + 1) log((r + 1) / (2 r))``; Neyman chi-square ``(1 - r)^2 / r``; squared Hellinger ``(sqrt(r) - 1)^2``;
+Jeffreys ``(r - 1) log r`` (f-distill's table; ``NVlabs/FastGen`` ``f_distill.py``)."""
+
+
+def f_divergence_weight(
+    logits: Tensor,
+    divergence: str,
+    *,
+    t: Tensor | None = None,
+    t_range: tuple[float, float] = (0.0, 1.0),
+    bins: int = 10,
+    logit_clamp: float = 10.0,
+    ratio_range: tuple[float, float] = (0.1, 20.0),
+    normalize: bool = True,
+) -> Tensor:
+    """f-distill's per-sample weight ``[B]`` from the discriminator's logits ``[B]`` or ``[B, heads]``.
+
+    ``r = clamp(exp(clamp(mean logit, +-logit_clamp)), *ratio_range)``; with ``t`` (each sample's noise
+    level) ``r`` is divided by its mean within ``bins`` equal bins of ``t_range`` (the ratio's scale differs
+    between noise levels); ``h = F_DIVERGENCES[divergence](r)``, divided by its batch mean when
+    ``normalize``. Detached: the weight scales the DMD direction, it is not trained through.
+    """
+    if divergence not in F_DIVERGENCES:
+        raise ValueError(f"unknown f-divergence {divergence!r}; choose one of {sorted(F_DIVERGENCES)}.")
+    low, high = ratio_range
+    if not (0 < low < high and math.isfinite(high)):
+        raise ValueError(f"ratio_range must satisfy 0 < low < high < inf, got {ratio_range}.")
+    with torch.no_grad():
+        logit = logits.double()
+        if logit.ndim == 2:
+            logit = logit.mean(dim=1)
+        r = logit.clamp(-logit_clamp, logit_clamp).exp().clamp(low, high)
+        if t is not None:
+            start, stop = t_range
+            index = ((t.double() - start) / (stop - start) * bins).floor().clamp(0, bins - 1).long()
+            sums = torch.zeros(bins, dtype=r.dtype, device=r.device).index_add_(0, index, r)
+            counts = torch.zeros(bins, dtype=r.dtype, device=r.device).index_add_(
+                0, index, torch.ones_like(r)
+            )
+            r = r / (sums / counts.clamp(min=1))[index]
+        h = F_DIVERGENCES[divergence](r)
+        if normalize:
+            h = h / (h.mean() + 1e-6)
+        return h.float()
+
+
+def gan_generator_loss(fake_logits: Tensor) -> Tensor:
+    """Non-saturating generator loss ``mean(softplus(-D(G(z))))`` (DMD2)."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """Discriminator loss ``mean(softplus(D(fake))) + mean(softplus(-D(real)))`` (DMD2)."""
+    return F.softplus(fake_logits.float()).mean() + F.softplus(-real_logits.float()).mean()

@@ -1,0 +1,126 @@
+"""Distribution-matching distillation losses (issue 16, first slice): reference values on hand-built
+inputs, the reverse-KL gradient of two Gaussians in closed form, f-distill's weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flowalign.algorithms.dmd import (
+    F_DIVERGENCES,
+    dmd_gradient,
+    dmd_loss,
+    f_divergence_weight,
+    fake_score_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+
+
+def test_dmd2_loss_has_the_reference_value_and_gradient():
+    x = torch.tensor([[1.0, 2.0], [3.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    real = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    fake = torch.tensor([[1.0, 0.0], [1.0, 3.0]], dtype=torch.float64)
+    # sample 0: (fake - real) = [1, 0], mean |x - real| = 1.5; sample 1: [0, 2], mean |x - real| = 3
+    expected = torch.tensor([[2 / 3, 0.0], [0.0, 2 / 3]], dtype=torch.float64)
+    assert torch.allclose(dmd_gradient(x, real, fake), expected)
+    assert torch.equal(dmd_gradient(x, real, fake, normalize=False), fake - real)
+    loss = dmd_loss(x, real, fake)
+    assert loss.item() == pytest.approx(1 / 9, rel=1e-12)  # 0.5 * mean(grad^2) = 0.5 * (8/9) / 4
+    loss.backward()
+    assert torch.allclose(x.grad, expected / 4)  # d L / d x = grad / numel
+
+
+def test_dmd_gradient_vanishes_when_the_student_matches_the_teacher():
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    same = torch.randn(4, 3, 8, 8)
+    loss = dmd_loss(x, same, same.clone())
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+    # A zero distance to the teacher's prediction is 0, not NaN (DMD2's nan_to_num).
+    assert torch.equal(dmd_gradient(same, same, same + 1), torch.zeros_like(same))
+
+
+def _x0_prediction(x_t: torch.Tensor, t: float, mean: float, std: float) -> torch.Tensor:
+    """E[x0 | x_t] for x0 ~ N(mean, std^2) and x_t = (1 - t) x0 + t eps (Tweedie, exact)."""
+    gain = (1 - t) * std**2 / ((1 - t) ** 2 * std**2 + t**2)
+    return mean + gain * (x_t - (1 - t) * mean)
+
+
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
+def test_the_raw_dmd_direction_is_the_reverse_kl_gradient_of_the_noised_marginals(t):
+    """Student N(mu_q, s_q^2), teacher N(mu_p, s_p^2), exact scores: E[x0_fake - x0_real] over the student's
+    re-noised samples = t^2 / (1 - t)^2 x dKL(q_t || p_t)/dmu_q, and E[(x0_fake - x0_real) z] the same
+    for dKL/ds_q (reparameterised x = mu_q + s_q z), with KL between the noised Gaussians in closed form."""
+    mu_q, s_q, mu_p, s_p = 0.7, 0.5, -0.4, 1.3
+    gen = torch.Generator().manual_seed(0)
+    n = 400_000
+    z, eps = (
+        torch.randn(n, 1, generator=gen, dtype=torch.float64),
+        torch.randn(n, 1, generator=gen, dtype=torch.float64),
+    )
+    x = mu_q + s_q * z
+    x_t = (1 - t) * x + t * eps
+    direction = dmd_gradient(
+        x, _x0_prediction(x_t, t, mu_p, s_p), _x0_prediction(x_t, t, mu_q, s_q), normalize=False
+    )
+    a, big_a = (1 - t) * mu_q, (1 - t) ** 2 * s_q**2 + t**2
+    b, big_b = (1 - t) * mu_p, (1 - t) ** 2 * s_p**2 + t**2
+    dkl_dmu = (1 - t) * (a - b) / big_b
+    dkl_ds = (-1 / (2 * big_a) + 1 / (2 * big_b)) * 2 * (1 - t) ** 2 * s_q
+    scale = t**2 / (1 - t) ** 2
+    assert direction.mean().item() == pytest.approx(scale * dkl_dmu, rel=0.01)
+    assert (direction * z).mean().item() == pytest.approx(scale * dkl_ds, rel=0.03)
+    # In expectation exactly (the direction is linear in x_t): (mu_q - mu_p) t^2 / B.
+    assert scale * dkl_dmu == pytest.approx((mu_q - mu_p) * t**2 / big_b, rel=1e-12)
+
+
+def test_f_divergence_weights_have_the_reference_values():
+    r = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    logits = r.log()
+    kl = f_divergence_weight(logits, "kl")
+    assert torch.allclose(kl, r / (r.mean() + 1e-6))
+    js = f_divergence_weight(logits, "js", normalize=False)
+    assert torch.allclose(js, torch.tensor([1 / 3, 1 / 2, 2 / 3, 4 / 5]))
+    assert torch.equal(f_divergence_weight(logits, "rkl", normalize=False), torch.ones(4))
+    # The logit is clamped to +-10, the ratio to [0.1, 20]; heads are averaged.
+    clamped = f_divergence_weight(torch.tensor([100.0, -100.0]), "kl", normalize=False)
+    assert torch.allclose(clamped, torch.tensor([20.0, 0.1]))
+    heads = f_divergence_weight(torch.tensor([[0.0, 2 * math.log(2)]]), "kl", normalize=False)
+    assert torch.allclose(heads, torch.tensor([2.0]))
+    # Per noise-level bin normalisation: r / (mean r in its bin).
+    binned = f_divergence_weight(
+        torch.tensor([1.0, 3.0, 2.0, 6.0]).log(),
+        "kl",
+        t=torch.tensor([0.05, 0.06, 0.95, 0.97]),
+        normalize=False,
+    )
+    assert torch.allclose(binned, torch.tensor([0.5, 1.5, 0.5, 1.5]))
+    with pytest.raises(ValueError, match="unknown f-divergence 'tv'"):
+        f_divergence_weight(logits, "tv")
+    for name, h in F_DIVERGENCES.items():  # every weight is positive and finite on the clipped range
+        values = h(torch.tensor([0.1, 1.0, 20.0]))
+        assert torch.isfinite(values).all() and (values > 0).all(), name
+
+
+def test_f_distill_with_the_reverse_kl_is_plain_dmd():
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    real, fake = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    weight = f_divergence_weight(torch.randn(3), "rkl")
+    assert torch.allclose(dmd_loss(x, real, fake, weight=weight), dmd_loss(x, real, fake), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"weight must have shape \[3\]"):
+        dmd_loss(x, real, fake, weight=torch.ones(3, 1))
+
+
+def test_fake_score_and_gan_losses_have_the_reference_values():
+    x0, noise = torch.randn(2, 3), torch.randn(2, 3)
+    assert fake_score_loss(noise - x0, x0, noise).item() == 0.0
+    assert fake_score_loss(noise - x0 + 1, x0, noise).item() == pytest.approx(1.0)
+    zeros = torch.zeros(5)
+    assert gan_generator_loss(zeros).item() == pytest.approx(math.log(2))
+    assert gan_discriminator_loss(zeros, zeros).item() == pytest.approx(2 * math.log(2))
+    # A confident discriminator: real logits high, fake logits low -> its loss near 0, the generator's high.
+    assert gan_discriminator_loss(torch.full((5,), 20.0), torch.full((5,), -20.0)).item() < 1e-8
+    assert gan_generator_loss(torch.full((5,), -20.0)).item() == pytest.approx(20.0, rel=1e-6)

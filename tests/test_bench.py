@@ -15,6 +15,7 @@ from flowalign.eval.geneval import (
     balanced_images_per_prompt,
     balanced_subset,
     image_seed,
+    judge_images,
     run_geneval,
     write_report,
 )
@@ -88,6 +89,13 @@ def test_oracle_generator_scores_one_on_every_task(test_prompts):
     assert list(s.task_accuracy) == list(TASKS)
     assert s.n_images == 2 * len(test_prompts) and s.n_prompts == len(test_prompts)
     assert [(r.prompt_index, r.image_index) for r in report.records[:3]] == [(0, 0), (0, 1), (1, 0)]
+    # Saved images judged again give the same report (benchmarks/shapes/rejudge.py); another detector does not.
+    again = judge_images(report.images, test_prompts, report.config)
+    assert again.records == report.records and again.stats.as_json() == report.stats.as_json()
+    blind = judge_images(report.images, test_prompts, report.config, detector=lambda x: [[] for _ in x])
+    assert blind.summary.overall == 0.0
+    with pytest.raises(ValueError, match="images for"):
+        judge_images(report.images[:-1], test_prompts, report.config)
 
 
 def test_a_detector_that_sees_nothing_scores_zero(test_prompts):

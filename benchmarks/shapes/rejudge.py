@@ -53,36 +53,9 @@ def _prompts(model: dict) -> list[dict]:
     return split_prompts(model["split"])
 
 
-def _judged(images: torch.Tensor, prompts: list[dict], config):
-    """The report of already generated ``images`` (prompt-major, as run_geneval orders them)."""
-    from flowalign.eval.geneval import GenEvalReport, ImageRecord, verdicts_of
-    from flowalign.eval.stats import benchmark_stats
-    from rewards.geneval import evaluate, summarize
-    from rewards.shapes import ShapesDetector
-
-    jobs = [(i, j) for i, n in enumerate(config.images_per_prompt) for j in range(n)]
-    if len(jobs) != len(images):
-        raise ValueError(f"cached images: {len(images)} images for {len(jobs)} benchmark images.")
-    detector, detections = ShapesDetector(), []
-    for begin in range(0, len(images), 256):
-        detections += detector(images[begin : begin + 256])
-    records = [
-        ImageRecord(i, j, evaluate(d, prompts[i]), list(d))
-        for (i, j), d in zip(jobs, detections, strict=True)
-    ]
-    return GenEvalReport(
-        summary=summarize([r.result for r in records]),
-        stats=benchmark_stats(verdicts_of(records)),
-        records=records,
-        prompts=prompts,
-        config=config,
-        images=images,
-    )
-
-
 def rejudge_benchmark(directory: Path, lora: Path | None, cache: Path) -> Benchmark:
     """Regenerate (or load) ``directory``'s images, judge them, rewrite the benchmark in place."""
-    from flowalign.eval.geneval import GenEvalConfig, run_geneval, write_report
+    from flowalign.eval.geneval import GenEvalConfig, judge_images, run_geneval, write_report
     from flowalign.models import load_model
 
     old = json.loads((directory / "results.json").read_text())
@@ -102,7 +75,7 @@ def rejudge_benchmark(directory: Path, lora: Path | None, cache: Path) -> Benchm
     entry = cache / hashlib.sha256(key.encode()).hexdigest()[:16] / "images.pt"
     if entry.is_file():
         print(f"{directory}: judging cached images {entry}")
-        report = _judged(torch.load(entry, weights_only=True), prompts, config)
+        report = judge_images(torch.load(entry, weights_only=True), prompts, config)
     else:
         print(f"{directory}: regenerating {sum(config.images_per_prompt)} images")
         net = load_model(model["model"], family=model.get("family"))

@@ -62,6 +62,7 @@ __all__ = [
     "balanced_subset",
     "check_prompts",
     "image_seed",
+    "judge_images",
     "load_geneval_prompts",
     "merge_reports",
     "run_geneval",
@@ -161,6 +162,24 @@ class GenEvalReport:
     images: Tensor | None = None
     wall_time_s: float = 0.0
     model: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        records: list[ImageRecord],
+        prompts: list[dict[str, Any]],
+        config: GenEvalConfig,
+        *,
+        images: Tensor | None = None,
+        wall_time_s: float = 0.0,
+        model: dict[str, Any] | None = None,
+    ) -> GenEvalReport:
+        """The report of ``records``: GenEval's summary and the intervals computed from them."""
+        return cls(
+            summary=summarize([r.result for r in records]), stats=benchmark_stats(verdicts_of(records)),
+            records=records, prompts=prompts, config=config, images=images, wall_time_s=wall_time_s,
+            model=dict(model or {}),
+        )  # fmt: skip
 
     @property
     def results(self) -> list[GenEvalResult]:
@@ -325,15 +344,31 @@ def run_geneval(
         bar.update(len(batch))
         bar.set_postfix(correct=f"{sum(r.result.correct for r in records) / len(records):.2f}")
     bar.close()
-    return GenEvalReport(
-        summary=summarize([r.result for r in records]),
-        stats=benchmark_stats(verdicts_of(records)),
-        records=records,
-        prompts=prompts,
-        config=config,
-        images=torch.cat(kept) if keep_images else None,
-        wall_time_s=time.perf_counter() - start,
-    )
+    images = torch.cat(kept) if keep_images else None
+    return GenEvalReport.of(records, prompts, config, images=images, wall_time_s=time.perf_counter() - start)
+
+
+def judge_images(
+    images: Tensor,
+    prompts: Sequence[Mapping[str, Any]],
+    config: GenEvalConfig,
+    detector: Detector | Callable[[Tensor], list[list[Detection]]] | None = None,
+    batch_size: int = 256,
+) -> GenEvalReport:
+    """Judge already generated ``images`` (prompt-major, ``config.images_per_prompt`` per prompt, as
+    :func:`run_geneval` orders them): re-judge a saved benchmark with another detector or judge version."""
+    detector = detector if detector is not None else ShapesDetector()
+    jobs = [(i, j) for i, n in enumerate(config.images_per_prompt) for j in range(n)]
+    if len(jobs) != len(images):
+        raise ValueError(f"judge_images: {len(images)} images for {len(jobs)} benchmark images.")
+    detections: list[list[Detection]] = []
+    for begin in range(0, len(images), batch_size):
+        detections += detector(images[begin : begin + batch_size])
+    records = [
+        ImageRecord(i, j, evaluate(d, prompts[i]), list(d))
+        for (i, j), d in zip(jobs, detections, strict=True)
+    ]
+    return GenEvalReport.of(records, [dict(p) for p in prompts], config, images=images)
 
 
 def merge_reports(parts: Sequence[GenEvalReport]) -> GenEvalReport:
@@ -352,9 +387,8 @@ def merge_reports(parts: Sequence[GenEvalReport]) -> GenEvalReport:
     images = None
     if all(part.images is not None for part in parts):
         images = torch.stack([parts[n].images[k] for _, _, n, k in indexed]) if records else None
-    return GenEvalReport(
-        summary=summarize([r.result for r in records]), stats=benchmark_stats(verdicts_of(records)),
-        records=records, prompts=first.prompts, config=first.config, images=images,
+    return GenEvalReport.of(
+        records, first.prompts, first.config, images=images,
         wall_time_s=max(part.wall_time_s for part in parts), model=first.model,
     )  # fmt: skip
 

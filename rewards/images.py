@@ -110,4 +110,4 @@ def _to_tensor(image, path: Path, fill: tuple[int, int, int] | None) -> Tensor:
 
 
 def _from_uint8(array: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(array, dtype=np.uint8)).permute(2, 0, 1).float() / 255  # a writable copy

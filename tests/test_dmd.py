@@ -124,3 +124,65 @@ def test_fake_score_and_gan_losses_have_the_reference_values():
     # A confident discriminator: real logits high, fake logits low -> its loss near 0, the generator's high.
     assert gan_discriminator_loss(torch.full((5,), 20.0), torch.full((5,), -20.0)).item() < 1e-8
     assert gan_generator_loss(torch.full((5,), -20.0)).item() == pytest.approx(20.0, rel=1e-6)
+
+
+def test_dmd_training_moves_a_misplaced_student_onto_a_gaussian_mixture():
+    """A one-step generator (an MLP from 2-D noise) starts far from a two-mode mixture (weights 0.3 / 0.7);
+    the teacher is the mixture's exact velocity, the fake score an MLP trained online on the student's
+    samples (5 fake steps per generator step). 600 DMD2 steps put the student on the mixture: mode weights
+    within 0.04, mean within 0.15 along the modes' axis, variance within 15% (over three seeds of this setup:
+    weights within 0.015, means within 0.05, variance 8-11% low, as the reverse KL under-disperses)."""
+    from analytic import GaussianMixture
+
+    torch.manual_seed(0)
+    mixture = GaussianMixture([0.3, 0.7], [[-2.0, 0.0], [2.0, 0.0]], [0.3, 0.3])
+
+    def mlp(inputs: int, width: int) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(inputs, width), torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, 2),
+        )  # fmt: skip
+
+    student, fake = mlp(2, 128), mlp(3, 256)
+    with torch.no_grad():
+        student[-1].bias.copy_(torch.tensor([0.0, 3.0]))  # misplaced: above both modes
+    opt_student = torch.optim.Adam(student.parameters(), lr=1e-3)
+    opt_fake = torch.optim.Adam(fake.parameters(), lr=1e-3)
+    batch = 256
+
+    def noised(x):
+        t, noise = torch.rand(batch, 1) * 0.96 + 0.02, torch.randn(batch, 2)
+        return (1 - t) * x + t * noise, t, noise
+
+    def fake_step():
+        with torch.no_grad():
+            x = student(torch.randn(batch, 2))
+        x_t, t, noise = noised(x)
+        loss = fake_score_loss(fake(torch.cat([x_t, t], 1)), x, noise)
+        opt_fake.zero_grad()
+        loss.backward()
+        opt_fake.step()
+
+    with torch.no_grad():
+        before = student(torch.randn(4096, 2))
+    assert before[:, 1].mean() > 2.5  # nowhere near the mixture
+    for _ in range(200):
+        fake_step()
+    for _ in range(600):
+        for _ in range(5):
+            fake_step()
+        x = student(torch.randn(batch, 2))
+        x_t, t, _ = noised(x)
+        with torch.no_grad():
+            real_x0 = x_t - t * mixture.velocity(x_t.double(), t[:, 0].double()).float()
+            fake_x0 = x_t - t * fake(torch.cat([x_t, t], 1))
+        loss = dmd_loss(x, real_x0, fake_x0)
+        opt_student.zero_grad()
+        loss.backward()
+        opt_student.step()
+    with torch.no_grad():
+        samples = student(torch.randn(20000, 2)).double()
+    mean, cov = mixture.moments()
+    assert torch.allclose(mixture.mode_weights(samples), mixture.weights, atol=0.04)
+    assert abs(samples[:, 0].mean() - mean[0]) < 0.15 and abs(samples[:, 1].mean()) < 0.1
+    assert abs(samples[:, 0].var() / cov[0, 0] - 1) < 0.15

@@ -357,7 +357,13 @@ def fit_shape(mask: np.ndarray, values: np.ndarray | None = None) -> ShapeFit:
         values = np.pad(mask.astype(np.float64), REGION_MARGIN)
     area = int(mask.sum())
     h, w = mask.shape
-    posterior, world_size, side = _value_fit(np.asarray(values, dtype=np.float64), h, w)
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (h + 2 * REGION_MARGIN, w + 2 * REGION_MARGIN):
+        raise ValueError(
+            f"fit_shape: values must cover the mask's box grown by {REGION_MARGIN} px, "
+            f"{(h + 2 * REGION_MARGIN, w + 2 * REGION_MARGIN)}, got {values.shape}."
+        )
+    posterior, world_size, side = _value_fit(values, h, w)
     winner = int(np.argmax(posterior))
     misfit = _mask_misfit(mask, area)
     objectness = _objectness(misfit, min(h, w) / max(h, w), world_size)

@@ -92,8 +92,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
+def check_device(flag: str, value: str) -> None:
+    """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:N`` (N below the device count), ``mps``."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise UsageError(f"{flag} {value!r} is not a torch device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{flag} {value!r}: this machine has no CUDA device; use {flag} cpu.")
+        if device.index is not None and device.index >= count:
+            raise UsageError(
+                f"{flag} {value!r}: this machine has {count} CUDA device(s) (cuda:0-{count - 1})."
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} {value!r}: MPS is not available on this machine; use {flag} cpu.")
+
+
 def load_model_from_args(args: argparse.Namespace):
     from flowalign.models import load_model
+
+    check_device("--device", args.device)
 
     model = load_model(args.model, family=args.family, device=args.device, dtype=getattr(torch, args.dtype))
     if args.lora:

@@ -119,11 +119,12 @@ def match_images(images_dir: Path, entries: list[dict[str, Any]]) -> list[tuple[
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from flowalign.commands.common import check_int, check_output_file
+    from flowalign.commands.common import check_device, check_int, check_output_file
     from rewards import WeightedReward, parse_reward_spec
     from rewards.images import MAX_PIXELS, load_image, parse_background
 
     check_int("--batch-size", args.batch_size)
+    check_device("--device", args.device)
     check_output_file("--out", args.out, (".json",))
     check_int("--max-pixels", args.max_pixels)
     max_pixels = MAX_PIXELS if args.max_pixels is None else args.max_pixels

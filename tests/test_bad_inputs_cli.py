@@ -163,6 +163,12 @@ CASES = [
     ("train-config-missing", ["train", "{F}/none.yaml"], r"config file .*none\.yaml.* does not exist", True),
     ("train-config-bad-yaml", ["train", "{F}/config.yaml"], r"config\.yaml", True),
     ("train-unknown-key", ["train", PLAN[1], "optim.lrr=1"], r"optim\.lrr", True),
+    (
+        "train-output-dir-unwritable",
+        ["train", PLAN[1], "train.output_dir={F}/a_file/run"],
+        r"train\.output_dir=.*a_file/run' cannot be created",
+        True,
+    ),
     ("train-override-no-equals", ["train", PLAN[1], "optim.lr"], r"optim\.lr", True),
     # prompt files
     ("score-prompts-missing", [*SCORE[:3], "{F}/none.jsonl", "--reward", "geneval"], r"none\.jsonl", True),

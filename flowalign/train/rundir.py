@@ -71,7 +71,12 @@ def claim(output_dir: str | Path, resume: bool, overwrite: bool) -> Path:
     """Lock ``output_dir`` for this run (see the module docstring) and return the lock file. Call on the
     main process only, before anything is written there."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(
+            f"train.output_dir={str(out)!r} cannot be created ({err.strerror or err}); choose a writable directory."
+        ) from None
     lock = out / LOCK
     _take_lock(lock)
     try:

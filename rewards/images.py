@@ -3,19 +3,22 @@
 Every conversion is stated, none silent:
 
 - **8-bit** RGB, greyscale, palette, bilevel and CMYK images convert to RGB (``value / 255``).
-- **16-bit** greyscale (PIL modes ``I;16*``, and ``I`` with values within 0-65535) scales by ``1 / 65535``:
-  never clipped at 255. (PIL reads 16-bit RGB PNGs as 8-bit RGB itself, by scaling.)
+- **16-bit** greyscale (PIL modes ``I;16*``, and ``I`` from a PNG) scales by ``1 / 65535``: never clipped at
+  255; a 16-bit image with a transparent colour is refused. (PIL reads 16-bit RGB PNGs as 8-bit RGB itself,
+  by scaling.) Other 32-bit integer and floating-point images are refused.
 - **Transparency** (an alpha channel, or a palette or greyscale image with a transparent colour): an image
   whose pixels are all opaque converts as it is; one with any transparent pixel is composited on
   ``background`` (``"white"``, ``"black"`` or ``(r, g, b)`` in 0-255) when one is given, and refused
   otherwise, because what a transparent pixel should look like is the user's choice.
-- **Size**: images of more than ``max_pixels`` pixels (:data:`MAX_PIXELS` by default) are refused before
-  they are decoded (a 12000 x 12000 PNG would take ~1.7 GB as float RGB).
+- **Size**: images of more than ``max_pixels`` pixels (:data:`MAX_PIXELS` by default; None: no limit, also
+  lifting Pillow's own) are refused before they are decoded (a 12000 x 12000 PNG would take ~1.7 GB as
+  float RGB).
 - A file that is not an image or is truncated is one :class:`ImageLoadError` naming it and the cause.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +66,9 @@ def load_image(
     path = Path(path)
     fill = parse_background(background)
     try:
-        with Image.open(path) as image:
+        with _pillow_limit():
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageLoadError(
@@ -78,8 +83,32 @@ def load_image(
         raise ImageLoadError(f"image {str(path)!r} cannot be read: {err}.") from None
 
 
+@contextmanager
+def _pillow_limit():
+    """Pillow refuses images over its own limit (~179 MP) when it opens them, before this module can check;
+    opening reads only the header, so within this block Pillow's limit is off and this module's check (with
+    ``max_pixels``, or none when None) decides before anything is decoded."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def _to_tensor(image, path: Path, fill: tuple[int, int, int] | None) -> Tensor:
     mode = image.mode
+    if mode == "I" and image.format != "PNG":
+        raise ImageLoadError(
+            f"image {str(path)!r} holds 32-bit integer pixels ({image.format}); save it as an 8- or 16-bit image."
+        )
+    if (mode.startswith("I;16") or mode == "I") and "transparency" in image.info:
+        raise ImageLoadError(
+            f"image {str(path)!r} is 16-bit with a transparent colour; save it without transparency (or as 8-bit "
+            "RGBA and pass --background)."
+        )
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(image, dtype=np.float64)
         if values.min() < 0 or values.max() > 65535:

@@ -467,3 +467,30 @@ def test_the_size_limit_is_checked_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(ImageLoadError, match=r"64x64 = 4096 pixels, over the limit of 4095"):
         load_image(tmp_path / "a.png", max_pixels=4095)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares ``width x height`` RGB pixels (its data is one row): enough for Image.open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    row = zlib.compress(b"\x00" + b"\x00" * 3 * width)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", row) + chunk(b"IEND", b"")
+    )
+
+
+def test_huge_and_odd_images_are_one_clear_error(tmp_path):
+    _png_header_only(tmp_path / "huge.png", 20000, 20000)  # over Pillow's own bomb limit, too
+    with pytest.raises(ImageLoadError, match=r"huge\.png' is 20000x20000 = 400000000 pixels, over the limit"):
+        load_image(tmp_path / "huge.png")
+    Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(tmp_path / "t16.png", transparency=0)
+    with pytest.raises(ImageLoadError, match="16-bit with a transparent colour"):
+        load_image(tmp_path / "t16.png")
+    Image.fromarray(np.array([[200]], dtype=np.int32), "I").save(tmp_path / "i32.tiff")
+    with pytest.raises(ImageLoadError, match="32-bit integer pixels"):
+        load_image(tmp_path / "i32.tiff")

@@ -56,7 +56,8 @@ def dmd_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor, *, normalize: bool
     ``real_x0`` / ``fake_x0``: the teacher's (with CFG) and the fake score's x0-predictions at the re-noised
     ``x``. ``normalize``: DMD2's division by ``mean |x - real_x0|`` per sample (``False``: the raw
     difference, which is the reverse-KL score difference up to the noise level's factor). Non-finite
-    entries (a zero distance) become 0, as in DMD2.
+    entries (a zero distance) become 0 (DMD2's ``nan_to_num`` zeroes NaN too, but keeps +-inf as the largest
+    float; a sample with no distance to the teacher has nothing to move).
     """
     if not (x.shape == real_x0.shape == fake_x0.shape):
         raise ValueError(
@@ -127,7 +128,9 @@ def f_divergence_weight(
     ``r = clamp(exp(clamp(mean logit, +-logit_clamp)), *ratio_range)``; with ``t`` (each sample's noise
     level) ``r`` is divided by its mean within ``bins`` equal bins of ``t_range`` (the ratio's scale differs
     between noise levels); ``h = F_DIVERGENCES[divergence](r)``, divided by its batch mean when
-    ``normalize``. Detached: the weight scales the DMD direction, it is not trained through.
+    ``normalize``. Detached: the weight scales the DMD direction, it is not trained through. The bin means
+    are this batch's (FastGen's default, ``ratio_ema_rate=0``, over all processes): a sample alone in its
+    bin gets ``r = 1``, so use batches of several samples per bin.
     """
     if divergence not in F_DIVERGENCES:
         raise ValueError(f"unknown f-divergence {divergence!r}; choose one of {sorted(F_DIVERGENCES)}.")
@@ -141,6 +144,8 @@ def f_divergence_weight(
         r = logit.clamp(-logit_clamp, logit_clamp).exp().clamp(low, high)
         if t is not None:
             start, stop = t_range
+            if not stop > start or bins < 1:
+                raise ValueError(f"t_range must have stop > start and bins >= 1, got {t_range} and {bins}.")
             index = ((t.double() - start) / (stop - start) * bins).floor().clamp(0, bins - 1).long()
             sums = torch.zeros(bins, dtype=r.dtype, device=r.device).index_add_(0, index, r)
             counts = torch.zeros(bins, dtype=r.dtype, device=r.device).index_add_(

@@ -23,6 +23,7 @@ from pathlib import Path
 from flowalign.commands.common import (
     UsageError,
     add_model_arguments,
+    check_device,
     check_int,
     check_output_dir,
     check_sampling_arguments,
@@ -124,6 +125,7 @@ def _geneval(args: argparse.Namespace) -> int:
     from rewards.geneval_reward import load_detector
 
     check_sampling_arguments(args)
+    check_device("--device", args.device)
     check_output_dir("--out", args.out)
     check_int("--max-prompts", args.max_prompts)
     check_int("--images-per-prompt", args.images_per_prompt)
@@ -167,6 +169,7 @@ def _geneval(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from flowalign.eval.compare import compare_runs, comparison_markdown, load_run, write_comparison
 
+    check_output_dir("--out", args.out)
     try:
         a, b = load_run(args.a), load_run(args.b)
         comparison = compare_runs(a, b)

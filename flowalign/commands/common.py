@@ -42,18 +42,17 @@ def check_float(
         )
 
 
-def check_output_file(flag: str, path: str | None, suffixes: tuple[str, ...]) -> None:
-    """An output file path: not an existing directory, with one of ``suffixes`` (checked before work starts,
-    so a long run does not fail at its last line)."""
+def check_output_file(flag: str, path: str | None, suffixes: tuple[str, ...] = ()) -> None:
+    """An output file path: not an existing directory and, when ``suffixes`` are given, with one of them
+    (checked before work starts, so a long run does not fail at its last line)."""
     from pathlib import Path
 
     if path is None:
         return
     if Path(path).is_dir():
-        raise UsageError(
-            f"{flag} {path!r} is a directory; pass a file path such as {path.rstrip('/')}/out{suffixes[0]}."
-        )
-    if Path(path).suffix.lower() not in suffixes:
+        example = f"{path.rstrip('/')}/out{suffixes[0] if suffixes else ''}"
+        raise UsageError(f"{flag} {path!r} is a directory; pass a file path such as {example}.")
+    if suffixes and Path(path).suffix.lower() not in suffixes:
         raise UsageError(f"{flag} {path!r} must end with {' or '.join(suffixes)}.")
 
 

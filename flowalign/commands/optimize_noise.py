@@ -15,6 +15,7 @@ import torch
 from flowalign.commands.common import (
     UsageError,
     add_model_arguments,
+    check_device,
     check_float,
     check_int,
     check_output_dir,
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from rewards import WeightedReward, parse_reward_spec
 
     check_sampling_arguments(args)
+    check_device("--device", args.device)
     check_output_dir("--out", args.out)
     check_int("--iterations", args.iterations)
     check_float("--lr", args.lr, least=0)

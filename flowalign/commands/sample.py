@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from flowalign.samplers import generate, seeded_generators
 
     check_int("--num-images", args.num_images)
-    check_output_file("--out", args.out, (".png", ".jpg", ".jpeg", ".webp"))
+    check_output_file("--out", args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"))
     check_sampling_arguments(args)
     model = load_model_from_args(args)
     jobs = [(i, j) for i in range(len(args.prompt)) for j in range(args.num_images)]

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_int("--batch-size", args.batch_size)
     check_device("--device", args.device)
-    check_output_file("--out", args.out, (".json",))
+    check_output_file("--out", args.out)
     check_int("--max-pixels", args.max_pixels)
     max_pixels = MAX_PIXELS if args.max_pixels is None else args.max_pixels
     background = parse_background(args.background)

@@ -358,6 +358,11 @@ def judge_images(
     """Judge already generated ``images`` (prompt-major, ``config.images_per_prompt`` per prompt, as
     :func:`run_geneval` orders them): re-judge a saved benchmark with another detector or judge version."""
     detector = detector if detector is not None else ShapesDetector()
+    if len(prompts) != len(config.images_per_prompt):
+        raise ValueError(
+            f"judge_images: {len(prompts)} prompts but config.images_per_prompt has {len(config.images_per_prompt)} counts."
+        )
+    prompts = check_prompts(prompts, detector)
     jobs = [(i, j) for i, n in enumerate(config.images_per_prompt) for j in range(n)]
     if len(jobs) != len(images):
         raise ValueError(f"judge_images: {len(images)} images for {len(jobs)} benchmark images.")
@@ -368,7 +373,7 @@ def judge_images(
         ImageRecord(i, j, evaluate(d, prompts[i]), list(d))
         for (i, j), d in zip(jobs, detections, strict=True)
     ]
-    return GenEvalReport.of(records, [dict(p) for p in prompts], config, images=images)
+    return GenEvalReport.of(records, prompts, config, images=images)
 
 
 def merge_reports(parts: Sequence[GenEvalReport]) -> GenEvalReport:
@@ -416,8 +421,8 @@ def _require_int(name: str, value: Any, least: int = 1, where: str = "") -> None
 def _check_config(config: GenEvalConfig) -> None:
     for name in ("steps", "batch_size", "resolution"):
         _require_int(name, getattr(config, name))
-    if not math.isfinite(config.guidance) or config.guidance < 0:
-        raise ValueError(f"guidance must be a finite number >= 0, got {config.guidance!r}.")
+    if not math.isfinite(config.guidance) or config.guidance < 1:
+        raise ValueError(f"guidance must be a finite number >= 1 (1: no guidance), got {config.guidance!r}.")
 
 
 def check_prompts(prompts: Sequence[Mapping[str, Any]], detector: Any) -> list[dict[str, Any]]:

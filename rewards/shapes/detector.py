@@ -210,13 +210,16 @@ def _mask_bank() -> _MaskBank:
 
 @dataclass(frozen=True)
 class _ValueBank:
-    """The value model's figures: ``kernels [n, K * W * W]``, level ``k``'s entry at a pixel being
-    ``log p(v_k | c) - log p(0 | c = 0)`` for the figure's expected value ``c`` there (see
-    :func:`_value_log_lik`); ``shapes``, ``sides`` ``[n]``."""
+    """The value model's figures. With ``K_k[n, y, x] = log p(v_k | c) - log p(v_k | c = 0)`` for figure
+    ``n``'s expected value ``c`` at window pixel ``(y, x)`` (see :func:`_value_log_lik`): ``base [n]`` =
+    the sum of ``K_0`` over the window (every pixel at value 0) and ``delta [(K - 1) * W * W, n]`` =
+    ``K_k - K_0`` for levels ``k >= 1``, so a window's log-likelihood is ``base`` plus the ``delta`` rows of
+    its few nonzero pixels; ``shapes``, ``sides`` ``[n]``."""
 
     shapes: np.ndarray
     sides: np.ndarray
-    kernels: np.ndarray
+    base: np.ndarray
+    delta: np.ndarray
 
 
 def _value_log_lik(value: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -227,12 +230,15 @@ def _value_log_lik(value: np.ndarray, expected: np.ndarray) -> np.ndarray:
 
 def _value_bank() -> _ValueBank:
     levels = np.linspace(0, 1, VALUE_LEVELS)[:, None, None]
-    shapes, sides, kernels = [], [], []
+    shapes, sides, bases, deltas = [], [], [], []
     for s, side, d in _figures(SMALL_SIDES + SIDES + LARGE_SIDES):
         expected = 1 / (1 + np.exp(-d / COVERAGE_SCALE))
         kernel = _value_log_lik(levels, expected) - _value_log_lik(levels, np.zeros_like(expected))
-        shapes.append(s), sides.append(side), kernels.append(kernel.reshape(-1))
-    return _ValueBank(np.array(shapes), np.array(sides), np.stack(kernels))
+        shapes.append(s), sides.append(side), bases.append(kernel[0].sum())
+        deltas.append((kernel[1:] - kernel[:1]).reshape(-1))
+    return _ValueBank(
+        np.array(shapes), np.array(sides), np.array(bases), np.ascontiguousarray(np.stack(deltas).T)
+    )
 
 
 _MASK_BANK = _mask_bank()
@@ -318,20 +324,24 @@ def _value_fit(values: np.ndarray, h: int, w: int) -> tuple[np.ndarray, float, f
     """``(P(shape | values) [4], world-size share, most likely side)`` for a component whose box is
     ``h x w`` and whose membership values ``values`` cover the box grown by :data:`REGION_MARGIN`."""
     b = _VALUE_BANK
-    position = np.clip(values, 0, 1) * (VALUE_LEVELS - 1)
+    ys, xs = np.nonzero(values > 0)
+    position = np.clip(values[ys, xs], 0, 1) * (VALUE_LEVELS - 1)
     low = np.minimum(np.floor(position).astype(np.int64), VALUE_LEVELS - 2)
     frac = position - low
-    levels = np.zeros((VALUE_LEVELS, *values.shape))
-    np.put_along_axis(levels, low[None], (1 - frac)[None], axis=0)
-    upper = np.zeros_like(levels)
-    np.put_along_axis(upper, low[None] + 1, frac[None], axis=0)
-    levels += upper
-    padded = np.pad(levels, ((0, 0), (_WINDOW, _WINDOW), (_WINDOW, _WINDOW)))
-    padded[0] = np.pad(levels[0], _WINDOW, constant_values=1.0)  # beyond the region every value is 0
-    top = _WINDOW + REGION_MARGIN + math.floor(h / 2 - _WINDOW / 2)
-    left = _WINDOW + REGION_MARGIN + math.floor(w / 2 - _WINDOW / 2)
-    windows = np.moveaxis(_placements(padded, top, left), 0, 1).reshape(9, -1)  # [placements, K * W * W]
-    log_lik = windows @ b.kernels.T  # [placements, n]
+    # Each nonzero pixel sits between two levels: weight 1 - frac at ``low``, frac at ``low + 1`` (level 0's
+    # share is in ``base``). Rows of ``delta``: level k >= 1 at window pixel (wy, wx) is (k - 1) W^2 + wy W + wx.
+    levels = np.concatenate([low, low + 1])
+    weights = np.concatenate([np.where(low >= 1, 1 - frac, 0.0), frac])
+    ys, xs = np.concatenate([ys, ys]), np.concatenate([xs, xs])
+    # The 3 x 3 placements around the box centre, as in the mask model; a pixel's place in each window.
+    top = REGION_MARGIN + math.floor(h / 2 - _WINDOW / 2)
+    left = REGION_MARGIN + math.floor(w / 2 - _WINDOW / 2)
+    shifts = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    wy = ys[None] - (top + shifts[:, :1])  # [placements, pixels]
+    wx = xs[None] - (left + shifts[:, 1:])
+    inside = (wy >= 0) & (wy < _WINDOW) & (wx >= 0) & (wx < _WINDOW)
+    rows = np.where(inside, (levels[None] - 1) * _WINDOW**2 + wy * _WINDOW + wx, 0)
+    log_lik = b.base[None] + np.einsum("pm,pmn->pn", np.where(inside, weights[None], 0.0), b.delta[rows])
     world = (b.sides >= SIDES[0]) & (b.sides <= SIDES[-1])
     world_size = math.exp(_log_sum(log_lik, world) - _log_sum(log_lik, np.ones_like(world)))
     log_lik, shapes, sides = log_lik[:, world], b.shapes[world], b.sides[world]

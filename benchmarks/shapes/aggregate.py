@@ -100,6 +100,10 @@ def aggregate(recipes: dict[str, list[EvidenceRun]], control: list[EvidenceRun])
                     "guidance": guidance,
                     "split": split,
                     "gain": gain.as_json(),
+                    # Each seed alone, with its own paired interval (the pooled gain's per_seed, resolved).
+                    "per_seed_gains": [
+                        pooled_gain([(b.verdicts, t.verdicts)]).overall.as_json() for b, t in pairs
+                    ],
                     "train_minutes": sum(r.train_minutes for r in runs) / len(runs),
                     "cpu_minutes": cpu,
                     "gain_per_cpu_minute": {
@@ -147,7 +151,7 @@ def markdown(rows: list[dict], command: str) -> str:
         "the spread over training seeds.",
         "",
         "| recipe | seeds | guidance | split | gain [95% interval] | excludes 0 | vs control [95% interval] "
-        "| beats control | train min (CPU-min) | gain per CPU-min [95% interval] | per-seed gains | shown |",
+        "| beats control | train min (CPU-min) | gain per CPU-min [95% interval] | per-seed gains [95% interval] | shown |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -159,7 +163,9 @@ def markdown(rows: list[dict], command: str) -> str:
             f"{g['estimate']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] | {_yes(g['excludes_zero'])} | {versus} | "
             f"{beats} | {r['train_minutes']:.1f} ({r['cpu_minutes']:.1f}) | "
             f"{e['estimate']:+.4f} [{e['low']:+.4f}, {e['high']:+.4f}] | "
-            + ", ".join(f"{x:+.3f}" for x in r["gain"]["per_seed"])
+            + ", ".join(
+                f"{x['estimate']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}]" for x in r["per_seed_gains"]
+            )
             + f" | **{_yes(r['shown'])}** |"
         )
     return "\n".join(lines) + "\n"

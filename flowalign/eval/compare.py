@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowalign.eval.stats import N_RESAMPLES, PairedComparison, Verdicts, paired_comparison
+from flowalign.eval.stats import N_RESAMPLES, PairedComparison, Verdicts, benchmark_stats, paired_comparison
 
 __all__ = ["BenchmarkRun", "Protocol", "compare_runs", "comparison_markdown", "load_run", "write_comparison"]
 
@@ -151,6 +151,12 @@ def comparison_markdown(a: BenchmarkRun, b: BenchmarkRun, comparison: PairedComp
     interval excludes zero, the discordant images and McNemar's p."""
     p = a.protocol
     level = f"{comparison.confidence:.0%}"
+    stats = {"a": benchmark_stats(a.verdicts), "b": benchmark_stats(b.verdicts)}
+
+    def accuracy(run: str, tag: str | None = None) -> str:
+        i = stats[run].overall if tag is None else stats[run].tasks[tag].accuracy
+        return f"{i.estimate:.3f} [{i.low:.2f}, {i.high:.2f}]"
+
     lines = [
         f"A: `{a.path}` ({_describe(a)})",
         f"B: `{b.path}` ({_describe(b)})",
@@ -164,17 +170,17 @@ def comparison_markdown(a: BenchmarkRun, b: BenchmarkRun, comparison: PairedComp
     for tag, task in comparison.tasks.items():
         d = task.difference
         lines.append(
-            f"| {tag} | {a.task_accuracy[tag]:.3f} | {b.task_accuracy[tag]:.3f} | {d.estimate:+.3f} | "
+            f"| {tag} | {accuracy('a', tag)} | {accuracy('b', tag)} | {d.estimate:+.3f} | "
             f"[{d.low:+.3f}, {d.high:+.3f}] | {_yes(d.excludes_zero)} | {task.a_only} / {task.b_only} | "
             f"{task.mcnemar_p:.3g} |"
         )
     o, i = comparison.overall, comparison.image_accuracy
     lines += [
-        f"| **overall** | {a.overall:.3f} | {b.overall:.3f} | **{o.estimate:+.3f}** | [{o.low:+.3f}, {o.high:+.3f}] "
+        f"| **overall** | {accuracy('a')} | {accuracy('b')} | **{o.estimate:+.3f}** | [{o.low:+.3f}, {o.high:+.3f}] "
         f"| **{_yes(o.excludes_zero)}** | | |",
         f"| % images | | | {i.estimate:+.3f} | [{i.low:+.3f}, {i.high:+.3f}] | {_yes(i.excludes_zero)} | | |",
         "",
-        f"Intervals: {comparison.method}.",
+        f"Intervals: {comparison.method}; A and B: {stats['a'].method}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 
@@ -45,8 +46,6 @@ def check_float(
 def check_output_file(flag: str, path: str | None, suffixes: tuple[str, ...] = ()) -> None:
     """An output file path: not an existing directory and, when ``suffixes`` are given, with one of them
     (checked before work starts, so a long run does not fail at its last line)."""
-    from pathlib import Path
-
     if path is None:
         return
     if Path(path).is_dir():
@@ -58,8 +57,6 @@ def check_output_file(flag: str, path: str | None, suffixes: tuple[str, ...] = (
 
 def check_output_dir(flag: str, path: str | None) -> None:
     """An output directory path: not an existing file."""
-    from pathlib import Path
-
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise UsageError(f"{flag} {path!r} exists and is not a directory; pass a directory path.")
 

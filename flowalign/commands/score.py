@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from flowalign.commands.common import UsageError
+from flowalign.commands.common import UsageError, check_device, check_int, check_output_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -119,7 +119,6 @@ def match_images(images_dir: Path, entries: list[dict[str, Any]]) -> list[tuple[
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from flowalign.commands.common import check_device, check_int, check_output_file
     from rewards import WeightedReward, parse_reward_spec
     from rewards.images import MAX_PIXELS, load_image, parse_background
 

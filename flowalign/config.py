@@ -21,6 +21,7 @@ __all__ = [
     "BackpropConfig",
     "Config",
     "ConfigError",
+    "DMDConfig",
     "DPOConfig",
     "DataConfig",
     "EvalConfig",
@@ -36,7 +37,7 @@ __all__ = [
     "validate",
 ]
 
-ALGORITHMS = ("grpo", "nft", "backprop", "dpo", "sft")
+ALGORITHMS = ("grpo", "nft", "backprop", "dpo", "sft", "dmd")
 
 
 class ConfigError(ValueError):
@@ -227,6 +228,31 @@ class SFTConfig:
 
 
 @dataclass
+class DMDConfig:
+    """Distribution-matching distillation (``train.algorithm: dmd``; :mod:`flowalign.train.dmd`): the trained
+    model is a student of ``sampling.steps`` steps (1, 2, 4...: it samples with the stock scheduler at that
+    step count and ``sampling.guidance``, usually 1), the teacher is the base model (LoRA disabled; a frozen
+    copy when ``model.lora_rank: 0``) with classifier-free guidance ``real_guidance``, and the fake score is
+    a second LoRA on the same frozen base (a full copy when ``lora_rank: 0``), initialised as the teacher.
+
+    ``fake_updates``: fake-score optimizer steps per generator step (DMD2's two time-scale update rule:
+    10 for SD1.5, 5 for SDXL), each on fresh student samples. ``fake_lr``: its learning rate (None:
+    ``optim.lr``; betas, weight decay and gradient clipping are ``optim``'s).
+    ``t_range``: the noise levels at which student samples are re-noised for the distribution-matching
+    gradient, as fractions of the training horizon (flow: sigma; diffusion: ``t / num_train_timesteps``);
+    DMD2 uses ``[0.02, 0.98]``. ``fake_t_range``: the same for the fake score's denoising loss (DMD2: all).
+    ``normalize``: DMD2's per-sample normalisation of the gradient by ``mean |x - x0_teacher|``.
+    """
+
+    real_guidance: float = 1.5
+    fake_updates: int = 5
+    fake_lr: float | None = None
+    t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])
+    fake_t_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    normalize: bool = True
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -317,6 +343,7 @@ class Config:
     backprop: BackpropConfig = field(default_factory=BackpropConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -484,8 +511,9 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
     if t.ema_decay is not None and not 0 < t.ema_decay < 1:
         fail("train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")
     _check_numbers(config, fail)
-    if s.steps < 2:
-        fail("sampling.steps", f"must be >= 2, got {s.steps}")
+    if s.steps < (1 if t.algorithm == "dmd" else 2):
+        least = "1 (a one-step student)" if t.algorithm == "dmd" else "2"
+        fail("sampling.steps", f"must be >= {least}, got {s.steps}")
     if s.sde_window is not None:
         if len(s.sde_window) != 2:
             fail("sampling.sde_window", f"must be [start, size], got {s.sde_window}")
@@ -545,7 +573,9 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
                 "is a code path (importing it runs the code it names); set train.allow_code=true to allow it, or "
                 "use a registered reward name",
             )
-    needs_reward = t.algorithm != "sft" and not (t.algorithm == "dpo" and config.dpo.pairs != "online")
+    needs_reward = t.algorithm not in ("sft", "dmd") and not (
+        t.algorithm == "dpo" and config.dpo.pairs != "online"
+    )
     if not config.reward and needs_reward:
         fail("reward", "name at least one reward, e.g. reward: {geneval: {weight: 1.0}}")
     for section, scope in (("grpo", config.grpo.std_scope), ("nft", config.nft.std_scope)):
@@ -571,6 +601,8 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
         fail("grpo.kl_form", f"must be flow_grpo or gaussian, got {config.grpo.kl_form!r}")
     if config.sft.batch_size < 1:
         fail("sft.batch_size", f"must be >= 1 (scenes per iteration), got {config.sft.batch_size}")
+    if t.algorithm == "dmd":
+        _check_dmd(config, fail)
     ev = config.eval
     if ev.detector not in ("shapes", "mask2former", "owlv2"):
         fail("eval.detector", f"must be shapes, mask2former or owlv2, got {ev.detector!r}")
@@ -612,4 +644,33 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
             "backprop.kl_beta",
             "the KL reference is the model with its LoRA disabled, and model.lora_rank=0 trains no LoRA; "
             "train a LoRA (model.lora_rank > 0) or set backprop.kl_beta=0",
+        )
+
+
+def _check_dmd(config: Config, fail) -> None:
+    k, t = config.dmd, config.train
+    if not (math.isfinite(k.real_guidance) and k.real_guidance >= 1):
+        fail(
+            "dmd.real_guidance",
+            f"must be a finite number >= 1 (the teacher's CFG scale; 1: none), got {k.real_guidance}",
+        )
+    if k.fake_updates < 1:
+        fail("dmd.fake_updates", f"must be >= 1 (fake-score steps per generator step), got {k.fake_updates}")
+    if k.fake_lr is not None and not (math.isfinite(k.fake_lr) and k.fake_lr > 0):
+        fail("dmd.fake_lr", f"must be a finite number > 0 or null (optim.lr), got {k.fake_lr}")
+    for key in ("t_range", "fake_t_range"):
+        span = getattr(k, key)
+        if len(span) != 2 or not (0 <= span[0] < span[1] <= 1):
+            fail(f"dmd.{key}", f"must be [low, high] with 0 <= low < high <= 1, got {list(span)}")
+    if t.sharding == "fsdp":
+        fail(
+            "train.sharding",
+            "dmd keeps a fake-score copy of the denoiser next to the trained one, which FSDP sharding does not "
+            "cover yet; use train.sharding=ddp",
+        )
+    if t.mixed_precision == "fp16":
+        fail(
+            "train.mixed_precision",
+            "dmd steps two optimizers (student and fake score), which one fp16 gradient scaler cannot serve; "
+            "use bf16",
         )

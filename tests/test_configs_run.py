@@ -158,6 +158,8 @@ FILES = {
         f"data.train_prompts={get('prompt_files')['plain']}",
         *_aesthetic(get),
     ],
+    "dmd/sd35m_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
+    "dmd/sdxl_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dpo/sd15_diffusion_dpo.yaml": lambda get: [f"dpo.pairs={get('pair_file')}"],
     "dpo/sd35m_flow_dpo_online.yaml": _geneval_mask2former,
     "dpo/sdxl_diffusion_dpo.yaml": lambda get: [f"dpo.pairs={get('pair_file')}"],

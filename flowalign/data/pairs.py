@@ -76,6 +76,7 @@ def mine_pairs(
         raise ValueError("rewards and group_ids must both be [n].")
     if per_group < 1:
         raise ValueError(f"per_group must be >= 1, got {per_group}.")
+    rewards, group_ids = rewards.detach().cpu(), group_ids.cpu()  # rewards gathered on a GPU, ids on the CPU
     pairs = []
     for g in torch.unique(group_ids, sorted=True).tolist():
         idx = (group_ids == g).nonzero().flatten()

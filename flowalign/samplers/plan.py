@@ -41,6 +41,11 @@ def _window(num_steps: int, spec, what: str) -> tuple[bool, ...]:
     raise ValueError(f"{what} must be 'all', 'none' or (start, size), got {spec!r}.")
 
 
+def _device(generator: torch.Generator | None) -> torch.device | None:
+    """Where a draw from ``generator`` must be made (a CUDA generator draws on its GPU)."""
+    return None if generator is None else generator.device
+
+
 def grad_window(
     num_steps: int,
     mode: str = "none",
@@ -68,14 +73,14 @@ def grad_window(
         if mode == "random_k":
             if not 1 <= k_min <= k:
                 raise ValueError(f"random_k needs 1 <= k_min <= k, got k_min={k_min}, k={k}.")
-            k = int(torch.randint(k_min, k + 1, (1,), generator=generator).item())
+            k = int(torch.randint(k_min, k + 1, (1,), generator=generator, device=_device(generator)).item())
         return tuple(i >= num_steps - k for i in range(num_steps)), None
     if mode == "single":
         if step is None:
             lo, hi = k_min, (k if k is not None else num_steps)
             if not 0 <= lo < hi <= num_steps:
                 raise ValueError(f"single-step range [{lo}, {hi}) is empty or outside {num_steps} steps.")
-            step = int(torch.randint(lo, hi, (1,), generator=generator).item())
+            step = int(torch.randint(lo, hi, (1,), generator=generator, device=_device(generator)).item())
         if not 0 <= step < num_steps:
             raise ValueError(f"single grad step {step} is outside [0, {num_steps}).")
         return tuple(i == step for i in range(num_steps)), step

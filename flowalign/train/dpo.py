@@ -55,7 +55,7 @@ class _OfflinePairs:
         per = ctx.config.dpo.pairs_per_step
         n = len(self.records)
         shared = ctx.shared_generator(step // max(1, n // per), "pair_epoch")
-        order = torch.randperm(n, generator=shared).tolist()
+        order = torch.randperm(n, generator=shared, device=shared.device).tolist()
         start = (step * per) % n
         chosen = [self.records[order[(start + i) % n]] for i in range(per)]
         acc = ctx.accelerator

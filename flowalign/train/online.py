@@ -43,8 +43,9 @@ def sampling_plan(ctx: TrainContext, step: int, schedule) -> SamplingPlan:
         if s.sde_window_shift and s.sde_window_mode == "sliding":
             start += (step // s.sde_window_interval) % (s.sde_window_shift + 1)
         elif s.sde_window_shift:
+            shared = ctx.shared_generator(step, "window")
             start += int(
-                torch.randint(0, s.sde_window_shift + 1, (1,), generator=ctx.shared_generator(step, "window"))
+                torch.randint(0, s.sde_window_shift + 1, (1,), generator=shared, device=shared.device)
             )
         window = (start, size)
     else:
@@ -125,7 +126,8 @@ def _trained_steps(ctx: TrainContext, step: int, trajectory: Rollout) -> list[in
     k = ctx.config.sampling.train_steps
     if k is None or k >= len(candidates):
         return candidates
-    pick = torch.randperm(len(candidates), generator=ctx.shared_generator(step, "train_steps"))[:k]
+    shared = ctx.shared_generator(step, "train_steps")
+    pick = torch.randperm(len(candidates), generator=shared, device=shared.device)[:k]
     return sorted(candidates[i] for i in pick.tolist())
 
 
@@ -203,7 +205,8 @@ def _grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
             return {**sampled.metrics, "informative_fraction": 0.0}
     rows: list[dict] = []
     for epoch in range(g.inner_epochs):
-        perm = torch.randperm(len(kept), generator=ctx.generator(step, f"perm{epoch}")).to(kept.device)
+        gen = ctx.generator(step, f"perm{epoch}")
+        perm = torch.randperm(len(kept), generator=gen, device=gen.device).to(kept.device)
         order = kept[perm]
         for minibatch in order.split(g.minibatch_size):
             micro = chunks(len(minibatch), ctx.config.train.micro_batch_size)

@@ -96,6 +96,7 @@ def register_recipe(name: str):
 def recipe_class(name: str) -> type[Recipe]:
     """The recipe class registered as ``name`` (importing the built-in recipes first)."""
     import flowalign.train.backprop  # noqa: F401  (each module registers its recipes)
+    import flowalign.train.dmd  # noqa: F401
     import flowalign.train.dpo  # noqa: F401
     import flowalign.train.online  # noqa: F401
     import flowalign.train.sft  # noqa: F401

@@ -1,0 +1,241 @@
+"""Distribution-matching distillation recipe on the shared loop (DMD2; ``train.algorithm: dmd``).
+
+The trained model becomes a few-step *student* of the base model: after training, ``flowalign sample
+--steps K --lora <run>/lora`` (and the stock diffusers pipeline with the LoRA and ``K`` steps) samples it.
+Three networks share one frozen base:
+
+- the **student**: the loop's trained weights (its LoRA, or the whole denoiser with ``lora_rank: 0``);
+- the **teacher** ("real score"): the base with the student's LoRA disabled (no copy; with full
+  fine-tuning, a frozen copy taken before training), queried with classifier-free guidance
+  ``dmd.real_guidance``;
+- the **fake score**: a second LoRA on the same frozen base weights (a trainable full copy with
+  ``lora_rank: 0``), initialised as the teacher and trained online to denoise the student's samples.
+
+One iteration (Yin et al. 2024, DMD2, Alg. 1; ``tianweiy/DMD2`` ``main/train_sd.py``): ``dmd.fake_updates``
+fake-score steps, each on fresh student samples (detached): re-noise at a random level of
+``dmd.fake_t_range``, fit the model's native target (velocity or epsilon) by MSE; then one generator step:
+student samples with gradient, re-noised at a random level of ``dmd.t_range``, teacher (CFG) and fake
+x0-predictions there, :func:`flowalign.algorithms.dmd.dmd_loss`.
+
+Students of ``K > 1`` steps are trained by DMD2's *backward simulation*: each batch draws ``k ~ U{0..K-1}``,
+runs the student's first ``k`` steps without gradient from pure noise and trains its ``x0`` prediction at
+step ``k`` (ReFL's single-step plan, :func:`flowalign.samplers.plan.grad_window`), so every step the
+student will take at sampling time is trained on the states it actually visits. Deviation from DMD2: the
+student moves between its steps deterministically (Euler / DDIM, the stock schedulers' sampler), not by
+re-noising its x0 prediction with fresh noise, so that the stock pipeline with ``K`` steps samples it
+exactly as trained; the step levels are the model scheduler's ``K``-step schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowalign.algorithms.dmd import dmd_loss
+from flowalign.models import ModelAdapter
+from flowalign.samplers import SamplingPlan, chunks, generate
+from flowalign.samplers.steps import randn
+from flowalign.train.loop import TrainContext
+from flowalign.train.recipe import Recipe, register_recipe
+
+__all__ = ["DMDRecipe", "noise_levels", "shared_copy"]
+
+
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose frozen parameters and buffers are the original's own tensors (no memory)
+    and whose trainable parameters (a LoRA's) are new tensors with the same values."""
+    memo: dict[int, object] = {id(p): p for p in module.parameters() if not p.requires_grad}
+    memo.update({id(b): b for b in module.buffers()})
+    return copy.deepcopy(module, memo)
+
+
+@contextmanager
+def routed(model: ModelAdapter, module: nn.Module) -> Iterator[ModelAdapter]:
+    """Within this context ``model.predict`` runs ``module`` (a copy of its denoiser) instead."""
+    previous = getattr(model, "_training_module", None)
+    model.set_training_module(module)
+    try:
+        yield model
+    finally:
+        model.set_training_module(previous)
+
+
+def noise_levels(model: ModelAdapter, gens: list[torch.Generator], span) -> tuple[Tensor, Tensor]:
+    """One noise level per sample, uniform in ``span`` (fractions of the training horizon), each from its
+    sample's generator: ``(level, model timestep)``. Flow: ``sigma`` and ``1000 sigma``; diffusion:
+    ``alphas_cumprod[t]`` and the integer ``t``."""
+    low, high = span
+    u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in gens])
+    u = low + (high - low) * u
+    path = model.path
+    if model.kind == "flow":
+        return u, path.timestep(u)
+    last = len(model.pipeline.scheduler.alphas_cumprod) - 1
+    t = (u * last).round().long()
+    return path.level_at(t), t.float()
+
+
+@register_recipe("dmd")
+class DMDRecipe(Recipe):
+    """DMD2 distillation: the student (trained weights), the teacher and the fake score (recipe state)."""
+
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        model, config = ctx.model, ctx.config
+        base = model.denoiser
+        # Full fine-tuning has no adapter to disable: the teacher is a frozen copy of the untrained weights.
+        self.teacher = None if model.has_lora else copy.deepcopy(base).requires_grad_(False)
+        fake = shared_copy(base) if model.has_lora else copy.deepcopy(base)
+        self.fake_params = [p for p in fake.parameters() if p.requires_grad]
+        o = config.optim
+        optimizer = torch.optim.AdamW(
+            self.fake_params, lr=config.dmd.fake_lr or o.lr, betas=tuple(o.betas),
+            weight_decay=o.weight_decay, eps=o.eps,
+        )  # fmt: skip
+        self.fake_module = fake
+        self.fake, self.fake_optimizer = ctx.accelerator.prepare(fake, optimizer)
+
+    # ------------------------------------------------------------------ predictions
+
+    def _x0(
+        self, network: str, x_t: Tensor, timestep: Tensor, level: Tensor, cond, guidance: float
+    ) -> Tensor:
+        """The ``teacher``'s or the ``fake`` score's x0-prediction at ``x_t`` (no gradient)."""
+        model = self.ctx.model
+        with torch.no_grad(), self.ctx.clock("forward"):
+            if network == "fake":
+                with routed(model, self.fake):
+                    out = model.predict(x_t, timestep, cond, guidance)
+            elif self.teacher is None:
+                with model.reference():
+                    out = model.predict(x_t, timestep, cond, guidance)
+            else:
+                with routed(model, self.teacher):
+                    out = model.predict(x_t, timestep, cond, guidance)
+        return model.path.x0_from_output(out, x_t, level)
+
+    def _student(self, step: int, purpose: str, cond, gens, grad: bool) -> Tensor:
+        """Student samples by backward simulation: the ``x0`` prediction at step ``k ~ U{0..K-1}`` (one ``k``
+        per call, the same on every process), with gradient through that step's model call when ``grad``."""
+        s = self.ctx.config.sampling
+        gen = self.ctx.shared_generator(step, purpose + "_k")
+        k = int(torch.randint(0, s.steps, (1,), generator=gen, device=gen.device))
+        plan = SamplingPlan(
+            sde=(False,) * s.steps,
+            grad=tuple(grad and i == k for i in range(s.steps)),
+            checkpoint=(False,) * s.steps,
+            stop_after=k,
+        )
+        with self.ctx.clock("forward"):
+            out = generate(
+                self.ctx.model, None, gens, cond=cond, steps=s.steps, guidance=s.guidance,
+                resolution=self.ctx.config.model.resolution, plan=plan, decode=False,
+            )  # fmt: skip
+        return out.final
+
+    # ------------------------------------------------------------------ updates
+
+    def _fake_update(self, step: int, j: int) -> dict[str, float]:
+        """One fake-score step: fit the native target of the student's (detached) samples re-noised."""
+        ctx, d = self.ctx, self.ctx.config.dmd
+        model, acc = ctx.model, ctx.accelerator
+        batch = ctx.sampler.batch(step * (d.fake_updates + 1) + j)
+        n = len(batch.prompts)
+        purpose = f"fake{j}"
+        cond = model.encode(batch.prompts, cfg=ctx.config.sampling.guidance > 1)
+        gens = ctx.sample_generators(step, purpose, batch.group_ids)
+        with torch.no_grad():
+            x0 = self._student(step, purpose, cond, gens, grad=False)
+        level, timestep = noise_levels(
+            model, ctx.sample_generators(step, purpose + "_t", batch.group_ids), d.fake_t_range
+        )
+        eps = randn(x0.shape, ctx.sample_generators(step, purpose + "_eps", batch.group_ids), x0.device)
+        x_t = model.path.noised(x0, level, eps)
+        target = model.path.target(x0, eps, level)
+        micro = chunks(n, ctx.config.train.micro_batch_size)
+        total = 0.0
+        for m, part in enumerate(micro):
+            with routed(model, self.fake), ctx.clock("forward"):
+                out = model.predict(x_t[part], timestep[part], cond.select(part), 1.0)
+            loss = F.mse_loss(out.float(), target[part].float())
+            share = (part.stop - part.start) / n
+            sync = m == len(micro) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.fake), ctx.clock("backward"):
+                acc.backward(loss * share)
+            total += loss.item() * share
+        norm = acc.clip_grad_norm_(self.fake_params, ctx.config.optim.max_grad_norm)
+        self.fake_optimizer.step()
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        return {"loss_fake": total, "fake_grad_norm": float(norm)}
+
+    def iteration(self, step: int) -> dict[str, float]:
+        ctx, d = self.ctx, self.ctx.config.dmd
+        model = ctx.model
+        fake_metrics = [self._fake_update(step, j) for j in range(d.fake_updates)]
+        batch = ctx.sampler.batch(step * (d.fake_updates + 1) + d.fake_updates)
+        n = len(batch.prompts)
+        cond = model.encode(batch.prompts, cfg=d.real_guidance > 1 or ctx.config.sampling.guidance > 1)
+        gens = ctx.sample_generators(step, "student", batch.group_ids)
+        level, timestep = noise_levels(
+            model, ctx.sample_generators(step, "dmd_t", batch.group_ids), d.t_range
+        )
+        eps_gens = ctx.sample_generators(step, "dmd_eps", batch.group_ids)
+        micro = chunks(n, ctx.config.train.micro_batch_size)
+        losses, distances = [], []
+        for m, part in enumerate(micro):
+            sub = cond.select(part)
+            x = self._student(step, "student", sub, gens[part], grad=True)
+            eps = randn(x.shape, eps_gens[part], x.device)
+            x_t = model.path.noised(x.detach(), level[part], eps)
+            real = self._x0("teacher", x_t, timestep[part], level[part], sub, d.real_guidance)
+            fake = self._x0("fake", x_t, timestep[part], level[part], sub, 1.0)
+            loss = dmd_loss(x, real, fake, normalize=d.normalize)
+            share = (part.stop - part.start) / n
+            ctx.backward(loss * share, sync=m == len(micro) - 1)
+            losses.append(loss.detach() * share)
+            distances.append((fake - real).abs().mean(dim=tuple(range(1, x.ndim))).detach())
+        metrics = ctx.optimizer_step()
+        metrics["loss"] = float(sum(losses))
+        metrics["fake_real_distance"] = torch.cat(distances).mean().item()
+        for key in fake_metrics[0]:
+            metrics[key] = sum(f[key] for f in fake_metrics) / len(fake_metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"fake.{i}": p.detach() for i, p in enumerate(self.fake_params)}
+        for i, p in enumerate(self.fake_params):
+            for key, value in self._adam_state.get(p, {}).items():
+                state[f"fake_adam.{i}.{key}"] = torch.as_tensor(value)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        params = [k for k in state if k.startswith("fake.")]
+        if len(params) != len(self.fake_params):
+            raise ValueError(
+                f"the checkpoint's dmd state holds {len(params)} fake-score tensors, this model's fake score has "
+                f"{len(self.fake_params)}; was it written with another model.lora_rank or train.algorithm?"
+            )
+        with torch.no_grad():
+            for i, p in enumerate(self.fake_params):
+                p.copy_(state[f"fake.{i}"])
+                # Adam's moments live with the parameter; its step count stays on the CPU (torch's default).
+                moments = {
+                    k.rsplit(".", 1)[1]: v if k.endswith(".step") else v.to(p.device)
+                    for k, v in state.items()
+                    if k.startswith(f"fake_adam.{i}.")
+                }
+                if moments:
+                    self._adam_state[p] = moments
+
+    @property
+    def _adam_state(self):
+        """The fake-score optimizer's per-parameter state (under accelerate's wrapper)."""
+        return getattr(self.fake_optimizer, "optimizer", self.fake_optimizer).state

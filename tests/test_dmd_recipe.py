@@ -1,0 +1,122 @@
+"""The DMD2 recipe (``train.algorithm: dmd``, issue 16): three networks on one frozen base, exact resume,
+its config checks, and a student that samples with the stock step count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowalign.config import ConfigError, load_config
+from flowalign.models import load_model
+from flowalign.train import train
+from flowalign.train.dmd import noise_levels, routed, shared_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _config(path: str, out: Path, *overrides: str):
+    return load_config(ROOT / path, [f"train.output_dir={out}", *overrides])
+
+
+def test_fake_score_shares_the_frozen_base_and_starts_as_the_teacher():
+    model = load_model("tiny-sd3")
+    model.add_lora(rank=4)
+    fake = shared_copy(model.denoiser)
+    base = dict(model.denoiser.named_parameters())
+    copied = dict(fake.named_parameters())
+    assert base.keys() == copied.keys()
+    for name, param in base.items():
+        if "lora_" in name:  # its own tensors, same values
+            assert copied[name] is not param and torch.equal(copied[name], param)
+        else:  # the very same frozen tensors: no second copy of the base in memory
+            assert copied[name] is param
+    x = torch.randn(2, *model.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    cond = model.encode(["a red circle", "a blue square"], cfg=True)
+    t = torch.tensor([700.0, 300.0])
+    with torch.no_grad(), model.reference():
+        teacher = model.predict(x, t, cond, 2.0)
+    with torch.no_grad(), routed(model, fake):
+        as_fake = model.predict(x, t, cond, 2.0)
+    assert torch.equal(teacher, as_fake)  # B = 0: the fake score is the teacher before its first update
+    with torch.no_grad():
+        next(p for n, p in fake.named_parameters() if "lora_B" in n).add_(1.0)
+        with routed(model, fake):
+            moved = model.predict(x, t, cond, 2.0)
+        student = model.predict(x, t, cond, 2.0)
+    assert not torch.equal(moved, teacher)  # training the fake score leaves the student alone
+    assert torch.equal(student, teacher)
+
+
+def test_noise_levels_cover_the_range_in_each_parameterisation():
+    gens = [torch.Generator().manual_seed(i) for i in range(200)]
+    flow = load_model("tiny-sd3")
+    level, timestep = noise_levels(flow, gens, (0.25, 0.5))
+    assert 0.25 <= level.min() and level.max() <= 0.5 and torch.allclose(timestep, 1000 * level)
+    diffusion = load_model("tiny-sd")
+    gens = [torch.Generator().manual_seed(i) for i in range(200)]
+    level, timestep = noise_levels(diffusion, gens, (0.02, 0.98))
+    assert timestep.min() >= 20 and timestep.max() <= 979 and torch.equal(timestep, timestep.round())
+    table = diffusion.pipeline.scheduler.alphas_cumprod
+    assert torch.equal(level, table[timestep.long()])
+
+
+@pytest.mark.parametrize("path", ["configs/dmd/tiny_sd3.yaml", "configs/dmd/tiny_sd.yaml"])
+def test_resume_is_bitwise_exact_for_student_and_fake_score(path, tmp_path):
+    """LoRA student (fake score = second LoRA) and full fine-tuning (teacher and fake score = copies)."""
+    common = ["train.checkpoint_every=1", "train.keep_checkpoints=5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(_config(path, straight, "train.steps=3", *common))
+    train(_config(path, resumed, "train.steps=2", *common))
+    train(_config(path, resumed, "train.steps=3", "train.resume=latest", *common))
+    for name in ("trainable.safetensors", "recipe.safetensors"):
+        a = load_file(str(straight / "checkpoints" / "step-000003" / name))
+        b = load_file(str(resumed / "checkpoints" / "step-000003" / name))
+        assert a.keys() == b.keys() and a, name
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    recipe = load_file(str(straight / "checkpoints" / "step-000003" / "recipe.safetensors"))
+    assert any(k.startswith("fake_adam.") for k in recipe)  # the fake score's Adam moments are saved too
+
+
+def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
+    """Full fine-tuning: the teacher is a frozen copy of the weights before training."""
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    recipe = DMDRecipe()
+    run_training(_config("configs/dmd/tiny_sd.yaml", tmp_path, "train.steps=2"), recipe)
+    base = load_model("tiny-sd").denoiser.state_dict()
+    teacher = recipe.teacher.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in base.items())
+    trained = recipe.ctx.model.denoiser.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in base.items())
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.algorithm=grpo"], "sampling.steps"),  # a one-step rollout is a dmd student only
+        (["dmd.real_guidance=0.5"], "dmd.real_guidance"),
+        (["dmd.fake_updates=0"], "dmd.fake_updates"),
+        (["dmd.fake_lr=-1"], "dmd.fake_lr"),
+        (["dmd.t_range=[0.5,0.2]"], "dmd.t_range"),
+        (["dmd.fake_t_range=[0,1.5]"], "dmd.fake_t_range"),
+        (["train.sharding=fsdp"], "train.sharding"),
+        (["train.mixed_precision=fp16"], "train.mixed_precision"),
+    ],
+)
+def test_bad_dmd_settings_name_their_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"invalid key '{key}'"):
+        load_config(ROOT / "configs/dmd/tiny_sd.yaml", overrides)

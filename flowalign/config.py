@@ -242,6 +242,10 @@ class DMDConfig:
     gradient, as fractions of the training horizon (flow: sigma; diffusion: ``t / num_train_timesteps``);
     DMD2 uses ``[0.02, 0.98]``. ``fake_t_range``: the same for the fake score's denoising loss (DMD2: all).
     ``normalize``: DMD2's per-sample normalisation of the gradient by ``mean |x - x0_teacher|``.
+    ``regression_weight``: DMD's regression loss (Yin et al. 2024, DMD, Eq. 7-8; 0.25 there): the student's
+    sample from a stored noise against the teacher's ODE sample from it (latent MSE), on a pool of
+    ``regression_pairs`` pairs generated when training starts with ``teacher_steps`` teacher steps (None:
+    the model's default). 0: DMD2's recipe, no regression.
     """
 
     real_guidance: float = 1.5
@@ -250,6 +254,9 @@ class DMDConfig:
     t_range: list[float] = field(default_factory=lambda: [0.02, 0.98])
     fake_t_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     normalize: bool = True
+    regression_weight: float = 0.0
+    regression_pairs: int = 1024
+    teacher_steps: int | None = None
 
 
 @dataclass
@@ -658,6 +665,15 @@ def _check_dmd(config: Config, fail) -> None:
         fail("dmd.fake_updates", f"must be >= 1 (fake-score steps per generator step), got {k.fake_updates}")
     if k.fake_lr is not None and not (math.isfinite(k.fake_lr) and k.fake_lr > 0):
         fail("dmd.fake_lr", f"must be a finite number > 0 or null (optim.lr), got {k.fake_lr}")
+    if not (math.isfinite(k.regression_weight) and k.regression_weight >= 0):
+        fail(
+            "dmd.regression_weight",
+            f"must be a finite number >= 0 (0: no regression), got {k.regression_weight}",
+        )
+    if k.regression_weight > 0 and k.regression_pairs < 1:
+        fail("dmd.regression_pairs", f"must be >= 1 when dmd.regression_weight > 0, got {k.regression_pairs}")
+    if k.teacher_steps is not None and k.teacher_steps < 1:
+        fail("dmd.teacher_steps", f"must be >= 1 or null (the model's default), got {k.teacher_steps}")
     for key in ("t_range", "fake_t_range"):
         span = getattr(k, key)
         if len(span) != 2 or not (0 <= span[0] < span[1] <= 1):

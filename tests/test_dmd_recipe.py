@@ -113,6 +113,9 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
         (["dmd.fake_lr=-1"], "dmd.fake_lr"),
         (["dmd.t_range=[0.5,0.2]"], "dmd.t_range"),
         (["dmd.fake_t_range=[0,1.5]"], "dmd.fake_t_range"),
+        (["dmd.regression_weight=-1"], "dmd.regression_weight"),
+        (["dmd.regression_weight=0.25", "dmd.regression_pairs=0"], "dmd.regression_pairs"),
+        (["dmd.teacher_steps=0"], "dmd.teacher_steps"),
         (["train.sharding=fsdp"], "train.sharding"),
         (["train.mixed_precision=fp16"], "train.mixed_precision"),
     ],
@@ -120,3 +123,29 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
 def test_bad_dmd_settings_name_their_key(overrides, key):
     with pytest.raises(ConfigError, match=f"invalid key '{key}'"):
         load_config(ROOT / "configs/dmd/tiny_sd.yaml", overrides)
+
+
+def test_regression_pairs_are_the_teachers_samples_and_vanish_for_a_student_equal_to_it(tmp_path):
+    """DMD's regression term: the pool holds the teacher's ODE samples from stored noise (the same after a
+    restart), and a one-step student that is still the one-step teacher has exactly zero regression loss."""
+    from flowalign.samplers import generate
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    overrides = ["sampling.steps=1", "dmd.real_guidance=1.0", "dmd.regression_weight=0.25",
+                 "dmd.regression_pairs=6", "dmd.teacher_steps=1", "train.steps=1"]  # fmt: skip
+    recipe = DMDRecipe()
+    result = run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "a", *overrides), recipe)
+    assert result.last_metrics["loss_regression"] == 0.0
+    prompts, noise, targets = recipe.pairs
+    assert len(prompts) == noise.shape[0] == targets.shape[0] == 6
+    model = load_model("tiny-sd3")
+    expected = generate(model, prompts, noise, steps=1, guidance=1.0, resolution=32, decode=False).final
+    assert torch.allclose(targets, expected, atol=1e-6)
+    again = DMDRecipe()
+    run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "b", *overrides), again)
+    assert (
+        again.pairs[0] == prompts
+        and torch.equal(again.pairs[1], noise)
+        and torch.equal(again.pairs[2], targets)
+    )

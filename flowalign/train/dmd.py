@@ -36,10 +36,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from flowalign.algorithms.dmd import dmd_loss
 from flowalign.models import ModelAdapter
-from flowalign.samplers import SamplingPlan, chunks, generate
+from flowalign.samplers import SamplingPlan, chunks, generate, seeded_generators
 from flowalign.samplers.steps import randn
 from flowalign.train.loop import TrainContext
 from flowalign.train.recipe import Recipe, register_recipe
@@ -100,6 +101,49 @@ class DMDRecipe(Recipe):
         )  # fmt: skip
         self.fake_module = fake
         self.fake, self.fake_optimizer = ctx.accelerator.prepare(fake, optimizer)
+        self.pairs = self._regression_pairs() if config.dmd.regression_weight > 0 else None
+
+    @contextmanager
+    def _teaching(self) -> Iterator[ModelAdapter]:
+        """Within this context ``model.predict`` is the teacher's (no gradient)."""
+        model = self.ctx.model
+        with torch.no_grad():
+            if self.teacher is None:
+                with model.reference():
+                    yield model
+            else:
+                with routed(model, self.teacher):
+                    yield model
+
+    def _regression_pairs(self) -> tuple[list[str], Tensor, Tensor]:
+        """DMD's regression pairs (Yin et al. 2024, Sec. 3.3): ``dmd.regression_pairs`` prompts of the training
+        set (a seeded shuffle, cycled), one seeded initial noise ``z`` each, and the teacher's ODE sample from
+        ``z`` (``dmd.teacher_steps`` steps, CFG ``dmd.real_guidance``); kept on the CPU. The same on every
+        process and after a resume (everything is seeded by ``train.seed``)."""
+        ctx, d = self.ctx, self.ctx.config.dmd
+        model, config = ctx.model, ctx.config
+        records = ctx.sampler.records
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.train.seed))
+        prompts = [records[int(order[i % len(records)])].prompt for i in range(d.regression_pairs)]
+        seeds = [config.train.seed * 1_000_003 + 7_919 * i + 1 for i in range(d.regression_pairs)]
+        side = config.model.resolution or model.default_resolution
+        noise = model.initial_noise(len(seeds), side, side, seeded_generators(seeds, model.device))
+        steps = d.teacher_steps or model.default_steps
+        targets = []
+        parts = chunks(len(prompts), config.train.micro_batch_size or 64)
+        progress = tqdm(
+            parts,
+            desc="dmd regression pairs",
+            disable=not (config.train.progress and ctx.accelerator.is_local_main_process),
+        )
+        for part in progress:
+            with self._teaching():
+                out = generate(
+                    model, prompts[part], noise[part], steps=steps, guidance=d.real_guidance,
+                    resolution=config.model.resolution, decode=False,
+                )  # fmt: skip
+            targets.append(out.final.cpu())
+        return prompts, noise.cpu(), torch.cat(targets)
 
     # ------------------------------------------------------------------ predictions
 
@@ -108,21 +152,15 @@ class DMDRecipe(Recipe):
     ) -> Tensor:
         """The ``teacher``'s or the ``fake`` score's x0-prediction at ``x_t`` (no gradient)."""
         model = self.ctx.model
-        with torch.no_grad(), self.ctx.clock("forward"):
-            if network == "fake":
-                with routed(model, self.fake):
-                    out = model.predict(x_t, timestep, cond, guidance)
-            elif self.teacher is None:
-                with model.reference():
-                    out = model.predict(x_t, timestep, cond, guidance)
-            else:
-                with routed(model, self.teacher):
-                    out = model.predict(x_t, timestep, cond, guidance)
+        network_context = routed(model, self.fake) if network == "fake" else self._teaching()
+        with torch.no_grad(), self.ctx.clock("forward"), network_context:
+            out = model.predict(x_t, timestep, cond, guidance)
         return model.path.x0_from_output(out, x_t, level)
 
     def _student(self, step: int, purpose: str, cond, gens, grad: bool) -> Tensor:
         """Student samples by backward simulation: the ``x0`` prediction at step ``k ~ U{0..K-1}`` (one ``k``
-        per call, the same on every process), with gradient through that step's model call when ``grad``."""
+        per call, the same on every process), with gradient through that step's model call when ``grad``.
+        ``gens``: one generator per sample (its initial noise), or the initial noise itself."""
         s = self.ctx.config.sampling
         gen = self.ctx.shared_generator(step, purpose + "_k")
         k = int(torch.randint(0, s.steps, (1,), generator=gen, device=gen.device))
@@ -187,7 +225,10 @@ class DMDRecipe(Recipe):
         )
         eps_gens = ctx.sample_generators(step, "dmd_eps", batch.group_ids)
         micro = chunks(n, ctx.config.train.micro_batch_size)
-        losses, distances = [], []
+        losses, distances, regressions = [], [], []
+        if self.pairs is not None:  # this process's draw of regression pairs for the step
+            gen = ctx.generator(step, "regression_pairs")
+            pair_index = torch.randint(len(self.pairs[0]), (n,), generator=gen, device=gen.device).cpu()
         for m, part in enumerate(micro):
             sub = cond.select(part)
             x = self._student(step, "student", sub, gens[part], grad=True)
@@ -196,6 +237,10 @@ class DMDRecipe(Recipe):
             real = self._x0("teacher", x_t, timestep[part], level[part], sub, d.real_guidance)
             fake = self._x0("fake", x_t, timestep[part], level[part], sub, 1.0)
             loss = dmd_loss(x, real, fake, normalize=d.normalize)
+            if self.pairs is not None:
+                regression = self._regression(step, pair_index[part])
+                loss = loss + d.regression_weight * regression
+                regressions.append(regression.detach() * (part.stop - part.start) / n)
             share = (part.stop - part.start) / n
             ctx.backward(loss * share, sync=m == len(micro) - 1)
             losses.append(loss.detach() * share)
@@ -203,9 +248,23 @@ class DMDRecipe(Recipe):
         metrics = ctx.optimizer_step()
         metrics["loss"] = float(sum(losses))
         metrics["fake_real_distance"] = torch.cat(distances).mean().item()
+        if regressions:
+            metrics["loss_regression"] = float(sum(regressions))
         for key in fake_metrics[0]:
             metrics[key] = sum(f[key] for f in fake_metrics) / len(fake_metrics)
         return metrics
+
+    def _regression(self, step: int, index: Tensor) -> Tensor:
+        """DMD's regression loss on the pairs ``index`` (this micro-batch's share of the step's draw): the
+        student's sample from a pair's noise (the same backward-simulation step as the generator's) against the teacher's
+        ODE sample from it, mean squared error in latent space. Deviation: DMD uses LPIPS on decoded
+        images; that needs a VGG download, and the latent MSE is what its ablation compares against."""
+        ctx = self.ctx
+        prompts, noise, targets = self.pairs
+        cond = ctx.model.encode([prompts[i] for i in index.tolist()], cfg=ctx.config.sampling.guidance > 1)
+        device = ctx.model.device
+        x = self._student(step, "student", cond, noise[index].to(device), grad=True)
+        return F.mse_loss(x.float(), targets[index].to(device).float())
 
     # ------------------------------------------------------------------ state
 

@@ -149,3 +149,39 @@ def test_regression_pairs_are_the_teachers_samples_and_vanish_for_a_student_equa
         and torch.equal(again.pairs[1], noise)
         and torch.equal(again.pairs[2], targets)
     )
+
+
+def test_the_student_lora_samples_with_its_own_step_count_in_the_stock_pipeline_and_the_cli(tmp_path):
+    """The student's LoRA is saved in diffusers format: the stock pipeline loads it and, with the student's 2
+    steps, draws what flowalign's sampler draws; ``flowalign sample --lora --steps 2`` runs it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from flowalign.cli import main
+    from flowalign.models.tiny import tiny_pipeline
+    from flowalign.samplers import generate, seeded_generators
+
+    train(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "run", "train.steps=2", "optim.lr=0.05"))
+    lora = tmp_path / "run" / "checkpoints" / "step-000002" / "lora"
+    model = load_model("tiny-sd3")
+    model.load_lora(lora)
+    ours = generate(
+        model, ["a red circle"], seeded_generators([3], "cpu"), steps=2, guidance=1.0, resolution=32
+    )
+    base = load_model("tiny-sd3")
+    untrained = generate(
+        base, ["a red circle"], seeded_generators([3], "cpu"), steps=2, guidance=1.0, resolution=32
+    )
+    assert not torch.allclose(ours.images, untrained.images, atol=1e-4)  # the LoRA changes the samples
+    stock = tiny_pipeline("sd3")
+    assert isinstance(stock.scheduler, FlowMatchEulerDiscreteScheduler)
+    stock.load_lora_weights(str(lora))
+    latents = model.initial_noise(1, 32, 32, seeded_generators([3], "cpu"))
+    images = stock(
+        "a red circle", num_inference_steps=2, guidance_scale=1.0, height=32, width=32, latents=latents,
+        output_type="pt",
+    ).images  # fmt: skip
+    assert torch.allclose(images.float(), ours.images, atol=1e-4)
+    out = tmp_path / "sample.png"
+    code = main(["sample", "--model", "tiny-sd3", "--lora", str(lora), "--steps", "2", "--guidance", "1",
+                 "--prompt", "a red circle", "--height", "32", "--width", "32", "--out", str(out)])  # fmt: skip
+    assert code == 0 and out.is_file()

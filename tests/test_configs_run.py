@@ -6,7 +6,7 @@ Each config keeps all of its settings except what only points at the user's mach
 - ``model.path`` -> ``tiny-<family>`` (``model.resolution=32``); ``tiny-*`` and the shipped ``shapes``
   model are kept as they are;
 - batch sizes (``data.group_size``, ``data.groups_per_step``, ``grpo/nft.minibatch_size``,
-  ``dpo.pairs_per_step``, ``sft.batch_size``) capped small;
+  ``dpo.pairs_per_step``, ``sft.batch_size``, ``dmd.regression_pairs``) capped small;
 - ``/path/...`` data files (train/eval prompts, DPO pair files) -> shipped files of the same kind or small
   files written to a tmp dir; ``/path/...`` weights (aesthetic head, CLIP, PickScore, Mask2Former) -> tiny
   random weights written once per module (tests/tiny_weights.py);
@@ -212,6 +212,7 @@ def _overrides(config, get, output_dir: Path, name: str) -> list[str]:
     _cap(out, "nft.minibatch_size", config.nft.minibatch_size, 2)
     _cap(out, "dpo.pairs_per_step", config.dpo.pairs_per_step, 2)
     _cap(out, "sft.batch_size", config.sft.batch_size, 4)
+    _cap(out, "dmd.regression_pairs", config.dmd.regression_pairs, 8)
     if evaluates(config):
         out += ["eval.every=1", "eval.at_start=false"]
         if e.images_per_task is not None and e.images_per_task > e.images_per_prompt:
@@ -234,6 +235,7 @@ CHANGEABLE = {
     "model.path", "model.resolution",
     "data.train_prompts", "data.group_size", "data.groups_per_step",
     "grpo.minibatch_size", "nft.minibatch_size", "dpo.pairs_per_step", "dpo.pairs", "sft.batch_size",
+    "dmd.regression_pairs",
     "eval.prompts", "eval.every", "eval.at_start", "eval.max_prompts", "eval.images_per_task",
     "train.steps", "train.output_dir", "train.log_with", "train.progress", "train.checkpoint_every",
     "train.mixed_precision",

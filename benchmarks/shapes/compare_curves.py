@@ -23,6 +23,12 @@ def load_curve(run: Path) -> tuple[list[int], list[float], list[float]]:
     return steps, accuracy, rewards
 
 
+def iterations(run: Path) -> int:
+    """Training iterations logged (reward-free recipes such as dmd log no reward)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return max((r["step"] for r in rows if "step_time" in r), default=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="directories holding metrics.jsonl")
@@ -47,7 +53,7 @@ def main() -> None:
         ax.plot(steps, accuracy, marker="o", markersize=3, label=run.name)
         head, tail = rewards[:20], rewards[-20:]
         lines.append(
-            f"| {run.name} | {len(rewards)} | {accuracy[0]:.3f} | {max(accuracy):.3f} | {accuracy[-1]:.3f} | "
+            f"| {run.name} | {iterations(run)} | {accuracy[0]:.3f} | {max(accuracy):.3f} | {accuracy[-1]:.3f} | "
             f"{sum(head) / max(len(head), 1):.3f} / {sum(tail) / max(len(tail), 1):.3f} |"
         )
     ax.set_xlabel("iteration")

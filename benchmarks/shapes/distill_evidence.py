@@ -103,7 +103,11 @@ def seconds_per_image(model, prompts, steps, guidance, context, repeats, batch=6
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--student", required=True, help="the student's LoRA directory")
+    parser.add_argument(
+        "--student",
+        required=True,
+        help="the student's LoRA directory, or a checkpoint of full fine-tuning (lora_rank 0)",
+    )
     parser.add_argument("--student-steps", type=int, required=True)
     parser.add_argument("--student-guidance", type=float, default=1.0)
     parser.add_argument("--teacher-steps", type=int, default=20)
@@ -116,7 +120,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model("shapes")
-    model.load_lora(args.student)
+    student_path = Path(args.student)
+    if (
+        student_path / "trainable.safetensors"
+    ).is_file():  # full fine-tuning: the weights, the base as teacher
+        from safetensors.torch import load_file
+
+        teacher_model = load_model("shapes")
+        missing = model.denoiser.load_state_dict(
+            load_file(str(student_path / "trainable.safetensors")), strict=False
+        )
+        if missing.unexpected_keys:
+            sys.exit(
+                f"{student_path}: not a checkpoint of the shapes model ({missing.unexpected_keys[:3]}...)"
+            )
+    else:
+        model.load_lora(args.student)
+        teacher_model = None
+
+    def teaching():
+        """The teacher: the base model (the student's LoRA disabled, or the untouched copy)."""
+        return model.reference() if teacher_model is None else contextlib.nullcontext()
+
     out: dict = {"command": "python " + " ".join(sys.argv), "splits": {}}
     k = args.student_steps
     runs = {
@@ -138,9 +163,9 @@ def main() -> None:
         )
         reports = {}
         for name, (steps, guidance, student) in runs.items():
-            with contextlib.nullcontext() if student else model.reference():  # the teacher: LoRA disabled
+            with contextlib.nullcontext() if student else teaching():
                 report = run_geneval(
-                    model, prompts, images_per_prompt=counts, steps=steps, guidance=guidance, resolution=32,
+                    model if student or teacher_model is None else teacher_model, prompts, images_per_prompt=counts, steps=steps, guidance=guidance, resolution=32,
                     seed=0, batch_size=64, progress=False,
                 )  # fmt: skip
             report.model = {"model": "shapes", "lora": args.student if student else None}
@@ -161,12 +186,13 @@ def main() -> None:
                 row["minus_teacher"] = [diff.overall.estimate, diff.overall.low, diff.overall.high]
             rows[name] = row
         student_name = f"student_{k}step"
-        diff = paired_comparison(reports[f"teacher_{k}step_g1.0"].verdicts, reports[student_name].verdicts)
-        rows[student_name]["minus_teacher_same_steps"] = [
-            diff.overall.estimate,
-            diff.overall.low,
-            diff.overall.high,
-        ]
+        rows[student_name]["minus_teacher_same_steps"] = {}
+        for name in runs:  # the teacher at the student's step count, at each guidance
+            if name.startswith(f"teacher_{k}step"):
+                diff = paired_comparison(reports[name].verdicts, reports[student_name].verdicts)
+                rows[student_name]["minus_teacher_same_steps"][name] = [
+                    diff.overall.estimate, diff.overall.low, diff.overall.high,
+                ]  # fmt: skip
         out["splits"][split] = rows
         lines += [
             f"## {split} ({len(prompts)} prompts, {sum(counts)} images per model)",
@@ -184,17 +210,15 @@ def main() -> None:
                 f"| {minus_text} | {r['diversity'][0]:.4f} [{r['diversity'][1]:.4f}, {r['diversity'][2]:.4f}] "
                 f"| {tv['objects']:.3f} / {tv['color']:.3f} / {tv['shape']:.3f} / {tv['cell']:.3f} |"
             )
-        same = rows[student_name]["minus_teacher_same_steps"]
-        lines += [
-            "",
-            f"Student minus the teacher at {k} steps (guidance 1.0): {same[0]:+.3f} [{same[1]:+.3f}, {same[2]:+.3f}].",
-            "",
-        ]
+        lines.append("")
+        for name, same in rows[student_name]["minus_teacher_same_steps"].items():
+            lines.append(f"- Student minus {name} (paired): {same[0]:+.3f} [{same[1]:+.3f}, {same[2]:+.3f}].")
+        lines.append("")
     prompts = [p["prompt"] for p in load_geneval_prompts(ROOT / SPLITS["test"])] * 2
     teacher_times, student_times = [], []
     for _ in range(args.timing_repeats):  # alternate, so that machine load hits both alike
         teacher_times += seconds_per_image(
-            model, prompts, args.teacher_steps, args.teacher_guidance, model.reference, 1
+            teacher_model or model, prompts, args.teacher_steps, args.teacher_guidance, teaching, 1
         )
         student_times += seconds_per_image(
             model, prompts, k, args.student_guidance, contextlib.nullcontext, 1

@@ -246,6 +246,10 @@ class DMDConfig:
     sample from a stored noise against the teacher's ODE sample from it (latent MSE), on a pool of
     ``regression_pairs`` pairs generated when training starts with ``teacher_steps`` teacher steps (None:
     the model's default). 0: DMD2's recipe, no regression.
+    ``reward_beta``: reward-tilted DMD (RTDMD): distil toward the teacher tilted by ``exp(beta * reward)``
+    with the configured rewards, which must be differentiable; ``beta`` is relative to DMD2's normalised
+    loss (RTDMD's weights amount to about 0.1). 0: no tilt, and no reward is needed (a ``reward`` section
+    then only scores the evaluation of prompts without GenEval metadata).
     """
 
     real_guidance: float = 1.5
@@ -257,6 +261,7 @@ class DMDConfig:
     regression_weight: float = 0.0
     regression_pairs: int = 1024
     teacher_steps: int | None = None
+    reward_beta: float = 0.0
 
 
 @dataclass
@@ -580,7 +585,8 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
                 "is a code path (importing it runs the code it names); set train.allow_code=true to allow it, or "
                 "use a registered reward name",
             )
-    needs_reward = t.algorithm not in ("sft", "dmd") and not (
+    tilted = t.algorithm == "dmd" and config.dmd.reward_beta > 0
+    needs_reward = (t.algorithm not in ("sft", "dmd") or tilted) and not (
         t.algorithm == "dpo" and config.dpo.pairs != "online"
     )
     if not config.reward and needs_reward:
@@ -672,6 +678,8 @@ def _check_dmd(config: Config, fail) -> None:
         )
     if k.regression_weight > 0 and k.regression_pairs < 1:
         fail("dmd.regression_pairs", f"must be >= 1 when dmd.regression_weight > 0, got {k.regression_pairs}")
+    if not (math.isfinite(k.reward_beta) and k.reward_beta >= 0):
+        fail("dmd.reward_beta", f"must be a finite number >= 0 (0: no reward tilt), got {k.reward_beta}")
     if k.teacher_steps is not None and k.teacher_steps < 1:
         fail("dmd.teacher_steps", f"must be >= 1 or null (the model's default), got {k.teacher_steps}")
     for key in ("t_range", "fake_t_range"):

@@ -11,6 +11,10 @@ Three networks share one frozen base:
 - the **fake score**: a second LoRA on the same frozen base weights (a trainable full copy with
   ``lora_rank: 0``), initialised as the teacher and trained online to denoise the student's samples.
 
+With ``dmd.reward_beta > 0`` the generator's loss is reward-tilted DMD
+(:func:`flowalign.algorithms.dmd.reward_tilted_dmd_loss`): the student's samples are decoded and scored by
+the configured (differentiable) rewards, and ``beta`` times their mean is subtracted.
+
 One iteration (Yin et al. 2024, DMD2, Alg. 1; ``tianweiy/DMD2`` ``main/train_sd.py``): ``dmd.fake_updates``
 fake-score steps, each on fresh student samples (detached): re-noise at a random level of
 ``dmd.fake_t_range``, fit the model's native target (velocity or epsilon) by MSE; then one generator step:
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flowalign.algorithms.dmd import dmd_loss
+from flowalign.algorithms.dmd import dmd_loss, reward_tilted_dmd_loss
 from flowalign.models import ModelAdapter
 from flowalign.samplers import SamplingPlan, chunks, generate, seeded_generators
 from flowalign.samplers.steps import randn
@@ -87,6 +91,13 @@ class DMDRecipe(Recipe):
     """DMD2 distillation: the student (trained weights), the teacher and the fake score (recipe state)."""
 
     def setup(self, ctx: TrainContext) -> None:
+        if ctx.config.dmd.reward_beta > 0 and not ctx.reward.differentiable:
+            raise ValueError(
+                "dmd.reward_beta tilts the teacher by differentiable rewards; "
+                f"{[name for name, (r, _) in ctx.reward.parts.items() if not r.differentiable]} are not (the "
+                "policy-gradient path RTDMD uses for them is not built yet): use differentiable rewards or "
+                "dmd.reward_beta=0."
+            )
         super().setup(ctx)
         model, config = ctx.model, ctx.config
         base = model.denoiser
@@ -225,7 +236,7 @@ class DMDRecipe(Recipe):
         )
         eps_gens = ctx.sample_generators(step, "dmd_eps", batch.group_ids)
         micro = chunks(n, ctx.config.train.micro_batch_size)
-        losses, distances, regressions = [], [], []
+        losses, distances, regressions, rewards = [], [], [], []
         if self.pairs is not None:  # this process's draw of regression pairs for the step
             gen = ctx.generator(step, "regression_pairs")
             pair_index = torch.randint(len(self.pairs[0]), (n,), generator=gen, device=gen.device).cpu()
@@ -236,7 +247,18 @@ class DMDRecipe(Recipe):
             x_t = model.path.noised(x.detach(), level[part], eps)
             real = self._x0("teacher", x_t, timestep[part], level[part], sub, d.real_guidance)
             fake = self._x0("fake", x_t, timestep[part], level[part], sub, 1.0)
-            loss = dmd_loss(x, real, fake, normalize=d.normalize)
+            if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
+                index = list(range(n))[part]
+                scored = ctx.reward(
+                    model.decode(x), [batch.prompts[i] for i in index], [batch.metadata[i] for i in index],
+                    batch.group_ids[part],
+                )  # fmt: skip
+                loss = reward_tilted_dmd_loss(
+                    x, real, fake, scored.scores, d.reward_beta, normalize=d.normalize
+                )
+                rewards.append(scored.scores.detach())
+            else:
+                loss = dmd_loss(x, real, fake, normalize=d.normalize)
             if self.pairs is not None:
                 regression = self._regression(step, pair_index[part])
                 loss = loss + d.regression_weight * regression
@@ -250,6 +272,8 @@ class DMDRecipe(Recipe):
         metrics["fake_real_distance"] = torch.cat(distances).mean().item()
         if regressions:
             metrics["loss_regression"] = float(sum(regressions))
+        if rewards:
+            metrics["reward"] = torch.cat(rewards).mean().item()
         for key in fake_metrics[0]:
             metrics[key] = sum(f[key] for f in fake_metrics) / len(fake_metrics)
         return metrics

@@ -110,7 +110,6 @@ class DMDRecipe(Recipe):
             self.fake_params, lr=config.dmd.fake_lr or o.lr, betas=tuple(o.betas),
             weight_decay=o.weight_decay, eps=o.eps,
         )  # fmt: skip
-        self.fake_module = fake
         self.fake, self.fake_optimizer = ctx.accelerator.prepare(fake, optimizer)
         self.pairs = self._regression_pairs() if config.dmd.regression_weight > 0 else None
 
@@ -282,7 +281,8 @@ class DMDRecipe(Recipe):
         """DMD's regression loss on the pairs ``index`` (this micro-batch's share of the step's draw): the
         student's sample from a pair's noise (the same backward-simulation step as the generator's) against the teacher's
         ODE sample from it, mean squared error in latent space. Deviation: DMD uses LPIPS on decoded
-        images; that needs a VGG download, and the latent MSE is what its ablation compares against."""
+        images, which needs VGG weights that cannot be downloaded here; the latent MSE is the plain
+        stand-in (on the shapes world the latents are the pixels)."""
         ctx = self.ctx
         prompts, noise, targets = self.pairs
         cond = ctx.model.encode([prompts[i] for i in index.tolist()], cfg=ctx.config.sampling.guidance > 1)

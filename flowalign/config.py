@@ -250,6 +250,14 @@ class DMDConfig:
     with the configured rewards, which must be differentiable; ``beta`` is relative to DMD2's normalised
     loss (RTDMD's weights amount to about 0.1). 0: no tilt, and no reward is needed (a ``reward`` section
     then only scores the evaluation of prompts without GenEval metadata).
+    ``gan_weight``: DMD2's GAN term for the generator (non-saturating; DMD2: 1e-3 for SD1.5, 5e-3 for
+    SDXL). Its discriminator is a small head on the fake score's features at ``gan_layer`` (None: the UNet's
+    ``mid_block`` or the transformer's middle block), trained with the fake score (weight
+    ``gan_disc_weight``, DMD2's 1e-2) on the student's noised samples against the teacher's samples of the
+    ``regression_pairs`` pool ("real" data: the teacher's, so no dataset is needed).
+    ``divergence``: f-distill's weighting of the DMD gradient by ``h(r)`` of the density ratio the
+    discriminator estimates (``rkl``: plain DMD; ``kl``, ``js``, ``sf``, ``neyman``, ``sh``, ``jf``; Xu et al.
+    2025); anything but ``rkl`` trains the discriminator even with ``gan_weight: 0``.
     """
 
     real_guidance: float = 1.5
@@ -262,6 +270,10 @@ class DMDConfig:
     regression_pairs: int = 1024
     teacher_steps: int | None = None
     reward_beta: float = 0.0
+    gan_weight: float = 0.0
+    gan_disc_weight: float = 1e-2
+    divergence: str = "rkl"
+    gan_layer: str | None = None
 
 
 @dataclass
@@ -678,6 +690,23 @@ def _check_dmd(config: Config, fail) -> None:
         )
     if k.regression_weight > 0 and k.regression_pairs < 1:
         fail("dmd.regression_pairs", f"must be >= 1 when dmd.regression_weight > 0, got {k.regression_pairs}")
+    from flowalign.algorithms.dmd import F_DIVERGENCES
+
+    if k.divergence not in F_DIVERGENCES:
+        fail(
+            "dmd.divergence", f"must be one of {sorted(F_DIVERGENCES)} (rkl: plain DMD), got {k.divergence!r}"
+        )
+    for key in ("gan_weight", "gan_disc_weight"):
+        value = getattr(k, key)
+        if not (math.isfinite(value) and value >= 0):
+            fail(f"dmd.{key}", f"must be a finite number >= 0, got {value}")
+    if (k.gan_weight > 0 or k.divergence != "rkl") and k.gan_disc_weight <= 0:
+        fail("dmd.gan_disc_weight", "must be > 0: the GAN term and f-distill need a trained discriminator")
+    if (k.gan_weight > 0 or k.divergence != "rkl") and k.regression_pairs < 1:
+        fail(
+            "dmd.regression_pairs",
+            "must be >= 1: the discriminator's real samples are this pool of teacher samples",
+        )
     if not (math.isfinite(k.reward_beta) and k.reward_beta >= 0):
         fail("dmd.reward_beta", f"must be a finite number >= 0 (0: no reward tilt), got {k.reward_beta}")
     if k.teacher_steps is not None and k.teacher_steps < 1:

@@ -116,6 +116,10 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
         (["dmd.regression_weight=-1"], "dmd.regression_weight"),
         (["dmd.regression_weight=0.25", "dmd.regression_pairs=0"], "dmd.regression_pairs"),
         (["dmd.teacher_steps=0"], "dmd.teacher_steps"),
+        (["dmd.divergence=tv"], "dmd.divergence"),
+        (["dmd.gan_weight=-1"], "dmd.gan_weight"),
+        (["dmd.divergence=js", "dmd.gan_disc_weight=0"], "dmd.gan_disc_weight"),
+        (["dmd.reward_beta=nan"], "dmd.reward_beta"),
         (["train.sharding=fsdp"], "train.sharding"),
         (["train.mixed_precision=fp16"], "train.mixed_precision"),
     ],
@@ -238,3 +242,36 @@ def test_a_reward_tilt_needs_a_differentiable_reward(tmp_path):
                       "reward={compressibility: {weight: 1.0}}"))  # fmt: skip
     with pytest.raises(ConfigError, match="invalid key 'reward'"):
         load_config(ROOT / "configs/dmd/tiny_sd3.yaml", ["dmd.reward_beta=0.1"])
+
+
+@pytest.mark.parametrize(
+    "path, overrides",
+    [
+        ("configs/dmd/tiny_sd3_fdistill.yaml", []),  # transformer: the middle block's image tokens
+        (
+            "configs/dmd/tiny_sd.yaml",
+            ["dmd.divergence=kl", "dmd.gan_weight=1e-3", "dmd.regression_pairs=8", "dmd.teacher_steps=2"],
+        ),  # full fine-tuning, UNet mid_block  # fmt: skip
+    ],
+)
+def test_the_discriminator_trains_with_the_fake_score_and_resumes_exactly(path, overrides, tmp_path):
+    """DMD2's GAN head and f-distill: the head trains in the fake score's optimizer (its weights and Adam
+    moments are in the checkpoint and resume bitwise), the discriminator loss starts at 2 log 2 (an untrained
+    head cannot tell the teacher's samples from the student's), and no regression is computed unasked."""
+    import math
+
+    common = ["train.checkpoint_every=1", "train.keep_checkpoints=5", *overrides]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = train(_config(path, straight, "train.steps=3", *common))
+    train(_config(path, resumed, "train.steps=2", *common))
+    train(_config(path, resumed, "train.steps=3", "train.resume=latest", *common))
+    for name in ("trainable.safetensors", "recipe.safetensors"):
+        a = load_file(str(straight / "checkpoints" / "step-000003" / name))
+        b = load_file(str(resumed / "checkpoints" / "step-000003" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    import json
+
+    first = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss_gan_disc"] - 2 * math.log(2)) < 0.1
+    assert "loss_regression" not in result.last_metrics and "f_weight_max" in result.last_metrics
+    assert "loss_gan_gen" in result.last_metrics

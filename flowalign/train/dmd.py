@@ -42,7 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flowalign.algorithms.dmd import dmd_loss, reward_tilted_dmd_loss
+from flowalign.algorithms.dmd import (
+    dmd_loss,
+    f_divergence_weight,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    reward_tilted_dmd_loss,
+)
 from flowalign.models import ModelAdapter
 from flowalign.samplers import SamplingPlan, chunks, generate, seeded_generators
 from flowalign.samplers.steps import randn
@@ -86,6 +92,29 @@ def noise_levels(model: ModelAdapter, gens: list[torch.Generator], span) -> tupl
     return path.level_at(t), t.float()
 
 
+def feature_layer(denoiser: nn.Module) -> str:
+    """Where DMD2's discriminator reads the fake score's features: a UNet's ``mid_block`` (DMD2's choice, its
+    bottleneck), else a transformer's middle block."""
+    if getattr(denoiser, "mid_block", None) is not None:
+        return "mid_block"
+    blocks = getattr(denoiser, "transformer_blocks", None)
+    if blocks is not None and len(blocks) > 0:
+        return f"transformer_blocks.{len(blocks) // 2}"
+    raise ValueError(
+        f"no default feature layer for a {type(denoiser).__name__}: name one with dmd.gan_layer (a module path)."
+    )
+
+
+def tokens(features) -> Tensor:
+    """A block's output as ``[B, N, C]`` tokens: a UNet block's ``[B, C, h, w]`` map flattened; a joint
+    transformer block's ``(context, image)`` pair gives its image tokens."""
+    if isinstance(features, (tuple, list)):
+        features = features[-1]
+    if features.ndim == 4:
+        features = features.flatten(2).transpose(1, 2)
+    return features.float()
+
+
 @register_recipe("dmd")
 class DMDRecipe(Recipe):
     """DMD2 distillation: the student (trained weights), the teacher and the fake score (recipe state)."""
@@ -104,14 +133,43 @@ class DMDRecipe(Recipe):
         # Full fine-tuning has no adapter to disable: the teacher is a frozen copy of the untrained weights.
         self.teacher = None if model.has_lora else copy.deepcopy(base).requires_grad_(False)
         fake = shared_copy(base) if model.has_lora else copy.deepcopy(base)
+        d = config.dmd
+        self.discriminating = d.gan_weight > 0 or d.divergence != "rkl"
+        self.head, self._seen = None, {}
+        if self.discriminating:  # DMD2's classifier: a head on the fake score's features
+            fake.get_submodule(d.gan_layer or feature_layer(fake)).register_forward_hook(
+                lambda module, args, output: self._seen.__setitem__("features", output)
+            )
+        self.fake = fake
+        self.pairs = self._regression_pairs() if d.regression_weight > 0 or self.discriminating else None
+        if self.discriminating:
+            width = self._feature_width()
+            self.head = nn.Sequential(
+                nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1)
+            ).to(model.device)
         self.fake_params = [p for p in fake.parameters() if p.requires_grad]
+        self.fake_params += list(self.head.parameters()) if self.head is not None else []
         o = config.optim
         optimizer = torch.optim.AdamW(
-            self.fake_params, lr=config.dmd.fake_lr or o.lr, betas=tuple(o.betas),
-            weight_decay=o.weight_decay, eps=o.eps,
+            self.fake_params, lr=d.fake_lr or o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
         )  # fmt: skip
-        self.fake, self.fake_optimizer = ctx.accelerator.prepare(fake, optimizer)
-        self.pairs = self._regression_pairs() if config.dmd.regression_weight > 0 else None
+        if self.head is not None:
+            self.fake, self.head, self.fake_optimizer = ctx.accelerator.prepare(fake, self.head, optimizer)
+        else:
+            self.fake, self.fake_optimizer = ctx.accelerator.prepare(fake, optimizer)
+
+    def _feature_width(self) -> int:
+        """The feature width at the discriminator's layer, from one forward of the fake score."""
+        model = self.ctx.model
+        _, noise, _ = self.pairs
+        cond = model.encode([self.pairs[0][0]], cfg=False)
+        with torch.no_grad(), routed(model, self.fake):
+            model.predict(noise[:1].to(model.device), torch.full((1,), 500.0, device=model.device), cond, 1.0)
+        return tokens(self._seen["features"]).shape[-1]
+
+    def _logits(self) -> Tensor:
+        """``[B]`` discriminator logits of the fake score's last forward (its features at the hooked layer)."""
+        return self.head(tokens(self._seen["features"])).mean(dim=(1, 2))
 
     @contextmanager
     def _teaching(self) -> Iterator[ModelAdapter]:
@@ -193,6 +251,7 @@ class DMDRecipe(Recipe):
         """One fake-score step: fit the native target of the student's (detached) samples re-noised."""
         ctx, d = self.ctx, self.ctx.config.dmd
         model, acc = ctx.model, ctx.accelerator
+        self.fake_optimizer.zero_grad(set_to_none=True)  # the generator's GAN term reached the fake score too
         batch = ctx.sampler.batch(step * (d.fake_updates + 1) + j)
         n = len(batch.prompts)
         purpose = f"fake{j}"
@@ -206,12 +265,24 @@ class DMDRecipe(Recipe):
         eps = randn(x0.shape, ctx.sample_generators(step, purpose + "_eps", batch.group_ids), x0.device)
         x_t = model.path.noised(x0, level, eps)
         target = model.path.target(x0, eps, level)
+        if self.discriminating:  # the teacher's samples, noised at the same levels: the "real" side
+            gen = ctx.generator(step, purpose + "_real")
+            real_index = torch.randint(len(self.pairs[0]), (n,), generator=gen, device=gen.device).cpu()
+            real_cond = model.encode([self.pairs[0][i] for i in real_index.tolist()], cfg=False)
+            real_t = model.path.noised(self.pairs[2][real_index].to(x0.device), level, eps)
         micro = chunks(n, ctx.config.train.micro_batch_size)
-        total = 0.0
+        total, disc = 0.0, 0.0
         for m, part in enumerate(micro):
             with routed(model, self.fake), ctx.clock("forward"):
                 out = model.predict(x_t[part], timestep[part], cond.select(part), 1.0)
             loss = F.mse_loss(out.float(), target[part].float())
+            if self.discriminating:
+                fake_logits = self._logits()
+                with routed(model, self.fake), ctx.clock("forward"):
+                    model.predict(real_t[part], timestep[part], real_cond.select(part), 1.0)
+                gan = gan_discriminator_loss(self._logits(), fake_logits)
+                loss = loss + d.gan_disc_weight * gan
+                disc += gan.item() * (part.stop - part.start) / n
             share = (part.stop - part.start) / n
             sync = m == len(micro) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.fake), ctx.clock("backward"):
@@ -220,7 +291,10 @@ class DMDRecipe(Recipe):
         norm = acc.clip_grad_norm_(self.fake_params, ctx.config.optim.max_grad_norm)
         self.fake_optimizer.step()
         self.fake_optimizer.zero_grad(set_to_none=True)
-        return {"loss_fake": total, "fake_grad_norm": float(norm)}
+        metrics = {"loss_fake": total, "fake_grad_norm": float(norm)}
+        if self.discriminating:
+            metrics["loss_gan_disc"] = disc
+        return metrics
 
     def iteration(self, step: int) -> dict[str, float]:
         ctx, d = self.ctx, self.ctx.config.dmd
@@ -235,8 +309,9 @@ class DMDRecipe(Recipe):
         )
         eps_gens = ctx.sample_generators(step, "dmd_eps", batch.group_ids)
         micro = chunks(n, ctx.config.train.micro_batch_size)
-        losses, distances, regressions, rewards = [], [], [], []
-        if self.pairs is not None:  # this process's draw of regression pairs for the step
+        losses, distances, regressions, rewards, weights, gans = [], [], [], [], [], []
+        regressing = d.regression_weight > 0
+        if regressing:  # this process's draw of regression pairs for the step
             gen = ctx.generator(step, "regression_pairs")
             pair_index = torch.randint(len(self.pairs[0]), (n,), generator=gen, device=gen.device).cpu()
         for m, part in enumerate(micro):
@@ -246,6 +321,13 @@ class DMDRecipe(Recipe):
             x_t = model.path.noised(x.detach(), level[part], eps)
             real = self._x0("teacher", x_t, timestep[part], level[part], sub, d.real_guidance)
             fake = self._x0("fake", x_t, timestep[part], level[part], sub, 1.0)
+            weight = None
+            if d.divergence != "rkl":  # f-distill: h(r) of the ratio the discriminator reads at this x_t
+                with torch.no_grad():
+                    weight = f_divergence_weight(
+                        self._logits(), d.divergence, t=level[part], t_range=tuple(d.t_range)
+                    )
+                weights.append(weight)
             if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
                 index = list(range(n))[part]
                 scored = ctx.reward(
@@ -253,12 +335,20 @@ class DMDRecipe(Recipe):
                     batch.group_ids[part],
                 )  # fmt: skip
                 loss = reward_tilted_dmd_loss(
-                    x, real, fake, scored.scores, d.reward_beta, normalize=d.normalize
+                    x, real, fake, scored.scores, d.reward_beta, weight=weight, normalize=d.normalize
                 )
                 rewards.append(scored.scores.detach())
             else:
-                loss = dmd_loss(x, real, fake, normalize=d.normalize)
-            if self.pairs is not None:
+                loss = dmd_loss(x, real, fake, weight=weight, normalize=d.normalize)
+            if (
+                d.gan_weight > 0
+            ):  # DMD2's GAN term: the student's noised sample, gradient through the fake score
+                with routed(model, self.fake), ctx.clock("forward"):
+                    model.predict(model.path.noised(x, level[part], eps), timestep[part], sub, 1.0)
+                gan = gan_generator_loss(self._logits())
+                loss = loss + d.gan_weight * gan
+                gans.append(gan.detach() * (part.stop - part.start) / n)
+            if regressing:
                 regression = self._regression(step, pair_index[part])
                 loss = loss + d.regression_weight * regression
                 regressions.append(regression.detach() * (part.stop - part.start) / n)
@@ -273,6 +363,10 @@ class DMDRecipe(Recipe):
             metrics["loss_regression"] = float(sum(regressions))
         if rewards:
             metrics["reward"] = torch.cat(rewards).mean().item()
+        if gans:
+            metrics["loss_gan_gen"] = float(sum(gans))
+        if weights:
+            metrics["f_weight_max"] = torch.cat(weights).max().item()
         for key in fake_metrics[0]:
             metrics[key] = sum(f[key] for f in fake_metrics) / len(fake_metrics)
         return metrics

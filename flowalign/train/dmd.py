@@ -11,7 +11,11 @@ Three networks share one frozen base:
 - the **fake score**: a second LoRA on the same frozen base weights (a trainable full copy with
   ``lora_rank: 0``), initialised as the teacher and trained online to denoise the student's samples.
 
-With ``dmd.reward_beta > 0`` the generator's loss is reward-tilted DMD
+Options on top of DMD2's distribution matching: DMD's regression loss against a pool of the teacher's ODE
+samples (``dmd.regression_weight``); DMD2's GAN term, a discriminator head on the fake score's features
+trained with it against the same pool of teacher samples (``dmd.gan_weight``); f-distill's weighting of the
+gradient by ``h(r)`` of the ratio that discriminator estimates (``dmd.divergence``). With
+``dmd.reward_beta > 0`` the generator's loss is reward-tilted DMD
 (:func:`flowalign.algorithms.dmd.reward_tilted_dmd_loss`): the student's samples are decoded and scored by
 the configured (differentiable) rewards, and ``beta`` times their mean is subtracted.
 

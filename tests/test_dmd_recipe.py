@@ -157,7 +157,8 @@ def test_regression_pairs_are_the_teachers_samples_and_vanish_for_a_student_equa
 
 def test_the_student_lora_samples_with_its_own_step_count_in_the_stock_pipeline_and_the_cli(tmp_path):
     """The student's LoRA is saved in diffusers format: the stock pipeline loads it and, with the student's 2
-    steps, draws what flowalign's sampler draws; ``flowalign sample --lora --steps 2`` runs it."""
+    steps, draws what flowalign's sampler draws; ``flowalign sample`` and ``flowalign optimize-noise`` run it
+    with ``--lora --steps 2``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from flowalign.cli import main
@@ -185,6 +186,12 @@ def test_the_student_lora_samples_with_its_own_step_count_in_the_stock_pipeline_
         output_type="pt",
     ).images  # fmt: skip
     assert torch.allclose(images.float(), ours.images, atol=1e-4)
+    _register_blueness()
+    reno = tmp_path / "reno"
+    code = main(["optimize-noise", "--model", "tiny-sd3", "--lora", str(lora), "--steps", "2", "--guidance", "1",
+                 "--prompt", "a red circle", "--reward", "blueness_for_dmd_test=1", "--iterations", "4",
+                 "--resolution", "32", "--out", str(reno)])  # fmt: skip
+    assert code == 0 and (reno / "trace.json").is_file()  # ReNO on the few-step student
     out = tmp_path / "sample.png"
     code = main(["sample", "--model", "tiny-sd3", "--lora", str(lora), "--steps", "2", "--guidance", "1",
                  "--prompt", "a red circle", "--height", "32", "--width", "32", "--out", str(out)])  # fmt: skip
@@ -192,8 +199,12 @@ def test_the_student_lora_samples_with_its_own_step_count_in_the_stock_pipeline_
 
 
 def _register_blueness():
-    """A differentiable reward for the tilt tests: the mean blue channel."""
+    """A differentiable reward for the tilt tests: the mean blue channel (registered once per process)."""
     from rewards import Reward, RewardOutput, register_reward
+    from rewards.registry import _REGISTERED
+
+    if "blueness_for_dmd_test" in _REGISTERED:
+        return
 
     @register_reward("blueness_for_dmd_test")
     class Blueness(Reward):
@@ -201,8 +212,6 @@ def _register_blueness():
 
         def score_batch(self, images, prompts, metadata):
             return RewardOutput(images[:, 2].mean(dim=(1, 2)))
-
-    return Blueness
 
 
 def test_a_reward_tilt_moves_the_student_toward_higher_reward(tmp_path):

@@ -257,7 +257,9 @@ class DMDConfig:
     ``regression_pairs`` pool ("real" data: the teacher's, so no dataset is needed).
     ``divergence``: f-distill's weighting of the DMD gradient by ``h(r)`` of the density ratio the
     discriminator estimates (``rkl``: plain DMD; ``kl``, ``js``, ``sf``, ``neyman``, ``sh``, ``jf``; Xu et al.
-    2025); anything but ``rkl`` trains the discriminator even with ``gan_weight: 0``.
+    2025); anything but ``rkl`` trains the discriminator even with ``gan_weight: 0``. ``ratio_bins``: the
+    density ratio is divided by its batch mean within this many equal bins of ``t_range`` (f-distill's
+    per-noise-level normalisation; a sample alone in its bin gets ratio 1).
     """
 
     real_guidance: float = 1.5
@@ -273,6 +275,7 @@ class DMDConfig:
     gan_weight: float = 0.0
     gan_disc_weight: float = 1e-2
     divergence: str = "rkl"
+    ratio_bins: int = 10
     gan_layer: str | None = None
 
 
@@ -700,6 +703,8 @@ def _check_dmd(config: Config, fail) -> None:
         value = getattr(k, key)
         if not (math.isfinite(value) and value >= 0):
             fail(f"dmd.{key}", f"must be a finite number >= 0, got {value}")
+    if k.ratio_bins < 1:
+        fail("dmd.ratio_bins", f"must be >= 1, got {k.ratio_bins}")
     if (k.gan_weight > 0 or k.divergence != "rkl") and k.gan_disc_weight <= 0:
         fail("dmd.gan_disc_weight", "must be > 0: the GAN term and f-distill need a trained discriminator")
     if (k.gan_weight > 0 or k.divergence != "rkl") and k.regression_pairs < 1:

@@ -16,7 +16,16 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "dist" / "recipe_equivalence.py"
-CASES = ["grpo_kl", "nft", "dpo_online", "inpo_offline", "dpo_offline_one_pair", "alignprop", "sft"]
+CASES = [
+    "grpo_kl",
+    "nft",
+    "dpo_online",
+    "inpo_offline",
+    "dpo_offline_one_pair",
+    "alignprop",
+    "sft",
+    "dmd_fdistill",
+]
 FSDP_CASES = ["grpo_kl_fsdp", "nft_fsdp", "sft_full_fsdp"]
 EVAL_CASES = ["grpo_eval", "grpo_eval_fsdp"]
 NOT_COMPARED = {"step_time", "model_time_share"}

@@ -284,3 +284,39 @@ def test_the_discriminator_trains_with_the_fake_score_and_resumes_exactly(path, 
     assert abs(first["loss_gan_disc"] - 2 * math.log(2)) < 0.1
     assert "loss_regression" not in result.last_metrics and "f_weight_max" in result.last_metrics
     assert "loss_gan_gen" in result.last_metrics
+
+
+def test_micro_batching_leaves_the_update_unchanged(tmp_path):
+    """f-distill + GAN + regression with micro-batches of one sample give the update of the whole batch: the
+    f-distill weights are normalised over the whole batch, and the second (gradient) pass redraws the very
+    samples the first pass scored."""
+    common = ["train.steps=1", "train.checkpoint_every=1", "dmd.regression_weight=0.5"]
+    train(_config("configs/dmd/tiny_sd3_fdistill.yaml", tmp_path / "whole", *common))
+    train(
+        _config("configs/dmd/tiny_sd3_fdistill.yaml", tmp_path / "micro", "train.micro_batch_size=1", *common)
+    )
+    for name in ("trainable.safetensors", "recipe.safetensors"):
+        a = load_file(str(tmp_path / "whole" / "checkpoints" / "step-000001" / name))
+        b = load_file(str(tmp_path / "micro" / "checkpoints" / "step-000001" / name))
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), (name, key)
+
+
+def test_the_gradient_pass_redraws_the_samples_the_first_pass_scored(tmp_path):
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    drawn = {True: [], False: []}
+
+    class Recording(DMDRecipe):
+        def _student(self, step, purpose, cond, gens, grad):
+            x = super()._student(step, purpose, cond, gens, grad)
+            if purpose == "student" and not isinstance(gens, torch.Tensor):  # the generator's samples
+                drawn[grad].append(x.detach().clone())
+            return x
+
+    run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path, "train.steps=1", "train.micro_batch_size=1"),
+                 Recording())  # fmt: skip
+    assert len(drawn[True]) == len(drawn[False]) == 2
+    for scored, trained in zip(drawn[False], drawn[True]):
+        assert torch.equal(scored, trained)

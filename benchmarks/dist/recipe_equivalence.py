@@ -48,6 +48,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
          "sampling.steps=3", "data.group_size=1", "data.groups_per_step=2"],
     ),  # fmt: skip
     "sft": ("configs/sft/tiny_shapes.yaml", ["sft.batch_size=4"]),
+    # DMD with f-distill (weights normalised over the global batch), the GAN term and the regression: the
+    # fake score and its discriminator train on every process's share, pool draws keyed by sample.
+    "dmd_fdistill": (
+        "configs/dmd/tiny_sd3_fdistill.yaml",
+        ["data.groups_per_step=4", "dmd.regression_weight=0.5", "dmd.fake_lr=1e-3"],
+    ),
     # FSDP2 (train.sharding=fsdp) on N processes against one unsharded process: LoRA with the evaluation
     # EMA and the KL reference, NFT's old policy, full fine-tuning; and a sharded resume.
     "grpo_kl_fsdp": (

@@ -270,8 +270,7 @@ class DMDRecipe(Recipe):
         x_t = model.path.noised(x0, level, eps)
         target = model.path.target(x0, eps, level)
         if self.discriminating:  # the teacher's samples, noised at the same levels: the "real" side
-            gen = ctx.generator(step, purpose + "_real")
-            real_index = torch.randint(len(self.pairs[0]), (n,), generator=gen, device=gen.device).cpu()
+            real_index = self._pool_draw(step, purpose + "_real", batch.group_ids)
             real_cond = model.encode([self.pairs[0][i] for i in real_index.tolist()], cfg=False)
             real_t = model.path.noised(self.pairs[2][real_index].to(x0.device), level, eps)
         micro = chunks(n, ctx.config.train.micro_batch_size)
@@ -300,6 +299,25 @@ class DMDRecipe(Recipe):
             metrics["loss_gan_disc"] = disc
         return metrics
 
+    def _pool_draw(self, step: int, purpose: str, group_ids: Tensor) -> Tensor:
+        """One index into the teacher pool per sample, from that sample's generator (the same draw on 1 or N
+        processes)."""
+        gens = self.ctx.sample_generators(step, purpose, group_ids)
+        size = len(self.pairs[0])
+        return torch.cat([torch.randint(size, (1,), generator=g, device=g.device) for g in gens]).cpu()
+
+    def _f_weights(self, logits: Tensor, level: Tensor) -> Tensor:
+        """f-distill's weights of this process's samples, normalised (per noise-level bin and overall) over
+        the global batch: the logits and levels of every process are gathered first."""
+        acc, d = self.ctx.accelerator, self.ctx.config.dmd
+        everywhere = acc.gather(torch.stack([logits.float(), level.float()], dim=1))
+        weights = f_divergence_weight(
+            everywhere[:, 0], d.divergence, t=everywhere[:, 1], t_range=tuple(d.t_range), bins=d.ratio_bins
+        )
+        n = logits.shape[0]
+        self._largest_weight = weights.max().item()  # of the global batch: the same on every process
+        return weights[acc.process_index * n : (acc.process_index + 1) * n]
+
     def iteration(self, step: int) -> dict[str, float]:
         ctx, d = self.ctx, self.ctx.config.dmd
         model = ctx.model
@@ -313,25 +331,31 @@ class DMDRecipe(Recipe):
         )
         eps_gens = ctx.sample_generators(step, "dmd_eps", batch.group_ids)
         micro = chunks(n, ctx.config.train.micro_batch_size)
-        losses, distances, regressions, rewards, weights, gans = [], [], [], [], [], []
-        regressing = d.regression_weight > 0
-        if regressing:  # this process's draw of regression pairs for the step
-            gen = ctx.generator(step, "regression_pairs")
-            pair_index = torch.randint(len(self.pairs[0]), (n,), generator=gen, device=gen.device).cpu()
+        # First pass, no gradient: the student's samples re-noised, the teacher's and the fake score's
+        # x0-predictions there and the discriminator's logits (f-distill normalises its weights over the
+        # whole batch). The second pass redraws each micro-batch's samples with gradient (the same samples).
+        eps, real, fake, logits = [], [], [], []
+        with torch.no_grad():
+            for part in micro:
+                sub = cond.select(part)
+                x = self._student(step, "student", sub, gens[part], grad=False)
+                eps.append(randn(x.shape, eps_gens[part], x.device))
+                x_t = model.path.noised(x, level[part], eps[-1])
+                real.append(self._x0("teacher", x_t, timestep[part], level[part], sub, d.real_guidance))
+                fake.append(self._x0("fake", x_t, timestep[part], level[part], sub, 1.0))
+                if d.divergence != "rkl":  # the ratio the discriminator reads at this x_t
+                    logits.append(self._logits())
+            weights = self._f_weights(torch.cat(logits), level) if logits else None
+        pair_index = (
+            self._pool_draw(step, "regression_pair", batch.group_ids) if d.regression_weight > 0 else None
+        )
+        losses, regressions, rewards, gans = [], [], [], []
+        gens = ctx.sample_generators(step, "student", batch.group_ids)  # fresh: the same initial noise again
         for m, part in enumerate(micro):
             sub = cond.select(part)
+            share = (part.stop - part.start) / n
             x = self._student(step, "student", sub, gens[part], grad=True)
-            eps = randn(x.shape, eps_gens[part], x.device)
-            x_t = model.path.noised(x.detach(), level[part], eps)
-            real = self._x0("teacher", x_t, timestep[part], level[part], sub, d.real_guidance)
-            fake = self._x0("fake", x_t, timestep[part], level[part], sub, 1.0)
-            weight = None
-            if d.divergence != "rkl":  # f-distill: h(r) of the ratio the discriminator reads at this x_t
-                with torch.no_grad():
-                    weight = f_divergence_weight(
-                        self._logits(), d.divergence, t=level[part], t_range=tuple(d.t_range)
-                    )
-                weights.append(weight)
+            weight = None if weights is None else weights[part]
             if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
                 index = list(range(n))[part]
                 scored = ctx.reward(
@@ -339,38 +363,35 @@ class DMDRecipe(Recipe):
                     batch.group_ids[part],
                 )  # fmt: skip
                 loss = reward_tilted_dmd_loss(
-                    x, real, fake, scored.scores, d.reward_beta, weight=weight, normalize=d.normalize
-                )
+                    x, real[m], fake[m], scored.scores, d.reward_beta, weight=weight, normalize=d.normalize
+                )  # fmt: skip
                 rewards.append(scored.scores.detach())
             else:
-                loss = dmd_loss(x, real, fake, weight=weight, normalize=d.normalize)
-            if (
-                d.gan_weight > 0
-            ):  # DMD2's GAN term: the student's noised sample, gradient through the fake score
+                loss = dmd_loss(x, real[m], fake[m], weight=weight, normalize=d.normalize)
+            if d.gan_weight > 0:  # DMD2's GAN term: the noised sample, gradient through the fake score
                 with routed(model, self.fake), ctx.clock("forward"):
-                    model.predict(model.path.noised(x, level[part], eps), timestep[part], sub, 1.0)
+                    model.predict(model.path.noised(x, level[part], eps[m]), timestep[part], sub, 1.0)
                 gan = gan_generator_loss(self._logits())
                 loss = loss + d.gan_weight * gan
-                gans.append(gan.detach() * (part.stop - part.start) / n)
-            if regressing:
+                gans.append(gan.detach() * share)
+            if pair_index is not None:
                 regression = self._regression(step, pair_index[part])
                 loss = loss + d.regression_weight * regression
-                regressions.append(regression.detach() * (part.stop - part.start) / n)
-            share = (part.stop - part.start) / n
+                regressions.append(regression.detach() * share)
             ctx.backward(loss * share, sync=m == len(micro) - 1)
             losses.append(loss.detach() * share)
-            distances.append((fake - real).abs().mean(dim=tuple(range(1, x.ndim))).detach())
         metrics = ctx.optimizer_step()
         metrics["loss"] = float(sum(losses))
-        metrics["fake_real_distance"] = torch.cat(distances).mean().item()
+        distance = (torch.cat(fake) - torch.cat(real)).abs()
+        metrics["fake_real_distance"] = distance.mean(dim=tuple(range(1, distance.ndim))).mean().item()
         if regressions:
             metrics["loss_regression"] = float(sum(regressions))
         if rewards:
             metrics["reward"] = torch.cat(rewards).mean().item()
         if gans:
             metrics["loss_gan_gen"] = float(sum(gans))
-        if weights:
-            metrics["f_weight_max"] = torch.cat(weights).max().item()
+        if weights is not None:
+            metrics["f_weight_max"] = self._largest_weight
         for key in fake_metrics[0]:
             metrics[key] = sum(f[key] for f in fake_metrics) / len(fake_metrics)
         return metrics

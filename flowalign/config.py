@@ -79,6 +79,11 @@ class SamplingConfig:
     an error when the model loads.
     ``train_steps``: how many of the window's SDE steps are trained each iteration (a random subset,
     DanceGRPO's timestep fraction); None = all except the last step of the schedule (Flow-GRPO).
+    ``sigmas`` (flow models) / ``timesteps`` (diffusion models): explicit noise levels of the ``steps``
+    sampling steps, as the stock pipeline's ``sigmas=`` / ``timesteps=`` argument (flow sigmas are shifted by
+    the scheduler, as the pipeline shifts them); None: the scheduler's ``steps``-step schedule. For
+    few-step students at chosen levels (DMD2's SDXL student: ``timesteps: [999, 749, 499, 249]``); sample
+    them with ``flowalign sample --sigmas`` / ``--timesteps``.
     ``group_noise``: ``independent`` initial noise per sample (Flow-GRPO) or ``shared`` by the samples of a
     group (DanceGRPO, Xue et al. 2025, Sec. 3: "samples from the same prompt share the same initialization
     noise"), so that a group's reward differences come only from the SDE steps being trained. Needs SDE
@@ -87,6 +92,8 @@ class SamplingConfig:
 
     steps: int = 10
     guidance: float = 1.0
+    sigmas: list[float] | None = None
+    timesteps: list[int] | None = None
     dynamics: str | None = None
     noise_level: float = 0.7
     sde_window: list[int] | None = None
@@ -541,6 +548,19 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
     if s.steps < (1 if t.algorithm == "dmd" else 2):
         least = "1 (a one-step student)" if t.algorithm == "dmd" else "2"
         fail("sampling.steps", f"must be >= {least}, got {s.steps}")
+    if s.sigmas is not None and s.timesteps is not None:
+        fail(
+            "sampling.timesteps",
+            "set sampling.sigmas (flow models) or sampling.timesteps (diffusion), not both",
+        )
+    from flowalign.samplers.schedules import check_levels
+
+    for key, kind in (("sigmas", "flow"), ("timesteps", "diffusion")):
+        if getattr(s, key) is not None:
+            try:
+                check_levels(getattr(s, key), s.steps, kind)
+            except ValueError as err:
+                fail(f"sampling.{key}", str(err))
     if s.sde_window is not None:
         if len(s.sde_window) != 2:
             fail("sampling.sde_window", f"must be [start, size], got {s.sde_window}")

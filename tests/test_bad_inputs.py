@@ -35,6 +35,15 @@ CASES = [
     (TINY, "sampling.noise_level=nan", r"sampling\.noise_level"),
     (TINY, "sampling.steps=1", r"sampling\.steps.*>= 2"),
     (TINY, "sampling.dynamics=euler", r"sampling\.dynamics.*flow_grpo, cps, dance"),
+    (TINY, "sampling.sigmas=[1.0,0.5]", r"sampling\.sigmas.*4 sampling steps need 4 sigmas, got 2"),
+    (TINY, "sampling.steps=3 sampling.sigmas=[1.0,0.5,0.6]", r"sampling\.sigmas.*strictly decreasing"),
+    (TINY, "sampling.steps=2 sampling.sigmas=[1.5,0.5]", r"sampling\.sigmas.*\(0, 1\]"),
+    (TINY, "sampling.steps=2 sampling.timesteps=[1000,10]", r"sampling\.timesteps.*integers in \[0, 1000\)"),
+    (
+        TINY,
+        "sampling.steps=2 sampling.sigmas=[1,0.5] sampling.timesteps=[999,499]",
+        r"sampling\.timesteps.*not both",
+    ),
     (TINY, "sampling.reduction=max", r"sampling\.reduction"),
     (TINY, "sampling.sde_window=[5,3]", r"sampling\.sde_window.*does not fit"),
     (TINY, "sampling.group_noise=same", r"sampling\.group_noise"),
@@ -88,7 +97,7 @@ CASES = [
 @pytest.mark.parametrize("path,override,message", CASES, ids=[c[1] for c in CASES])
 def test_bad_config_values_are_refused_naming_the_key(path, override, message):
     with pytest.raises(ConfigError, match=message) as caught:
-        load_config(path, [override])
+        load_config(path, override.split())
     assert "\n" not in str(caught.value)  # one line
 
 

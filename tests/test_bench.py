@@ -48,7 +48,7 @@ class OracleGenerator:
         rng = np.random.default_rng(0)
         self.targets = {m["prompt"]: render_scene(sample_scene(m, rng)) * 2 - 1 for m in prompts}
 
-    def schedule(self, num_steps, latent_shape=None):
+    def schedule(self, num_steps, latent_shape=None, levels=None):
         return flow_schedule(num_steps)
 
     def latent_shape(self, height, width):

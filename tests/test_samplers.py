@@ -71,6 +71,37 @@ def test_ddim_schedule_matches_diffusers(spacing, offset):
     torch.testing.assert_close(ours.alphas_cumprod[1:], expected_prev)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_explicit_sigmas_are_shifted_as_the_stock_scheduler_shifts_them(shift):
+    """``flow_schedule(sigmas=...)`` is ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)``: what
+    the stock pipelines' ``sigmas=`` argument gives (a few-step student's own levels)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    given = [1.0, 0.75, 0.5, 0.25]
+    scheduler.set_timesteps(sigmas=given)
+    ours = flow_schedule(4, shift=shift, sigmas=given)
+    torch.testing.assert_close(ours.sigmas, scheduler.sigmas, rtol=0, atol=1e-7)
+    torch.testing.assert_close(ours.timesteps, scheduler.timesteps, rtol=0, atol=1e-4)
+
+
+def test_explicit_timesteps_step_ddim_between_them_and_land_on_abar_one():
+    """DMD2's 4-step SDXL student visits 999, 749, 499, 249 and its last step lands on the clean image."""
+    abar = scaled_linear_alphas_cumprod()
+    ours = diffusion_schedule(4, abar, timesteps=[999, 749, 499, 249])
+    assert ours.timesteps.tolist() == [999.0, 749.0, 499.0, 249.0]
+    expected = torch.cat([abar[[999, 749, 499, 249]], torch.ones(1)])
+    assert torch.equal(ours.alphas_cumprod, expected)
+    # the same timesteps as DDIM's trailing spacing, except that the last step lands on 1, not abar[-1]
+    trailing = diffusion_schedule(4, abar, timestep_spacing="trailing")
+    assert torch.equal(trailing.timesteps, ours.timesteps)
+    for bad, message in (
+        ([999, 999], "strictly decreasing"),
+        ([1000, 10], r"\[0, 1000\)"),
+        ([999], "need 2"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            diffusion_schedule(2, abar, timesteps=bad)
+
+
 def test_schedule_rejects_bad_input():
     with pytest.raises(ValueError, match="num_steps must be >= 1"):
         flow_schedule(0)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flowalign.commands.common import (
     UsageError,
+    add_level_arguments,
     add_model_arguments,
     check_device,
     check_int,
@@ -59,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "GenEval's uniform --images-per-prompt)",
     )
     geneval.add_argument("--steps", type=int, default=None, help="ODE sampling steps (default: the model's)")
+    add_level_arguments(geneval)
     geneval.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     geneval.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
     geneval.add_argument("--seed", type=int, default=0, help="base seed of the per-image noise (default 0)")
@@ -150,7 +152,7 @@ def _geneval(args: argparse.Namespace) -> int:
         report = run_geneval(
             model, prompts, images_per_prompt=counts, steps=args.steps, guidance=args.guidance,
             resolution=args.resolution, seed=args.seed, batch_size=args.batch_size, detector=detector,
-            progress=not args.no_progress,
+            progress=not args.no_progress, levels=args.levels,
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"flowalign bench geneval: {err}") from None
@@ -192,6 +194,11 @@ def _command(args: argparse.Namespace, config) -> str:
     parts += ["--prompts", str(args.prompts), "--images-per-prompt", str(args.images_per_prompt)]
     parts += ["--min-images-per-task", str(args.min_images_per_task)]
     parts += ["--steps", str(config.steps), "--guidance", str(config.guidance)]
+    if config.levels is not None:
+        parts += [
+            "--sigmas" if args.sigmas is not None else "--timesteps",
+            *(f"{v:g}" for v in config.levels),
+        ]
     parts += ["--resolution", str(config.resolution), "--seed", str(config.seed)]
     parts += ["--batch-size", str(config.batch_size)]
     if args.max_prompts is not None:

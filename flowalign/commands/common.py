@@ -64,12 +64,53 @@ def check_output_dir(flag: str, path: str | None) -> None:
 GUIDANCE_HINT = " (1: no guidance; CFG needs a scale above 1)"
 
 
+def add_level_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--sigmas`` / ``--timesteps``: the sampling steps' explicit noise levels (a student's own)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--sigmas", type=float, nargs="+", default=None, metavar="S",
+        help="flow models: the steps' noise levels, as the stock pipeline's sigmas= (e.g. 1.0 0.75 0.5 0.25); "
+        "sets --steps",
+    )  # fmt: skip
+    group.add_argument(
+        "--timesteps", type=int, nargs="+", default=None, metavar="T",
+        help="diffusion models: the steps' timesteps, as the stock pipeline's timesteps= (e.g. 999 749 499 249); "
+        "sets --steps",
+    )  # fmt: skip
+
+
 def check_sampling_arguments(args: argparse.Namespace) -> None:
-    """The sampling options every generating command shares, checked before the model loads."""
+    """The sampling options every generating command shares, checked before the model loads. Explicit
+    ``--sigmas`` / ``--timesteps`` become ``args.levels`` (None without them) and set ``args.steps``."""
     check_int("--steps", getattr(args, "steps", None))
     check_float("--guidance", getattr(args, "guidance", None), least=1, hint=GUIDANCE_HINT)
     for flag in ("resolution", "height", "width", "micro_batch_size", "batch_size"):
         check_int("--" + flag.replace("_", "-"), getattr(args, flag, None))
+    args.levels = None
+    for name, kind in (("sigmas", "flow"), ("timesteps", "diffusion")):
+        levels = getattr(args, name, None)
+        if levels is None:
+            continue
+        from flowalign.samplers.schedules import check_levels
+
+        steps = getattr(args, "steps", None)
+        if steps is not None and steps != len(levels):
+            raise UsageError(
+                f"--steps {steps} but {len(levels)} --{name}; give one per step (or omit --steps)."
+            )
+        try:
+            args.levels = check_levels(levels, len(levels), kind)
+        except ValueError as err:
+            raise UsageError(f"--{name}: {err}") from None
+        args.steps = len(levels)
+
+
+def check_levels_fit(args: argparse.Namespace, model) -> None:
+    """``--sigmas`` is for flow models and ``--timesteps`` for diffusion models (checked once loaded)."""
+    for name, kind in (("sigmas", "flow"), ("timesteps", "diffusion")):
+        if getattr(args, name, None) is not None and model.kind != kind:
+            other = "timesteps" if name == "sigmas" else "sigmas"
+            raise UsageError(f"--{name} is for {kind} models; this is a {model.kind} model: use --{other}.")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +153,7 @@ def load_model_from_args(args: argparse.Namespace):
     check_device("--device", args.device)
 
     model = load_model(args.model, family=args.family, device=args.device, dtype=getattr(torch, args.dtype))
+    check_levels_fit(args, model)
     if args.lora:
         model.load_lora(args.lora)
     return model

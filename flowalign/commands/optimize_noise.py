@@ -14,6 +14,7 @@ import torch
 
 from flowalign.commands.common import (
     UsageError,
+    add_level_arguments,
     add_model_arguments,
     check_device,
     check_float,
@@ -46,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME.KEY=VALUE",
         help="reward constructor argument",
     )
-    parser.add_argument("--steps", type=int, default=4, help="sampling steps of the generator (default 4)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps of the generator (default 4)")
+    add_level_arguments(parser)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--iterations", type=int, default=50, help="optimization iterations (ReNO: 50)")
     parser.add_argument("--lr", type=float, default=5.0, help="SGD learning rate (ReNO: 5)")
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from rewards import WeightedReward, parse_reward_spec
 
     check_sampling_arguments(args)
+    args.steps = args.steps or 4
     check_device("--device", args.device)
     check_output_dir("--out", args.out)
     check_int("--iterations", args.iterations)
@@ -108,7 +111,15 @@ def run(args: argparse.Namespace) -> int:
 
     def generate_from(z):
         return generate(
-            model, None, z, cond=cond, steps=args.steps, guidance=guidance, resolution=size, plan=plan
+            model,
+            None,
+            z,
+            cond=cond,
+            steps=args.steps,
+            guidance=guidance,
+            resolution=size,
+            plan=plan,
+            levels=args.levels,
         ).images
 
     def reward_fn(images):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from flowalign.commands.common import (
+    add_level_arguments,
     add_model_arguments,
     check_int,
     check_output_file,
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    add_level_arguments(parser)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             seeded_generators([image_seed(args.seed, i, j) for i, j in jobs], model.device),
             steps=args.steps or model.default_steps,
             guidance=model.default_guidance if args.guidance is None else args.guidance,
-            resolution=(args.height, args.width), micro_batch_size=args.micro_batch_size,
+            resolution=(args.height, args.width), micro_batch_size=args.micro_batch_size, levels=args.levels,
         ).images  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -94,12 +94,14 @@ class GenEvalConfig:
     Attributes:
         images_per_prompt: images sampled for each prompt, one count per prompt (GenEval: 4 for all).
         steps: ODE sampling steps; guidance: classifier-free guidance scale; resolution: image side.
+        levels: explicit noise levels of the steps (flow sigmas / diffusion timesteps), None: the scheduler's.
         seed: base seed of the per-image noise (:func:`image_seed`).
         batch_size: images per sampler call (CFG doubles the network batch).
     """
 
     images_per_prompt: tuple[int, ...] = ()
     steps: int = 20
+    levels: tuple[float, ...] | None = None
     guidance: float = 1.0
     resolution: int = 32
     seed: int = 0
@@ -284,6 +286,7 @@ def run_geneval(
     resolution: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    levels: Sequence[float] | None = None,
     detector: Detector | Callable[[Tensor], list[list[Detection]]] | None = None,
     keep_images: bool = True,
     progress: bool = True,
@@ -294,7 +297,8 @@ def run_geneval(
     ``images_per_prompt`` is one count for every prompt or one count per prompt (e.g.
     :func:`balanced_images_per_prompt`); ``records`` are prompt-major either way. ``jobs``: only these
     ``(prompt index, image index)`` images (a process's share; :func:`merge_reports` joins the shares). ``steps``/``guidance``/
-    ``resolution`` default to the model's own defaults. Raises ``ValueError`` naming the bad argument or
+    ``resolution`` default to the model's own defaults; ``levels``: the steps' explicit noise levels (flow
+    sigmas / diffusion timesteps, as :func:`~flowalign.samplers.generate` takes them). Raises ``ValueError`` naming the bad argument or
     prompt (with its index) before any sampling.
     """
     from tqdm.auto import tqdm
@@ -306,6 +310,7 @@ def run_geneval(
     config = GenEvalConfig(
         images_per_prompt=_counts_per_prompt(images_per_prompt, len(prompts)),
         steps=steps if steps is not None else model.default_steps,
+        levels=tuple(levels) if levels is not None else None,
         guidance=float(guidance if guidance is not None else model.default_guidance),
         resolution=resolution if resolution is not None else model.default_resolution,
         seed=seed,
@@ -335,6 +340,7 @@ def run_geneval(
                 steps=config.steps,
                 guidance=config.guidance,
                 resolution=config.resolution,
+                levels=config.levels,
             ).images.float()
         detections = detector(images.cpu())
         for (i, j), dets in zip(batch, detections, strict=True):

@@ -238,8 +238,14 @@ class ModelAdapter:
         """Whether ``guidance`` is a classifier-free guidance scale (False for guidance-distilled FLUX)."""
         return True
 
-    def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Schedule:
-        """The stock pipeline's noise levels for ``num_steps`` steps (``latent_shape`` for resolution shifts)."""
+    def schedule(
+        self, num_steps: int, latent_shape: Sequence[int] | None = None, levels: Sequence[float] | None = None
+    ) -> Schedule:
+        """The stock pipeline's noise levels for ``num_steps`` steps (``latent_shape`` for resolution shifts).
+
+        ``levels``: explicit ones, as the stock pipeline's ``sigmas=`` (flow models, shifted by the scheduler
+        as the pipeline shifts them) or ``timesteps=`` (diffusion models) argument; see
+        :func:`~flowalign.samplers.schedules.check_levels`."""
         raise NotImplementedError
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:

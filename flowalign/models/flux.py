@@ -102,7 +102,9 @@ class FluxAdapter(ModelAdapter):
             )
         return (self.denoiser.config.in_channels // 4, 2 * (height // factor), 2 * (width // factor))
 
-    def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Schedule:
+    def schedule(
+        self, num_steps: int, latent_shape: Sequence[int] | None = None, levels: Sequence[float] | None = None
+    ) -> Schedule:
         refuse_options(self.pipeline.scheduler.config, "scheduler", FLOW_SCHEDULER_DEFAULTS)
         if latent_shape is None:
             raise ValueError("FLUX shifts sigmas by resolution: pass latent_shape to schedule().")
@@ -116,5 +118,5 @@ class FluxAdapter(ModelAdapter):
             num_steps, shift=config.get("shift", 1.0), mu=mu if config.get("use_dynamic_shifting", False) else None,
             num_train_timesteps=config.num_train_timesteps, time_shift_type=config.get("time_shift_type", "exponential"),
             shift_terminal=config.get("shift_terminal"),
-            sigmas=np.linspace(1.0, 1 / num_steps, num_steps),
+            sigmas=np.linspace(1.0, 1 / num_steps, num_steps) if levels is None else levels,
         ).to(self.device)  # fmt: skip

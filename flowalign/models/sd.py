@@ -65,12 +65,14 @@ class StableDiffusionAdapter(ModelAdapter):
             )
         return (self.denoiser.config.in_channels, height // factor, width // factor)
 
-    def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Schedule:
+    def schedule(
+        self, num_steps: int, latent_shape: Sequence[int] | None = None, levels: Sequence[float] | None = None
+    ) -> Schedule:
         config = self.pipeline.scheduler.config
         return diffusion_schedule(
             num_steps, self.pipeline.scheduler.alphas_cumprod,
             timestep_spacing=config.get("timestep_spacing", "leading"), steps_offset=config.get("steps_offset", 0),
-            set_alpha_to_one=config.get("set_alpha_to_one", True),
+            set_alpha_to_one=config.get("set_alpha_to_one", True), timesteps=levels,
         ).to(self.device)  # fmt: skip
 
 

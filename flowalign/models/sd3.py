@@ -68,7 +68,9 @@ class SD3Adapter(ModelAdapter):
             width // self.vae_scale_factor,
         )
 
-    def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Schedule:
+    def schedule(
+        self, num_steps: int, latent_shape: Sequence[int] | None = None, levels: Sequence[float] | None = None
+    ) -> Schedule:
         refuse_options(self.pipeline.scheduler.config, "scheduler", FLOW_SCHEDULER_DEFAULTS)
         config = self.pipeline.scheduler.config
         mu = None
@@ -86,5 +88,5 @@ class SD3Adapter(ModelAdapter):
         return flow_schedule(
             num_steps, shift=config.get("shift", 1.0), mu=mu, num_train_timesteps=config.num_train_timesteps,
             time_shift_type=config.get("time_shift_type", "exponential"),
-            shift_terminal=config.get("shift_terminal"),
+            shift_terminal=config.get("shift_terminal"), sigmas=levels,
         ).to(self.device)  # fmt: skip

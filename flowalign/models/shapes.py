@@ -324,10 +324,15 @@ class ShapesAdapter(ModelAdapter):
             )
         return (self.denoiser.config.in_channels, height // p, width // p)
 
-    def schedule(self, num_steps: int, latent_shape: Sequence[int] | None = None) -> Schedule:
+    def schedule(
+        self, num_steps: int, latent_shape: Sequence[int] | None = None, levels: Sequence[float] | None = None
+    ) -> Schedule:
         config = self.pipeline.scheduler.config
         return flow_schedule(
-            num_steps, shift=config.get("shift", 1.0), num_train_timesteps=config.num_train_timesteps
+            num_steps,
+            shift=config.get("shift", 1.0),
+            num_train_timesteps=config.num_train_timesteps,
+            sigmas=levels,
         ).to(self.device)
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from flowalign.samplers.plan import SamplingPlan, grad_window
 from flowalign.samplers.rollout import Denoiser, Rollout, denoise_step, rollout
 from flowalign.samplers.schedules import (
     Schedule,
+    check_levels,
     diffusion_schedule,
     dynamic_shift_mu,
     flow_schedule,
@@ -30,6 +31,7 @@ __all__ = [
     "SamplingPlan",
     "Schedule",
     "StepOutput",
+    "check_levels",
     "chunks",
     "ddim_step",
     "denoise_step",

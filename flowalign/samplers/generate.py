@@ -53,6 +53,7 @@ def generate(
     decode: bool = True,
     cond: Any = None,
     negative_prompts: str | Sequence[str] | None = None,
+    levels: Sequence[float] | None = None,
 ) -> Rollout:
     """Sample ``B = len(noise)`` images of ``prompts`` (``B`` strings; or pass ``cond``, already encoded)
     with a model adapter.
@@ -68,6 +69,8 @@ def generate(
         decode: decode the final latents to images.
         cond: encoded prompts (``model.encode``) instead of ``prompts``.
         negative_prompts: for CFG, instead of the family's default unconditional input.
+        levels: explicit noise levels of the ``steps`` steps (flow: the stock pipeline's ``sigmas=``;
+            diffusion: its ``timesteps=``); None: the scheduler's ``steps``-step schedule.
 
     Gradients flow when grad mode is on and the plan's window lets them (reward backprop, noise
     optimization); a caller that needs bounded memory with gradients backpropagates per micro-batch itself.
@@ -93,7 +96,7 @@ def generate(
         raise ValueError(f"generate: got {len(sde_generators)} SDE generators for {n} samples.")
     height, width = (resolution, resolution) if not isinstance(resolution, tuple) else resolution
     height, width = height or model.default_resolution, width or model.default_resolution
-    schedule = model.schedule(steps, model.latent_shape(height, width))
+    schedule = model.schedule(steps, model.latent_shape(height, width), levels=levels)
     if plan is None:
         plan = SamplingPlan.ode(steps)
     elif callable(plan) and not isinstance(plan, SamplingPlan):

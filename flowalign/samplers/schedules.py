@@ -17,6 +17,7 @@ compare against the stock pipelines at 1e-4 and the schedule tests at 1e-7.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "Schedule",
+    "check_levels",
     "diffusion_schedule",
     "dynamic_shift_mu",
     "flow_schedule",
@@ -94,6 +96,29 @@ def _time_shift(mu: float, sigmas: np.ndarray, kind: str) -> np.ndarray:
     raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {kind!r}.")
 
 
+def check_levels(
+    levels: Sequence[float], num_steps: int, kind: str, num_train_timesteps: int = 1000
+) -> list[float] | list[int]:
+    """Explicit noise levels for ``num_steps`` sampling steps, checked; ``ValueError`` says what is wrong.
+
+    Flow models take ``sigmas``: ``N`` numbers in ``(0, 1]``, strictly decreasing, as the stock pipelines'
+    ``sigmas=`` argument (before the scheduler's shift). Diffusion models take ``timesteps``: ``N``
+    integers in ``[0, num_train_timesteps)``, strictly decreasing.
+    """
+    name = "sigmas" if kind == "flow" else "timesteps"
+    values = list(levels)
+    if len(values) != num_steps:
+        raise ValueError(f"{num_steps} sampling steps need {num_steps} {name}, got {len(values)}: {values}.")
+    if kind == "flow":
+        if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values):
+            raise ValueError(f"sigmas must lie in (0, 1], got {values}.")
+    elif not all(float(v).is_integer() and 0 <= v < num_train_timesteps for v in values):
+        raise ValueError(f"timesteps must be integers in [0, {num_train_timesteps}), got {values}.")
+    if any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be strictly decreasing (noisiest first), got {values}.")
+    return [float(v) for v in values] if kind == "flow" else [int(v) for v in values]
+
+
 def flow_schedule(
     num_steps: int,
     *,
@@ -135,6 +160,7 @@ def flow_schedule(
         levels = np.array(sigmas).astype(np.float32)
         if levels.shape != (num_steps,):
             raise ValueError(f"expected {num_steps} sigmas, got shape {levels.shape}.")
+        check_levels(levels.tolist(), num_steps, "flow")
     levels = _time_shift(mu, levels, time_shift_type) if mu is not None else shift_sigmas(levels, shift)
     if shift_terminal:
         one_minus = 1 - np.asarray(levels)
@@ -169,13 +195,24 @@ def diffusion_schedule(
     timestep_spacing: str = "leading",
     steps_offset: int = 0,
     set_alpha_to_one: bool = True,
+    timesteps: Sequence[int] | None = None,
 ) -> Schedule:
     """The timesteps of ``DDIMScheduler.set_timesteps`` and the ``abar`` each DDIM step moves between.
 
     DDIM's previous timestep is ``t - num_train_timesteps // N`` (Song et al. 2021, Eq. 12); when it is
     negative the final ``abar`` is 1 (``set_alpha_to_one``) or ``abar_0``.
+
+    ``timesteps``: explicit timesteps instead (``N`` integers, strictly decreasing, in
+    ``[0, num_train_timesteps)``; DMD2's 4-step SDXL student: 999, 749, 499, 249), as the stock pipelines'
+    ``timesteps=`` argument takes them. Each DDIM step lands on the next one and the last on ``abar = 1``,
+    which is what ``EulerDiscreteScheduler`` (its final sigma 0) computes with the same timesteps:
+    deterministic Euler in ``sigma = sqrt((1 - abar) / abar)`` is DDIM.
     """
     num_train = alphas_cumprod.shape[0]
+    if timesteps is not None:
+        t = torch.as_tensor(check_levels(timesteps, num_steps, "diffusion", num_train), dtype=torch.long)
+        levels = torch.cat([alphas_cumprod[t], torch.ones(1)])
+        return Schedule("diffusion", t.to(torch.float32), alphas_cumprod=levels.to(torch.float32))
     if not 1 <= num_steps <= num_train:
         raise ValueError(f"num_steps must be in [1, {num_train}], got {num_steps}.")
     if timestep_spacing == "linspace":

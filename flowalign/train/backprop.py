@@ -84,7 +84,7 @@ def _backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
                 with torch.no_grad():
                     out = generate(
                         model, None, noise_gens[part], cond=sub, steps=s.steps, guidance=s.guidance,
-                        resolution=config.model.resolution, plan=plan, decode=False,
+                        resolution=config.model.resolution, plan=plan, decode=False, levels=ctx.levels,
                     )  # fmt: skip
                 last = s.steps - 1
                 loss = draft_lv_loss(
@@ -96,7 +96,7 @@ def _backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
             else:
                 out = generate(
                     model, None, noise_gens[part], cond=sub, steps=s.steps, guidance=s.guidance,
-                    resolution=config.model.resolution, plan=plan,
+                    resolution=config.model.resolution, plan=plan, levels=ctx.levels,
                 )  # fmt: skip
                 scored = reward_of(out.images)
                 loss = -scored.scores.mean()

@@ -31,7 +31,8 @@ step ``k`` (ReFL's single-step plan, :func:`flowalign.samplers.plan.grad_window`
 student will take at sampling time is trained on the states it actually visits. Deviation from DMD2: the
 student moves between its steps deterministically (Euler / DDIM, the stock schedulers' sampler), not by
 re-noising its x0 prediction with fresh noise, so that the stock pipeline with ``K`` steps samples it
-exactly as trained; the step levels are the model scheduler's ``K``-step schedule.
+exactly as trained; the step levels are the model scheduler's ``K``-step schedule, or the student's own
+(``sampling.sigmas`` / ``sampling.timesteps``: DMD2's SDXL student visits 999, 749, 499, 249).
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ class DMDRecipe(Recipe):
         with self.ctx.clock("forward"):
             out = generate(
                 self.ctx.model, None, gens, cond=cond, steps=s.steps, guidance=s.guidance,
-                resolution=self.ctx.config.model.resolution, plan=plan, decode=False,
+                resolution=self.ctx.config.model.resolution, plan=plan, decode=False, levels=self.ctx.levels,
             )  # fmt: skip
         return out.final
 

@@ -124,6 +124,12 @@ class TrainContext:
         return resolve_dynamics(self.config.sampling.dynamics, self.model.kind)
 
     @property
+    def levels(self) -> list[float] | None:
+        """The explicit noise levels of the sampling schedule (``sampling.sigmas`` / ``sampling.timesteps``;
+        see :func:`sampling_levels`), None for the scheduler's own."""
+        return sampling_levels(self.config.sampling, self.model.kind)
+
+    @property
     def trainable(self) -> list[torch.nn.Parameter]:
         return self.model.trainable_parameters()
 
@@ -176,6 +182,17 @@ def _reset_single_process_state(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def sampling_levels(sampling, kind: str) -> list[float] | None:
+    """``sampling.sigmas`` for a flow model or ``sampling.timesteps`` for a diffusion model (the other is an
+    error naming its key), None when neither is set."""
+    wrong, right = ("timesteps", "sigmas") if kind == "flow" else ("sigmas", "timesteps")
+    if getattr(sampling, wrong) is not None:
+        raise ValueError(
+            f"sampling.{wrong} does not apply to a {kind} model; give its noise levels as sampling.{right}."
+        )
+    return getattr(sampling, right)
+
+
 def resolve_dynamics(dynamics: str | None, kind: str) -> str:
     """The rollout SDE: ``dynamics`` when it fits the model's ``kind`` (flow: ``flow_grpo``/``cps``/``dance``;
     diffusion: ``ddim``), the kind's default when None; otherwise an error naming ``sampling.dynamics``."""
@@ -204,6 +221,7 @@ def _named_trainable(model: ModelAdapter) -> dict[str, torch.nn.Parameter]:
 def _setup_model(config: Config, device: torch.device) -> ModelAdapter:
     m = config.model
     model = load_model(m.path, family=m.family, device=device, dtype=getattr(torch, m.dtype))
+    sampling_levels(config.sampling, model.kind)
     if m.lora_rank > 0:
         model.add_lora(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets)
     else:

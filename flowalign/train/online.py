@@ -94,7 +94,7 @@ def sample_and_score(
             steps=config.sampling.steps, guidance=guidance, resolution=_resolution(ctx),
             plan=lambda schedule: plan_fn(ctx, step, schedule),
             sde_generators=ctx.sample_generators(step, "sde", batch.group_ids),
-            micro_batch_size=config.train.micro_batch_size,
+            micro_batch_size=config.train.micro_batch_size, levels=ctx.levels,
         )  # fmt: skip
     with ctx.clock("reward"):
         scored = ctx.reward(trajectory.images, batch.prompts, batch.metadata, batch.group_ids)

@@ -75,6 +75,9 @@ def files(tmp_path_factory) -> Path:
     (d / "lora/pytorch_lora_weights.safetensors").write_bytes(b"\x00" * 64)
     (d / "config.yaml").write_text("train: [unclosed\n")
     (d / "a_file").write_text("")
+    from safetensors.torch import save_file
+
+    save_file({"not_a_layer.weight": torch.zeros(2)}, str(d / "alien.safetensors"))
     return d
 
 
@@ -296,6 +299,18 @@ CASES = [
     ("model-family-unknown", [*SAMPLE, "--family", "sd4"], r"unknown model family 'sd4'", False),
     ("model-tiny-unknown", [*SAMPLE, "--model", "tiny-nosuch"], r"tiny", False),
     ("lora-missing", [*SAMPLE, "--lora", "{F}/nolora"], r"LoRA directory .*nolora' does not exist", False),
+    (
+        "weights-missing",
+        [*SAMPLE, "--weights", "{F}/emptydir"],
+        r"weights .*emptydir': no such file .*trainable\.safetensors",
+        False,
+    ),
+    (
+        "weights-of-another-model",
+        [*SAMPLE, "--weights", "{F}/alien.safetensors"],
+        r"do not fit this shapes model's .*1 unknown tensors",
+        False,
+    ),
     ("lora-empty-dir", [*SAMPLE, "--lora", "{F}/emptydir"], r"emptydir' holds no \.safetensors file", False),
     (
         "lora-corrupt-file",

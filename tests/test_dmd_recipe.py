@@ -267,6 +267,36 @@ def test_given_timesteps_sample_as_the_stock_euler_scheduler_does():
     assert torch.allclose(images.float(), ours.images, atol=1e-4)
 
 
+def test_a_full_weight_student_is_sampled_with_weights(tmp_path):
+    """A ``lora_rank: 0`` student (one step, epsilon-prediction UNet): ``flowalign sample --weights CKPT``
+    and ``bench geneval --weights`` sample the trained denoiser, not the base."""
+    from PIL import Image
+
+    from flowalign.cli import main
+    from flowalign.eval.geneval import image_seed
+    from flowalign.samplers import generate, seeded_generators
+
+    train(_config("configs/dmd/tiny_sd.yaml", tmp_path / "run", "train.steps=1", "optim.lr=0.05"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    student, base = load_model("tiny-sd"), load_model("tiny-sd")
+    student.load_weights(checkpoint)
+    first = lambda m: generate(  # noqa: E731
+        m, ["a red circle"], seeded_generators([image_seed(0, 0, 0)], "cpu"), steps=1, guidance=1.0
+    ).images[0]
+    ours = first(student)
+    assert (ours - first(base)).abs().max() > 1e-3  # the trained weights change the sample
+    out = tmp_path / "s.png"
+    code = main(["sample", "--model", "tiny-sd", "--weights", str(checkpoint), "--steps", "1", "--guidance", "1",
+                 "--prompt", "a red circle", "--num-images", "1", "--out", str(out)])  # fmt: skip
+    saved = torch.from_numpy(np.array(Image.open(out).convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert code == 0 and (saved - ours).abs().max() <= 1 / 255 + 1e-6
+    bench = tmp_path / "bench"
+    code = main(["bench", "geneval", "--model", "tiny-sd", "--weights", str(checkpoint), "--steps", "1",
+                 "--guidance", "1", "--max-prompts", "2", "--min-images-per-task", "0", "--images-per-prompt", "1",
+                 "--no-progress", "--out", str(bench)])  # fmt: skip
+    assert code == 0 and "--weights" in (bench / "results.json").read_text()
+
+
 def test_levels_of_the_other_kind_are_refused_when_the_model_loads(tmp_path):
     config = _config("configs/dmd/tiny_sd3.yaml", tmp_path / "run", "sampling.timesteps=[999,499]")
     with pytest.raises(

@@ -121,19 +121,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model("shapes")
     student_path = Path(args.student)
-    if (
-        student_path / "trainable.safetensors"
-    ).is_file():  # full fine-tuning: the weights, the base as teacher
-        from safetensors.torch import load_file
-
+    if (student_path / "trainable.safetensors").is_file():  # full fine-tuning: the base is the teacher
         teacher_model = load_model("shapes")
-        missing = model.denoiser.load_state_dict(
-            load_file(str(student_path / "trainable.safetensors")), strict=False
-        )
-        if missing.unexpected_keys:
-            sys.exit(
-                f"{student_path}: not a checkpoint of the shapes model ({missing.unexpected_keys[:3]}...)"
-            )
+        model.load_weights(student_path)
     else:
         model.load_lora(args.student)
         teacher_model = None

@@ -157,7 +157,7 @@ def _geneval(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"flowalign bench geneval: {err}") from None
     report.model = {
-        "model": str(args.model), "lora": args.lora, "prompts": str(args.prompts), "detector": args.detector,
+        "model": str(args.model), "lora": args.lora, "weights": args.weights, "prompts": str(args.prompts), "detector": args.detector,
     }  # fmt: skip
     paths = write_report(report, args.out, command=_command(args, report.config))
     s = report.summary
@@ -189,6 +189,8 @@ def _command(args: argparse.Namespace, config) -> str:
     parts = ["flowalign", "bench", args.benchmark, "--model", str(args.model)]
     if args.family:
         parts += ["--family", args.family]
+    if args.weights:
+        parts += ["--weights", args.weights]
     if args.lora:
         parts += ["--lora", args.lora]
     parts += ["--prompts", str(args.prompts), "--images-per-prompt", str(args.images_per_prompt)]

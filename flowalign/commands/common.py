@@ -125,6 +125,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="adapter family (sd3, flux, sd, sdxl, shapes); read from the model directory if omitted",
     )
     parser.add_argument("--lora", default=None, help="directory of a diffusers-format LoRA to load")
+    parser.add_argument(
+        "--weights", default=None,
+        help="a full fine-tuning checkpoint (model.lora_rank: 0; <run>/checkpoints/step-N) to load into the "
+        "denoiser",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
@@ -154,6 +159,8 @@ def load_model_from_args(args: argparse.Namespace):
 
     model = load_model(args.model, family=args.family, device=args.device, dtype=getattr(torch, args.dtype))
     check_levels_fit(args, model)
+    if getattr(args, "weights", None):
+        model.load_weights(args.weights)
     if args.lora:
         model.load_lora(args.lora)
     return model

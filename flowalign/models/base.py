@@ -495,6 +495,41 @@ class ModelAdapter:
         for name, param in self.denoiser.named_parameters():
             param.requires_grad_(trainable and "lora_" in name)
 
+    def load_weights(self, path: str | Path) -> None:
+        """Load full fine-tuned denoiser weights: a checkpoint of a ``model.lora_rank: 0`` run
+        (``<run>/checkpoints/step-N``, its ``trainable.safetensors``) or that file. Its tensors are the
+        trained ones, named as in the stock denoiser (``pipe.unet.load_state_dict(load_file(f),
+        strict=False)`` in diffusers); one whose name or shape does not fit is a :class:`ModelLoadError`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        file = path / "trainable.safetensors" if path.is_dir() else path
+        if not file.is_file():
+            raise ModelLoadError(
+                f"weights {str(path)!r}: no such file (pass a checkpoint directory of a full fine-tuning run, "
+                "which holds trainable.safetensors, or that file)."
+            )
+        try:
+            state = load_file(str(file))
+        except Exception as err:  # noqa: BLE001  (safetensors raises several types for a damaged file)
+            raise ModelLoadError(
+                f"weights {str(file)!r} cannot be read: {' '.join(str(err).split())}"
+            ) from None
+        own = self.denoiser.state_dict()
+        alien = [k for k in state if k not in own]
+        misshapen = [k for k in state if k in own and own[k].shape != state[k].shape]
+        if alien or misshapen or not state:
+            what = f"{len(alien)} unknown tensors (e.g. {alien[0]!r})" if alien else "no tensors"
+            if misshapen:
+                what = f"{len(misshapen)} tensors of other shapes (e.g. {misshapen[0]!r})"
+            raise ModelLoadError(
+                f"weights {str(file)!r} do not fit this {self.family} model's {self.denoiser_name}: {what}; they "
+                "were trained for another model (check --model / model.path)."
+            )
+        with torch.no_grad():
+            for name, tensor in state.items():
+                own[name].copy_(tensor)
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[ModelAdapter]:
         """Within this context the model predicts with its LoRA disabled: the reference policy, no copy."""

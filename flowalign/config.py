@@ -257,6 +257,15 @@ class DMDConfig:
     with the configured rewards, which must be differentiable; ``beta`` is relative to DMD2's normalised
     loss (RTDMD's weights amount to about 0.1). 0: no tilt, and no reward is needed (a ``reward`` section
     then only scores the evaluation of prompts without GenEval metadata).
+    ``policy_weight``: RTDMD's path for any reward, differentiable or not (the GenEval judge): each generator
+    step also draws SDE rollouts of the student (``sampling.dynamics``, RTDMD: ``cps`` with ``noise_level``
+    0.9) in groups of ``data.group_size`` (RTDMD: 24), scores them, and adds ``policy_weight`` times Flow-GRPO's
+    clipped policy-gradient loss on their stochastic steps (``grpo`` section: ``clip_range``, ``adv_clip``,
+    ``multi_reward``, ``std_scope``) to the DMD loss. RTDMD weighs DMD 1e-3 against the policy loss, i.e.
+    ``policy_weight`` 1000. 0: no policy gradient.
+    ``init``: a checkpoint of an earlier ``dmd`` run with the same model settings to start from (RTDMD's cold
+    start: a distilled student is aligned): its student weights and its fake score (and discriminator);
+    the optimizers, the step count and the teacher (the base) start fresh.
     ``gan_weight``: DMD2's GAN term for the generator (non-saturating; DMD2: 1e-3 for SD1.5, 5e-3 for
     SDXL). Its discriminator is a small head on the fake score's features at ``gan_layer`` (None: the UNet's
     ``mid_block`` or the transformer's middle block), trained with the fake score (weight
@@ -279,6 +288,8 @@ class DMDConfig:
     regression_pairs: int = 1024
     teacher_steps: int | None = None
     reward_beta: float = 0.0
+    policy_weight: float = 0.0
+    init: str | None = None
     gan_weight: float = 0.0
     gan_disc_weight: float = 1e-2
     divergence: str = "rkl"
@@ -620,7 +631,7 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
                 "is a code path (importing it runs the code it names); set train.allow_code=true to allow it, or "
                 "use a registered reward name",
             )
-    tilted = t.algorithm == "dmd" and config.dmd.reward_beta > 0
+    tilted = t.algorithm == "dmd" and (config.dmd.reward_beta > 0 or config.dmd.policy_weight > 0)
     needs_reward = (t.algorithm not in ("sft", "dmd") or tilted) and not (
         t.algorithm == "dpo" and config.dpo.pairs != "online"
     )
@@ -734,6 +745,28 @@ def _check_dmd(config: Config, fail) -> None:
         )
     if not (math.isfinite(k.reward_beta) and k.reward_beta >= 0):
         fail("dmd.reward_beta", f"must be a finite number >= 0 (0: no reward tilt), got {k.reward_beta}")
+    if not (math.isfinite(k.policy_weight) and k.policy_weight >= 0):
+        fail(
+            "dmd.policy_weight",
+            f"must be a finite number >= 0 (0: no policy gradient), got {k.policy_weight}",
+        )
+    if k.init is not None and not (Path(k.init) / "trainable.safetensors").is_file():
+        fail(
+            "dmd.init",
+            f"{k.init!r} is not a training checkpoint (no trainable.safetensors); pass <run>/checkpoints/step-N of a "
+            "dmd run",
+        )
+    if k.policy_weight > 0 and config.data.group_size < 2:
+        fail(
+            "data.group_size",
+            f"dmd.policy_weight needs group-relative advantages, >= 2 samples per prompt, got {config.data.group_size}",
+        )
+    if k.policy_weight > 0 and config.sampling.steps < 2:
+        fail(
+            "sampling.steps",
+            "dmd.policy_weight trains the stochastic steps of the student's rollouts; a one-step student has none "
+            "(its only step lands on the sample): use >= 2 steps",
+        )
     if k.teacher_steps is not None and k.teacher_steps < 1:
         fail("dmd.teacher_steps", f"must be >= 1 or null (the model's default), got {k.teacher_steps}")
     for key in ("t_range", "fake_t_range"):

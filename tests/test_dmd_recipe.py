@@ -121,6 +121,17 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
         (["dmd.gan_weight=-1"], "dmd.gan_weight"),
         (["dmd.divergence=js", "dmd.gan_disc_weight=0"], "dmd.gan_disc_weight"),
         (["dmd.reward_beta=nan"], "dmd.reward_beta"),
+        (["dmd.policy_weight=-1"], "dmd.policy_weight"),
+        (["dmd.init=/nowhere/step-000001"], "dmd.init"),
+        (
+            ["dmd.policy_weight=1000", "reward={compressibility: {weight: 1}}", "data.group_size=1"],
+            "data.group_size",
+        ),
+        (
+            ["dmd.policy_weight=1000", "reward={compressibility: {weight: 1}}", "data.group_size=4"],
+            "sampling.steps",
+        ),
+        (["dmd.policy_weight=1000", "data.group_size=4", "sampling.steps=2"], "reward"),
         (["train.sharding=fsdp"], "train.sharding"),
         (["train.mixed_precision=fp16"], "train.mixed_precision"),
     ],
@@ -348,6 +359,129 @@ def test_a_reward_tilt_moves_the_student_toward_higher_reward(tmp_path):
     tilted = blueness_after(100.0, tmp_path / "tilted") - base
     # measured: plain -3e-5, tilted +7e-4 (the tiny random model's images move little per step)
     assert tilted > 0 and tilted > 5 * abs(plain)
+
+
+def test_rtdmds_policy_term_is_flow_grpos_gradient_scaled_and_micro_batching_leaves_it(tmp_path):
+    """RTDMD's path for rewards without gradients (``dmd.policy_weight``): CPS rollouts of the 2-step
+    student in groups of 4, a reward declared non-differentiable, group advantages. The gradient the term
+    adds is exactly ``policy_weight`` times Flow-GRPO's clipped loss on the same rollouts' stochastic step
+    (its whole batch in one call), although it is accumulated over micro-batches of 3; the ratio is 1 (on
+    policy); and the full generator step is the DMD step plus this term."""
+    from flowalign.train import online
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+    from rewards import Reward, RewardOutput, register_reward
+    from rewards.registry import _REGISTERED
+
+    if "blueness_without_gradient" not in _REGISTERED:
+
+        @register_reward("blueness_without_gradient")
+        class Blueness(Reward):
+            differentiable = False
+
+            def score_batch(self, images, prompts, metadata):
+                return RewardOutput(images[:, 2].mean(dim=(1, 2)).detach())
+
+    weight, seen = 1000.0, {}
+
+    def grads(ctx):
+        out = [p.grad.detach().clone() for p in ctx.trainable]
+        ctx.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    class Probe(DMDRecipe):
+        def iteration(self, step):
+            ctx, fakes = self.ctx, self.ctx.config.dmd.fake_updates
+            batch = ctx.sampler.batch(step * (fakes + 1) + fakes)  # the generator step's batch
+            ctx.optimizer.zero_grad(set_to_none=True)
+            seen["metrics"] = self._policy_gradient(step, batch)
+            seen["term"] = grads(ctx)
+            sampled = online.sample_and_score(ctx, step, advantage=ctx.config.grpo, batch=batch)
+            traj = sampled.trajectory
+            trained = online._trained_steps(ctx, step, traj)
+            assert trained == [0]  # CPS: the last step lands deterministically, the first is trained
+            everything = torch.arange(traj.latents.shape[0])
+            loss, _ = online._grpo_loss_at(ctx, traj, everything, 0, 0, sampled.cond, sampled.advantages)
+            loss.backward()
+            seen["grpo"] = grads(ctx)
+            return {}
+
+    overrides = ["train.steps=1", "dmd.fake_updates=1", f"dmd.policy_weight={weight}",
+                 "reward={blueness_without_gradient: {weight: 1.0}}", "data.group_size=4", "data.groups_per_step=3",
+                 "sampling.dynamics=cps", "sampling.noise_level=0.9", "train.micro_batch_size=3"]  # fmt: skip
+    run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "probe", *overrides), Probe())
+    assert seen["metrics"]["policy_ratio"] == 1.0 and seen["metrics"]["advantage_abs"] > 0.5
+    assert len(seen["term"]) == len(seen["grpo"]) > 0
+    for term, grpo in zip(seen["term"], seen["grpo"], strict=True):
+        # float32 sums over micro-batches, amplified by the CPS log-prob's 1 / std^2: equal to 1e-3 in norm
+        assert (term - weight * grpo).norm() <= 1e-3 * (weight * grpo).norm() + 1e-8
+    assert any(g.abs().max() > 0 for g in seen["grpo"])
+
+    class Recording(DMDRecipe):  # the generator's gradient when the optimizer steps
+        def setup(self, ctx):
+            super().setup(ctx)
+            original = ctx.optimizer_step
+
+            def step():
+                seen[self] = [p.grad.detach().clone() for p in ctx.trainable]
+                return original()
+
+            ctx.optimizer_step = step
+
+    with_term, without = Recording(), Recording()
+    run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "a", *overrides), with_term)
+    run_training(
+        _config("configs/dmd/tiny_sd3.yaml", tmp_path / "b", *overrides, "dmd.policy_weight=0"), without
+    )
+    # the whole generator step is the plain DMD step plus the term (the same batch and draws)
+    for a, b, term in zip(seen[with_term], seen[without], seen["term"], strict=True):
+        assert (a - b - term).norm() <= 1e-3 * term.norm() + 1e-6
+
+
+@pytest.mark.parametrize(
+    "path", ["configs/dmd/tiny_sd3.yaml", "configs/dmd/tiny_sd.yaml"]
+)  # LoRA, full weights
+def test_a_run_starts_from_a_distilled_student_and_its_fake_score(path, tmp_path):
+    """``dmd.init`` (RTDMD's cold start): the new run's student and fake score are the checkpoint's, bitwise,
+    its teacher is still the base, and its optimizers start fresh."""
+    from safetensors.torch import load_file
+
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    train(_config(path, tmp_path / "cold", "train.steps=2", "optim.lr=0.05"))
+    checkpoint = tmp_path / "cold" / "checkpoints" / "step-000002"
+    seen = {}
+
+    class Probe(DMDRecipe):
+        def iteration(self, step):
+            ctx = self.ctx
+            seen["student"] = {
+                n: p.detach().clone() for n, p in ctx.model.denoiser.named_parameters() if p.requires_grad
+            }
+            seen["fake"] = [p.detach().clone() for p in self.fake_params]
+            seen["moments"] = len(self._adam_state) + len(ctx.optimizer.state)
+            seen["x"] = x = torch.randn(
+                1, *ctx.model.latent_shape(32, 32), generator=torch.Generator().manual_seed(0)
+            )
+            cond = ctx.model.encode(["a red circle"], cfg=False)
+            with self._teaching():
+                seen["teacher"] = ctx.model.predict(x, torch.full((1,), 500.0), cond, 1.0)
+            return {}
+
+    run_training(_config(path, tmp_path / "warm", "train.steps=1", f"dmd.init={checkpoint}"), Probe())
+    student = load_file(str(checkpoint / "trainable.safetensors"))
+    fake = load_file(str(checkpoint / "recipe.safetensors"))
+    assert seen["student"].keys() == student.keys()
+    assert all(torch.equal(seen["student"][k], v) for k, v in student.items())
+    assert all(torch.equal(p, fake[f"fake.{i}"]) for i, p in enumerate(seen["fake"]))
+    assert seen["moments"] == 0
+    base = load_model(path.split("/")[-1].split(".")[0].replace("_", "-"))
+    with torch.no_grad():
+        expected = base.predict(
+            seen["x"], torch.full((1,), 500.0), base.encode(["a red circle"], cfg=False), 1.0
+        )
+    assert torch.equal(seen["teacher"], expected)  # the teacher is the base, not the loaded student
 
 
 def test_a_reward_tilt_needs_a_differentiable_reward(tmp_path):

@@ -17,7 +17,12 @@ trained with it against the same pool of teacher samples (``dmd.gan_weight``); f
 gradient by ``h(r)`` of the ratio that discriminator estimates (``dmd.divergence``). With
 ``dmd.reward_beta > 0`` the generator's loss is reward-tilted DMD
 (:func:`flowalign.algorithms.dmd.reward_tilted_dmd_loss`): the student's samples are decoded and scored by
-the configured (differentiable) rewards, and ``beta`` times their mean is subtracted.
+the configured (differentiable) rewards, and ``beta`` times their mean is subtracted. With
+``dmd.policy_weight > 0`` (RTDMD's path for rewards without gradients, e.g. the GenEval judge; Harahan/RTDMD
+``rtdmd_trainer.py``) each generator step also draws SDE rollouts of the student in groups, scores them and
+adds Flow-GRPO's clipped policy-gradient loss on their stochastic steps, ``policy_weight`` times, to the
+DMD loss (RTDMD: PPO with DMD at weight 1e-3, i.e. ``policy_weight`` 1000; there the DMD term is taken on
+the last step of the same rollouts, here on the backward simulation's step of the ODE rollouts).
 
 One iteration (Yin et al. 2024, DMD2, Alg. 1; ``tianweiy/DMD2`` ``main/train_sd.py``): ``dmd.fake_updates``
 fake-score steps, each on fresh student samples (detached): re-noise at a random level of
@@ -41,6 +46,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +63,8 @@ from flowalign.algorithms.dmd import (
 from flowalign.models import ModelAdapter
 from flowalign.samplers import SamplingPlan, chunks, generate, seeded_generators
 from flowalign.samplers.steps import randn
-from flowalign.train.loop import TrainContext
+from flowalign.train.loop import TrainContext, mean_metrics
+from flowalign.train.online import _grpo_loss_at, _trained_steps, sample_and_score
 from flowalign.train.recipe import Recipe, register_recipe
 
 __all__ = ["DMDRecipe", "noise_levels", "shared_copy"]
@@ -128,10 +135,11 @@ class DMDRecipe(Recipe):
         if ctx.config.dmd.reward_beta > 0 and not ctx.reward.differentiable:
             raise ValueError(
                 "dmd.reward_beta tilts the teacher by differentiable rewards; "
-                f"{[name for name, (r, _) in ctx.reward.parts.items() if not r.differentiable]} are not (the "
-                "policy-gradient path RTDMD uses for them is not built yet): use differentiable rewards or "
-                "dmd.reward_beta=0."
+                f"{[name for name, (r, _) in ctx.reward.parts.items() if not r.differentiable]} are not: set "
+                "dmd.reward_beta=0 and use dmd.policy_weight (RTDMD's policy gradient) for them."
             )
+        if ctx.config.dmd.policy_weight > 0:
+            ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
         super().setup(ctx)
         model, config = ctx.model, ctx.config
         base = model.denoiser
@@ -162,6 +170,38 @@ class DMDRecipe(Recipe):
             self.fake, self.head, self.fake_optimizer = ctx.accelerator.prepare(fake, self.head, optimizer)
         else:
             self.fake, self.fake_optimizer = ctx.accelerator.prepare(fake, optimizer)
+        if d.init is not None:
+            self._start_from(Path(d.init))
+
+    def _start_from(self, checkpoint: Path) -> None:
+        """``dmd.init``: the student's weights and the fake score (with its discriminator) of an earlier dmd
+        run's checkpoint; optimizer moments are not taken (the new run's optimizers start fresh). The
+        teacher was made from the base already, and the EMA, if kept, restarts from the loaded weights."""
+        from safetensors.torch import load_file
+
+        from flowalign.train.state import EMA
+
+        ctx = self.ctx
+        named = {n: p for n, p in ctx.model.denoiser.named_parameters() if p.requires_grad}
+        weights = load_file(str(checkpoint / "trainable.safetensors"))
+        recipe = checkpoint / "recipe.safetensors"
+        fake = (
+            {k: v for k, v in load_file(str(recipe)).items() if k.startswith("fake.")}
+            if recipe.is_file()
+            else {}
+        )
+        if set(weights) != set(named) or len(fake) != len(self.fake_params):
+            raise ValueError(
+                f"dmd.init {str(checkpoint)!r} holds {len(weights)} student and {len(fake)} fake-score tensors; this run "
+                f"trains {len(named)} and {len(self.fake_params)}: it was written with other model.lora_rank, "
+                "dmd.gan_weight / dmd.divergence (the discriminator) or train.algorithm settings."
+            )
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(weights[name])
+        self.load_state_dict(fake)
+        if ctx.ema is not None:
+            ctx.ema = EMA(ctx.model.trainable_parameters())
 
     def _feature_width(self) -> int:
         """The feature width at the discriminator's layer, from one forward of the fake score."""
@@ -324,6 +364,7 @@ class DMDRecipe(Recipe):
         model = ctx.model
         fake_metrics = [self._fake_update(step, j) for j in range(d.fake_updates)]
         batch = ctx.sampler.batch(step * (d.fake_updates + 1) + d.fake_updates)
+        policy = self._policy_gradient(step, batch) if d.policy_weight > 0 else {}
         n = len(batch.prompts)
         cond = model.encode(batch.prompts, cfg=d.real_guidance > 1 or ctx.config.sampling.guidance > 1)
         gens = ctx.sample_generators(step, "student", batch.group_ids)
@@ -388,7 +429,8 @@ class DMDRecipe(Recipe):
         if regressions:
             metrics["loss_regression"] = float(sum(regressions))
         if rewards:
-            metrics["reward"] = torch.cat(rewards).mean().item()
+            metrics["reward_tilt" if policy else "reward"] = torch.cat(rewards).mean().item()
+        metrics.update(policy)
         if gans:
             metrics["loss_gan_gen"] = float(sum(gans))
         if weights is not None:
@@ -396,6 +438,30 @@ class DMDRecipe(Recipe):
         for key in fake_metrics[0]:
             metrics[key] = sum(f[key] for f in fake_metrics) / len(fake_metrics)
         return metrics
+
+    def _policy_gradient(self, step: int, batch) -> dict[str, float]:
+        """RTDMD's policy-gradient term, accumulated into the generator's gradient (no optimizer step): SDE
+        rollouts of the student for ``batch`` (its groups), their rewards and group advantages, and
+        ``dmd.policy_weight`` times Flow-GRPO's clipped loss on the trained stochastic steps, averaged over
+        the batch and the steps (one minibatch: the same update as ``train.algorithm: grpo`` with
+        ``grpo.minibatch_size`` = the batch, scaled)."""
+        ctx, d = self.ctx, self.ctx.config.dmd
+        sampled = sample_and_score(ctx, step, advantage=ctx.config.grpo, batch=batch)
+        if sampled is None:
+            return {"skipped_nonfinite_reward": 1.0}
+        traj, cond, advantages = sampled.trajectory, sampled.cond, sampled.advantages
+        steps = _trained_steps(ctx, step, traj)
+        column = {i: c for c, i in enumerate(traj.sde_steps.tolist())}
+        n = traj.latents.shape[0]
+        rows = []
+        for i in steps:
+            for part in chunks(n, ctx.config.train.micro_batch_size):
+                index = torch.arange(n, device=traj.latents.device)[part]
+                loss, metrics = _grpo_loss_at(ctx, traj, index, i, column[i], cond.select(index), advantages)
+                ctx.backward(d.policy_weight * loss * (len(index) / n) / len(steps), sync=False)
+                rows.append(metrics)
+        named = {k if k.startswith("policy_") else f"policy_{k}": v for k, v in mean_metrics(rows).items()}
+        return {**sampled.metrics, **named}
 
     def _regression(self, step: int, index: Tensor) -> Tensor:
         """DMD's regression loss on the pairs ``index`` (this micro-batch's share of the step's draw): the

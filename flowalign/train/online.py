@@ -77,14 +77,20 @@ def _resolution(ctx: TrainContext) -> int:
 
 
 def sample_and_score(
-    ctx: TrainContext, step: int, plan_fn=sampling_plan, cfg: bool | None = None, advantage=None
+    ctx: TrainContext,
+    step: int,
+    plan_fn=sampling_plan,
+    cfg: bool | None = None,
+    advantage=None,
+    batch: GroupBatch | None = None,
 ) -> SampledGroups | None:
-    """Rollouts of this iteration's groups, their rewards gathered over processes, and advantages.
+    """Rollouts of this iteration's groups (``batch``; None: ``ctx.sampler.batch(step)``), their rewards
+    gathered over processes, and advantages.
     ``advantage``: the section (``config.grpo`` / ``config.nft``) whose ``multi_reward`` and
     ``std_scope`` define the advantages; None computes none (all zeros; online DPO ranks the rewards).
     Returns None (and the caller skips the iteration) when a reward is NaN/inf."""
     config, model, acc = ctx.config, ctx.model, ctx.accelerator
-    batch = ctx.sampler.batch(step)
+    batch = ctx.sampler.batch(step) if batch is None else batch
     guidance = config.sampling.guidance if cfg is None or cfg else 1.0
     cond = model.encode(batch.prompts, cfg=guidance > 1)
     shared = config.sampling.group_noise == "shared"

@@ -1,0 +1,153 @@
+"""Several few-step students of one teacher side by side on the shapes world (issue 16): f-distill's
+divergences against DMD2 on the same budget, a reward-tilted student against the plain one.
+
+For every split, on the balanced benchmark protocol (every test / unseen prompt, every task on >= 96 images,
+the same per-image noise for every model): the teacher once (20 steps, guidance 1.5), then each student
+(its own step count, guidance 1.0); GenEval overall with its 95% interval, the paired difference to the
+teacher and to the ``--baseline`` student (paired bootstrap over prompts, same seeds), diversity (mean
+pairwise RMS pixel distance within a prompt) and the total-variation distance of detected scene statistics
+to the teacher's. Writes ``results.md``, ``results.json`` and ``overall.png`` under ``--out``.
+
+    python benchmarks/shapes/distill_compare.py --students dmd2=runs/a/checkpoints/step-000451 \\
+        js=runs/b/checkpoints/step-000451 --baseline dmd2 --student-steps 4 --out benchmarks/results/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from distill_evidence import SPLITS, diversity, scene_statistics, total_variation  # noqa: E402
+
+from flowalign.eval.geneval import (  # noqa: E402
+    balanced_images_per_prompt,
+    load_geneval_prompts,
+    run_geneval,
+    write_report,
+)
+from flowalign.eval.stats import paired_comparison  # noqa: E402
+from flowalign.models import load_model  # noqa: E402
+
+
+def student_model(path: str):
+    """The shapes model with a student's LoRA directory or full fine-tuning checkpoint loaded."""
+    model = load_model("shapes")
+    if (Path(path) / "trainable.safetensors").is_file():
+        model.load_weights(path)
+    else:
+        model.load_lora(path)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--students", nargs="+", required=True, metavar="NAME=PATH")
+    parser.add_argument("--baseline", required=True, help="the student the others are compared with (paired)")
+    parser.add_argument("--student-steps", type=int, required=True)
+    parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--teacher-guidance", type=float, default=1.5)
+    parser.add_argument("--splits", nargs="+", default=["test", "unseen"], choices=sorted(SPLITS))
+    parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (smoke runs)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    students = dict(spec.split("=", 1) for spec in args.students)
+    if args.baseline not in students:
+        sys.exit(f"--baseline {args.baseline!r} is not one of --students {sorted(students)}")
+    torch.manual_seed(0)
+    command = "python " + " ".join(sys.argv)
+    out: dict = {"command": command, "students": students, "splits": {}}
+    lines = [f"# {args.student_steps}-step students of one teacher, side by side (shapes world)", "",
+             f"Command: `{command}`", ""]  # fmt: skip
+    teacher = load_model("shapes")
+    models = {name: student_model(path) for name, path in students.items()}
+    for split in args.splits:
+        prompts = load_geneval_prompts(ROOT / SPLITS[split])[: args.max_prompts]
+        counts = balanced_images_per_prompt([p["tag"] for p in prompts], min_images_per_task=96)
+        reports = {}
+        runs = {"teacher": (teacher, args.teacher_steps, args.teacher_guidance)}
+        runs.update({name: (model, args.student_steps, 1.0) for name, model in models.items()})
+        for name, (model, steps, guidance) in runs.items():
+            report = run_geneval(
+                model, prompts, images_per_prompt=counts, steps=steps, guidance=guidance, resolution=32, seed=0,
+                batch_size=64, progress=False,
+            )  # fmt: skip
+            report.model = {"model": "shapes", "student": students.get(name)}
+            write_report(report, args.out / split / name, command=command)
+            reports[name] = report
+        rng = np.random.default_rng(0)
+        teacher_stats = scene_statistics(reports["teacher"].records)
+        rows = {}
+        for name, report in reports.items():
+            s = report.stats.overall
+            row = {"steps": runs[name][1], "overall": report.summary.overall, "interval": [s.low, s.high],
+                   "diversity": diversity(report, rng)}  # fmt: skip
+            stats = scene_statistics(report.records)
+            row["tv_to_teacher"] = {k: total_variation(teacher_stats[k], stats[k]) for k in stats}
+            for other, key in (("teacher", "minus_teacher"), (args.baseline, "minus_baseline")):
+                if name != other and (other == "teacher" or name != "teacher"):
+                    d = paired_comparison(reports[other].verdicts, report.verdicts).overall
+                    row[key] = [d.estimate, d.low, d.high]
+            rows[name] = row
+        out["splits"][split] = rows
+        lines += [
+            f"## {split} ({len(prompts)} prompts, {sum(counts)} images per model)",
+            "",
+            f"| model | steps | overall [95%] | minus teacher [95%] | minus {args.baseline} [95%] | diversity | TV objects / colour / shape / cell |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            cell = lambda v: f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" if v else "—"  # noqa: E731
+            tv = r["tv_to_teacher"]
+            lines.append(
+                f"| {name} | {r['steps']} | {r['overall']:.3f} [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] "
+                f"| {cell(r.get('minus_teacher'))} | {cell(r.get('minus_baseline'))} | {r['diversity'][0]:.4f} "
+                f"| {tv['objects']:.3f} / {tv['color']:.3f} / {tv['shape']:.3f} / {tv['cell']:.3f} |"
+            )
+        lines.append("")
+    lines += [
+        "Intervals: Wilson per task, stratified bootstrap for the overall; differences are paired bootstraps over "
+        "prompts on the same images' seeds. Diversity: mean pairwise RMS pixel distance within a prompt. TV: "
+        "total-variation distance to the teacher's distribution of detected objects per image and of each "
+        "object's colour, shape and 3x3 cell.",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(out, args.out / "overall.png")
+    print("\n".join(lines))
+
+
+def _plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(out["splits"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.6), squeeze=False)
+    for ax, split in zip(axes[0], splits, strict=True):
+        rows = out["splits"][split]
+        names = list(rows)
+        values = [rows[n]["overall"] for n in names]
+        low = [rows[n]["overall"] - rows[n]["interval"][0] for n in names]
+        high = [rows[n]["interval"][1] - rows[n]["overall"] for n in names]
+        ax.bar(names, values, yerr=[low, high], capsize=4, color=["#888"] + ["#4a7"] * (len(names) - 1))
+        ax.set_title(f"{split}: GenEval overall, 95% interval")
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

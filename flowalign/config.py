@@ -262,7 +262,9 @@ class DMDConfig:
     0.9) in groups of ``data.group_size`` (RTDMD: 24), scores them, and adds ``policy_weight`` times Flow-GRPO's
     clipped policy-gradient loss on their stochastic steps (``grpo`` section: ``clip_range``, ``adv_clip``,
     ``multi_reward``, ``std_scope``) to the DMD loss. RTDMD weighs DMD 1e-3 against the policy loss, i.e.
-    ``policy_weight`` 1000. 0: no policy gradient.
+    ``policy_weight`` 1000. One optimizer step per generator step (``grpo.inner_epochs`` / ``minibatch_size``
+    are not used: the ratio is 1), and ``optim.max_grad_norm`` clips the sum, which the policy term
+    dominates at such weights. 0: no policy gradient.
     ``init``: a checkpoint of an earlier ``dmd`` run with the same model settings to start from (RTDMD's cold
     start: a distilled student is aligned): its student weights and its fake score (and discriminator);
     the optimizers, the step count and the teacher (the base) start fresh.
@@ -572,6 +574,13 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
                 check_levels(getattr(s, key), s.steps, kind)
             except ValueError as err:
                 fail(f"sampling.{key}", str(err))
+    levels_key = "sigmas" if s.sigmas is not None else "timesteps" if s.timesteps is not None else None
+    if levels_key and config.eval.steps is not None and config.eval.steps != s.steps:
+        fail(
+            "eval.steps",
+            f"is {config.eval.steps}, but sampling.{levels_key} gives the {s.steps} steps' levels; evaluation "
+            "samples with them: leave eval.steps unset",
+        )
     if s.sde_window is not None:
         if len(s.sde_window) != 2:
             fail("sampling.sde_window", f"must be [start, size], got {s.sde_window}")
@@ -755,6 +764,17 @@ def _check_dmd(config: Config, fail) -> None:
             "dmd.init",
             f"{k.init!r} is not a training checkpoint (no trainable.safetensors); pass <run>/checkpoints/step-N of a "
             "dmd run",
+        )
+    if k.policy_weight > 0 and config.grpo.kl_beta > 0 and config.model.lora_rank == 0:
+        fail(
+            "grpo.kl_beta",
+            "the KL reference is the model with its LoRA disabled, and model.lora_rank=0 trains no LoRA; the "
+            "policy term's anchor is DMD itself: set grpo.kl_beta=0",
+        )
+    if k.policy_weight > 0 and config.grpo.skip_zero_advantage:
+        fail(
+            "grpo.skip_zero_advantage",
+            "is not used by dmd.policy_weight's one-minibatch update; set it false",
         )
     if k.policy_weight > 0 and config.data.group_size < 2:
         fail(

@@ -124,6 +124,17 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
         (["dmd.policy_weight=-1"], "dmd.policy_weight"),
         (["dmd.init=/nowhere/step-000001"], "dmd.init"),
         (
+            [
+                "dmd.policy_weight=1",
+                "reward={compressibility: {weight: 1}}",
+                "data.group_size=2",
+                "sampling.steps=2",
+                "grpo.kl_beta=0.1",
+            ],
+            "grpo.kl_beta",
+        ),
+        (["sampling.steps=2", "sampling.timesteps=[999,499]", "eval.steps=4"], "eval.steps"),
+        (
             ["dmd.policy_weight=1000", "reward={compressibility: {weight: 1}}", "data.group_size=1"],
             "data.group_size",
         ),
@@ -461,6 +472,7 @@ def test_a_run_starts_from_a_distilled_student_and_its_fake_score(path, tmp_path
             }
             seen["fake"] = [p.detach().clone() for p in self.fake_params]
             seen["moments"] = len(self._adam_state) + len(ctx.optimizer.state)
+            seen["ema"] = [s.clone() for s in ctx.ema.shadow]
             seen["x"] = x = torch.randn(
                 1, *ctx.model.latent_shape(32, 32), generator=torch.Generator().manual_seed(0)
             )
@@ -469,7 +481,11 @@ def test_a_run_starts_from_a_distilled_student_and_its_fake_score(path, tmp_path
                 seen["teacher"] = ctx.model.predict(x, torch.full((1,), 500.0), cond, 1.0)
             return {}
 
-    run_training(_config(path, tmp_path / "warm", "train.steps=1", f"dmd.init={checkpoint}"), Probe())
+    warm = _config(path, tmp_path / "warm", "train.steps=1", f"dmd.init={checkpoint}", "train.ema_decay=0.9")
+    probe = Probe()
+    run_training(warm, probe)
+    # the EMA restarts from the loaded student (the loop's own EMA object, updated in place)
+    assert all(torch.equal(s, seen["student"][n]) for n, s in zip(seen["student"], seen["ema"], strict=True))
     student = load_file(str(checkpoint / "trainable.safetensors"))
     fake = load_file(str(checkpoint / "recipe.safetensors"))
     assert seen["student"].keys() == student.keys()
@@ -482,6 +498,15 @@ def test_a_run_starts_from_a_distilled_student_and_its_fake_score(path, tmp_path
             seen["x"], torch.full((1,), 500.0), base.encode(["a red circle"], cfg=False), 1.0
         )
     assert torch.equal(seen["teacher"], expected)  # the teacher is the base, not the loaded student
+    if path.endswith("tiny_sd3.yaml"):  # a checkpoint of another LoRA rank: same names, other shapes
+        with pytest.raises(ValueError, match=r"dmd\.init .*shapes differ"):
+            train(
+                _config(
+                    path, tmp_path / "other", "train.steps=1", f"dmd.init={checkpoint}", "model.lora_rank=8"
+                )
+            )
+        with pytest.raises(ValueError, match=r"hold a LoRA .*--lora <checkpoint>/lora"):
+            load_model("tiny-sd3").load_weights(checkpoint)
 
 
 def test_a_reward_tilt_needs_a_differentiable_reward(tmp_path):

@@ -59,7 +59,11 @@ def main() -> None:
     parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (smoke runs)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if any("=" not in spec for spec in args.students):
+        sys.exit(f"--students takes NAME=PATH pairs, got {args.students}")
     students = dict(spec.split("=", 1) for spec in args.students)
+    if "teacher" in students:
+        sys.exit("--students: 'teacher' names the teacher's row; call the student something else")
     if args.baseline not in students:
         sys.exit(f"--baseline {args.baseline!r} is not one of --students {sorted(students)}")
     torch.manual_seed(0)
@@ -80,7 +84,9 @@ def main() -> None:
                 model, prompts, images_per_prompt=counts, steps=steps, guidance=guidance, resolution=32, seed=0,
                 batch_size=64, progress=False,
             )  # fmt: skip
-            report.model = {"model": "shapes", "student": students.get(name)}
+            path = students.get(name)
+            kind = "weights" if path and (Path(path) / "trainable.safetensors").is_file() else "lora"
+            report.model = {"model": "shapes", kind: path} if path else {"model": "shapes"}
             write_report(report, args.out / split / name, command=command)
             reports[name] = report
         rng = np.random.default_rng(0)

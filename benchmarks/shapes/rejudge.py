@@ -79,12 +79,14 @@ def rejudge_benchmark(directory: Path, lora: Path | None, cache: Path) -> Benchm
     else:
         print(f"{directory}: regenerating {sum(config.images_per_prompt)} images")
         net = load_model(model["model"], family=model.get("family"))
+        if model.get("weights"):
+            net.load_weights(ROOT / model["weights"])
         if model.get("lora"):
             net.load_lora(ROOT / model["lora"])
         report = run_geneval(
             net, prompts, images_per_prompt=config.images_per_prompt, steps=config.steps,
             guidance=config.guidance, resolution=config.resolution, seed=config.seed,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size, levels=config.levels,
         )  # fmt: skip
         entry.parent.mkdir(parents=True, exist_ok=True)
         torch.save(report.images, entry)

@@ -199,7 +199,7 @@ def _command(args: argparse.Namespace, config) -> str:
     if config.levels is not None:
         parts += [
             "--sigmas" if args.sigmas is not None else "--timesteps",
-            *(f"{v:g}" for v in config.levels),
+            *(repr(v) for v in config.levels),
         ]
     parts += ["--resolution", str(config.resolution), "--seed", str(config.seed)]
     parts += ["--batch-size", str(config.batch_size)]

@@ -309,7 +309,7 @@ def run_geneval(
     prompts = check_prompts(prompts, detector)
     config = GenEvalConfig(
         images_per_prompt=_counts_per_prompt(images_per_prompt, len(prompts)),
-        steps=steps if steps is not None else model.default_steps,
+        steps=steps if steps is not None else len(levels) if levels is not None else model.default_steps,
         levels=tuple(levels) if levels is not None else None,
         guidance=float(guidance if guidance is not None else model.default_guidance),
         resolution=resolution if resolution is not None else model.default_resolution,

@@ -516,6 +516,11 @@ class ModelAdapter:
                 f"weights {str(file)!r} cannot be read: {' '.join(str(err).split())}"
             ) from None
         own = self.denoiser.state_dict()
+        if any("lora_" in k for k in state) and not any("lora_" in k for k in own):
+            raise ModelLoadError(
+                f"weights {str(file)!r} hold a LoRA (a run with model.lora_rank > 0): load its diffusers-format "
+                "LoRA with --lora <checkpoint>/lora instead."
+            )
         alien = [k for k in state if k not in own]
         misshapen = [k for k in state if k in own and own[k].shape != state[k].shape]
         if alien or misshapen or not state:

@@ -96,7 +96,8 @@ def generate(
         raise ValueError(f"generate: got {len(sde_generators)} SDE generators for {n} samples.")
     height, width = (resolution, resolution) if not isinstance(resolution, tuple) else resolution
     height, width = height or model.default_resolution, width or model.default_resolution
-    schedule = model.schedule(steps, model.latent_shape(height, width), levels=levels)
+    shape = model.latent_shape(height, width)
+    schedule = model.schedule(steps, shape) if levels is None else model.schedule(steps, shape, levels=levels)
     if plan is None:
         plan = SamplingPlan.ode(steps)
     elif callable(plan) and not isinstance(plan, SamplingPlan):

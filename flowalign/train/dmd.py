@@ -179,8 +179,6 @@ class DMDRecipe(Recipe):
         teacher was made from the base already, and the EMA, if kept, restarts from the loaded weights."""
         from safetensors.torch import load_file
 
-        from flowalign.train.state import EMA
-
         ctx = self.ctx
         named = {n: p for n, p in ctx.model.denoiser.named_parameters() if p.requires_grad}
         weights = load_file(str(checkpoint / "trainable.safetensors"))
@@ -190,18 +188,24 @@ class DMDRecipe(Recipe):
             if recipe.is_file()
             else {}
         )
-        if set(weights) != set(named) or len(fake) != len(self.fake_params):
+        fits = set(weights) == set(named) and len(fake) == len(self.fake_params)
+        fits = fits and all(weights[n].shape == p.shape for n, p in named.items())
+        fits = fits and all(fake[f"fake.{i}"].shape == p.shape for i, p in enumerate(self.fake_params))
+        if not fits:
             raise ValueError(
                 f"dmd.init {str(checkpoint)!r} holds {len(weights)} student and {len(fake)} fake-score tensors; this run "
-                f"trains {len(named)} and {len(self.fake_params)}: it was written with other model.lora_rank, "
+                f"trains {len(named)} and {len(self.fake_params)} (or their shapes differ): it was written with other "
+                "model.lora_rank, "
                 "dmd.gan_weight / dmd.divergence (the discriminator) or train.algorithm settings."
             )
         with torch.no_grad():
             for name, param in named.items():
                 param.copy_(weights[name])
         self.load_state_dict(fake)
-        if ctx.ema is not None:
-            ctx.ema = EMA(ctx.model.trainable_parameters())
+        if ctx.ema is not None:  # in place: the loop holds this EMA object too
+            with torch.no_grad():
+                for shadow, param in zip(ctx.ema.shadow, ctx.ema.params, strict=True):
+                    shadow.copy_(param)
 
     def _feature_width(self) -> int:
         """The feature width at the discriminator's layer, from one forward of the fake score."""

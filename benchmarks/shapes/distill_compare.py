@@ -53,6 +53,10 @@ def main() -> None:
     parser.add_argument("--students", nargs="+", required=True, metavar="NAME=PATH")
     parser.add_argument("--baseline", required=True, help="the student the others are compared with (paired)")
     parser.add_argument("--student-steps", type=int, required=True)
+    parser.add_argument(
+        "--student-sigmas", type=float, nargs="+", default=None,
+        help="the students' own noise levels (sampling.sigmas of their training), one per step",
+    )  # fmt: skip
     parser.add_argument("--teacher-steps", type=int, default=20)
     parser.add_argument("--teacher-guidance", type=float, default=1.5)
     parser.add_argument("--splits", nargs="+", default=["test", "unseen"], choices=sorted(SPLITS))
@@ -64,6 +68,8 @@ def main() -> None:
     students = dict(spec.split("=", 1) for spec in args.students)
     if "teacher" in students:
         sys.exit("--students: 'teacher' names the teacher's row; call the student something else")
+    if args.student_sigmas is not None and len(args.student_sigmas) != args.student_steps:
+        sys.exit(f"--student-sigmas: {args.student_steps} steps need {args.student_steps} sigmas")
     if args.baseline not in students:
         sys.exit(f"--baseline {args.baseline!r} is not one of --students {sorted(students)}")
     torch.manual_seed(0)
@@ -82,7 +88,7 @@ def main() -> None:
         for name, (model, steps, guidance) in runs.items():
             report = run_geneval(
                 model, prompts, images_per_prompt=counts, steps=steps, guidance=guidance, resolution=32, seed=0,
-                batch_size=64, progress=False,
+                batch_size=64, progress=False, levels=None if name == "teacher" else args.student_sigmas,
             )  # fmt: skip
             path = students.get(name)
             kind = "weights" if path and (Path(path) / "trainable.safetensors").is_file() else "lora"

@@ -58,6 +58,13 @@ def test_fake_score_shares_the_frozen_base_and_starts_as_the_teacher():
         student = model.predict(x, t, cond, 2.0)
     assert not torch.equal(moved, teacher)  # routed() really predicts through the fake score's own LoRA
     assert torch.equal(student, teacher)  # and changing that LoRA leaves the student (and teacher) alone
+    with (
+        torch.no_grad()
+    ):  # the same LoRA values in the model's own adapter give exactly the routed prediction
+        for name, param in model.denoiser.named_parameters():
+            if "lora_" in name:
+                param.copy_(copied[name])
+        assert torch.equal(model.predict(x, t, cond, 2.0), moved)
 
 
 def test_noise_levels_cover_the_range_in_each_parameterisation():
@@ -406,6 +413,9 @@ def test_rtdmds_policy_term_is_flow_grpos_gradient_scaled_and_micro_batching_lea
             batch = ctx.sampler.batch(step * (fakes + 1) + fakes)  # the generator step's batch
             ctx.optimizer.zero_grad(set_to_none=True)
             seen["metrics"] = self._policy_gradient(step, batch)
+            seen["lora"] = [
+                n for n, p in ctx.model.denoiser.named_parameters() if p.requires_grad and "lora_" in n
+            ]
             seen["term"] = grads(ctx)
             sampled = online.sample_and_score(ctx, step, advantage=ctx.config.grpo, batch=batch)
             traj = sampled.trajectory
@@ -422,7 +432,9 @@ def test_rtdmds_policy_term_is_flow_grpos_gradient_scaled_and_micro_batching_lea
                  "sampling.dynamics=cps", "sampling.noise_level=0.9", "train.micro_batch_size=3"]  # fmt: skip
     run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "probe", *overrides), Probe())
     assert seen["metrics"]["policy_ratio"] == 1.0 and seen["metrics"]["advantage_abs"] > 0.5
-    assert len(seen["term"]) == len(seen["grpo"]) > 0
+    assert (
+        len(seen["term"]) == len(seen["grpo"]) == len(seen["lora"]) > 0
+    )  # one gradient per trained LoRA tensor
     for term, grpo in zip(seen["term"], seen["grpo"], strict=True):
         # float32 sums over micro-batches, amplified by the CPS log-prob's 1 / std^2: equal to 1e-3 in norm
         assert (term - weight * grpo).norm() <= 1e-3 * (weight * grpo).norm() + 1e-8

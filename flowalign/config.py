@@ -765,28 +765,30 @@ def _check_dmd(config: Config, fail) -> None:
             f"{k.init!r} is not a training checkpoint (no trainable.safetensors); pass <run>/checkpoints/step-N of a "
             "dmd run",
         )
-    if k.policy_weight > 0 and config.grpo.kl_beta > 0 and config.model.lora_rank == 0:
-        fail(
-            "grpo.kl_beta",
-            "the KL reference is the model with its LoRA disabled, and model.lora_rank=0 trains no LoRA; the "
-            "policy term's anchor is DMD itself: set grpo.kl_beta=0",
-        )
-    if k.policy_weight > 0 and config.grpo.skip_zero_advantage:
-        fail(
-            "grpo.skip_zero_advantage",
-            "is not used by dmd.policy_weight's one-minibatch update; set it false",
-        )
-    if k.policy_weight > 0 and config.data.group_size < 2:
-        fail(
-            "data.group_size",
-            f"dmd.policy_weight needs group-relative advantages, >= 2 samples per prompt, got {config.data.group_size}",
-        )
-    if k.policy_weight > 0 and config.sampling.steps < 2:
-        fail(
-            "sampling.steps",
-            "dmd.policy_weight trains the stochastic steps of the student's rollouts; a one-step student has none "
-            "(its only step lands on the sample): use >= 2 steps",
-        )
+    if k.policy_weight > 0:  # RTDMD's policy term: Flow-GRPO's loss on grouped SDE rollouts of the student
+        if config.grpo.kl_beta > 0 and config.model.lora_rank == 0:
+            fail(
+                "grpo.kl_beta",
+                "the KL reference is the model with its LoRA disabled, and model.lora_rank=0 trains no LoRA; the "
+                "policy term's anchor is DMD itself: set grpo.kl_beta=0",
+            )
+        if config.grpo.skip_zero_advantage:
+            fail(
+                "grpo.skip_zero_advantage",
+                "is not used by dmd.policy_weight's one-minibatch update; set it false",
+            )
+        if config.data.group_size < 2:
+            fail(
+                "data.group_size",
+                f"dmd.policy_weight needs group-relative advantages, >= 2 samples per prompt, got "
+                f"{config.data.group_size}",
+            )
+        if config.sampling.steps < 2:
+            fail(
+                "sampling.steps",
+                "dmd.policy_weight trains the stochastic steps of the student's rollouts; a one-step student has "
+                "none (its only step lands on the sample): use >= 2 steps",
+            )
     if k.teacher_steps is not None and k.teacher_steps < 1:
         fail("dmd.teacher_steps", f"must be >= 1 or null (the model's default), got {k.teacher_steps}")
     for key in ("t_range", "fake_t_range"):

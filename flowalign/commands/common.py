@@ -86,13 +86,13 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
     check_float("--guidance", getattr(args, "guidance", None), least=1, hint=GUIDANCE_HINT)
     for flag in ("resolution", "height", "width", "micro_batch_size", "batch_size"):
         check_int("--" + flag.replace("_", "-"), getattr(args, flag, None))
+    from flowalign.samplers.schedules import check_levels
+
     args.levels = None
     for name, kind in (("sigmas", "flow"), ("timesteps", "diffusion")):
         levels = getattr(args, name, None)
         if levels is None:
             continue
-        from flowalign.samplers.schedules import check_levels
-
         steps = getattr(args, "steps", None)
         if steps is not None and steps != len(levels):
             raise UsageError(

@@ -179,15 +179,12 @@ class DMDRecipe(Recipe):
         teacher was made from the base already, and the EMA, if kept, restarts from the loaded weights."""
         from safetensors.torch import load_file
 
+        from flowalign.train.state import _recipe_state
+
         ctx = self.ctx
         named = {n: p for n, p in ctx.model.denoiser.named_parameters() if p.requires_grad}
         weights = load_file(str(checkpoint / "trainable.safetensors"))
-        recipe = checkpoint / "recipe.safetensors"
-        fake = (
-            {k: v for k, v in load_file(str(recipe)).items() if k.startswith("fake.")}
-            if recipe.is_file()
-            else {}
-        )
+        fake = {k: v for k, v in _recipe_state(checkpoint).items() if k.startswith("fake.")}
         fits = set(weights) == set(named) and len(fake) == len(self.fake_params)
         fits = fits and all(weights[n].shape == p.shape for n, p in named.items())
         fits = fits and all(fake[f"fake.{i}"].shape == p.shape for i, p in enumerate(self.fake_params))

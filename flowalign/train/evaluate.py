@@ -23,12 +23,6 @@ from flowalign.train.loop import TrainContext
 __all__ = ["Evaluation"]
 
 
-def _eval_levels(ctx: TrainContext) -> list[float] | None:
-    """The training schedule's explicit noise levels when the evaluation samples with its step count."""
-    steps = ctx.config.eval.steps
-    return ctx.levels if steps is None or steps == ctx.config.sampling.steps else None
-
-
 @contextlib.contextmanager
 def _eval_weights(ctx: TrainContext):
     """EMA weights if kept, and the unwrapped denoiser (no DDP collectives from a lone process)."""
@@ -122,7 +116,7 @@ def _evaluate_geneval(ctx: TrainContext, step: int, records, detector) -> dict[s
     with _eval_weights(ctx):
         report = run_geneval(
             ctx.model, prompts, images_per_prompt=per_prompt, steps=e.steps or config.sampling.steps,
-            levels=_eval_levels(ctx),
+            levels=ctx.levels,  # eval.steps is the levels' count (validated)
             guidance=config.sampling.guidance if e.guidance is None else e.guidance,
             resolution=config.model.resolution, seed=config.train.seed, detector=detector,
             batch_size=config.train.micro_batch_size or 32, progress=False, jobs=mine, keep_images=keep_images,
@@ -228,7 +222,7 @@ def _evaluate_rewards(ctx: TrainContext, step: int, records) -> dict[str, float]
                 steps=e.steps or config.sampling.steps,
                 guidance=config.sampling.guidance if e.guidance is None else e.guidance,
                 resolution=config.model.resolution, micro_batch_size=config.train.micro_batch_size,
-                levels=_eval_levels(ctx),
+                levels=ctx.levels,  # eval.steps is the levels' count (validated)
             ).images  # fmt: skip
         if ctx.reward is not None:
             scores = _pointwise_scores(ctx.reward, images, prompts, metadata)

@@ -11,12 +11,20 @@ from flowalign.models.flux import FluxAdapter
 from flowalign.models.sd import StableDiffusionAdapter, StableDiffusionXLAdapter
 from flowalign.models.sd3 import SD3Adapter
 from flowalign.models.shapes import ShapesAdapter
+from flowalign.models.wan import WanAdapter
 
 __all__ = ["ADAPTERS", "Cond", "ModelAdapter", "ModelLoadError", "load_model"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     cls.family: cls
-    for cls in (SD3Adapter, FluxAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter, ShapesAdapter)
+    for cls in (
+        SD3Adapter,
+        FluxAdapter,
+        StableDiffusionAdapter,
+        StableDiffusionXLAdapter,
+        ShapesAdapter,
+        WanAdapter,
+    )
 }
 
 
@@ -41,8 +49,9 @@ def load_model(
     Args:
         model: a local diffusers directory, a hub id (with ``family``, where a hub is reachable),
             ``"shapes"`` for the shipped shapes-world model (``assets/shapes/model``), or
-            ``"tiny-<family>"`` for a tiny random pipeline built in code (tests and demos).
-        family: the adapter to use (``sd3``, ``flux``, ``sd``, ``sdxl``, ``shapes``); read from ``model_index.json``
+            ``"tiny-<family>"`` for a tiny random pipeline built in code (tests and demos; ``tiny-wan`` is Wan 2.1
+            image-to-video, ``tiny-wan22`` Wan 2.2 with two experts).
+        family: the adapter to use (``sd3``, ``flux``, ``sd``, ``sdxl``, ``shapes``, ``wan``); read from ``model_index.json``
             when omitted.
     """
     if family is not None and family not in ADAPTERS:
@@ -56,15 +65,18 @@ def load_model(
         from flowalign.models.tiny import tiny_pipeline
 
         tiny_family = name.removeprefix("tiny-")
-        if tiny_family not in ADAPTERS:
+        known = (*ADAPTERS, "wan22")
+        if tiny_family not in known:
             raise ModelLoadError(
-                f"unknown tiny model {name!r}; choose one of {', '.join('tiny-' + f for f in ADAPTERS)}."
+                f"unknown tiny model {name!r}; choose one of {', '.join('tiny-' + f for f in known)}."
             )
         if tiny_family == "shapes":  # the shapes family builds its own (untrained) pipeline
             from flowalign.models.shapes import tiny_shapes_pipeline as build
         else:
             build = lambda: tiny_pipeline(tiny_family)  # noqa: E731
-        return ADAPTERS[tiny_family](build(), device=device, dtype=dtype, **kwargs)
+        if tiny_family.startswith("wan"):
+            kwargs.setdefault("num_frames", 5)
+        return ADAPTERS[tiny_family.removesuffix("22")](build(), device=device, dtype=dtype, **kwargs)
     if family is None:
         class_name = pipeline_class_name(Path(name).expanduser())
         if class_name is None:

@@ -132,8 +132,7 @@ class ModelAdapter:
         self._device = torch.device(device)
         self._dtype = dtype
         pipeline.to(self._device)
-        if any(p.dtype != dtype for m in self._modules().values() for p in m.parameters()):
-            pipeline.to(dtype=dtype)
+        self._cast(dtype)
         pipeline.set_progress_bar_config(disable=True)
         for module in self._modules().values():
             module.requires_grad_(False)
@@ -169,6 +168,11 @@ class ModelAdapter:
         adapter_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in own}
         pipeline = _load_pipeline(path, cls.pipeline_classes, dtype, cls.pipeline_module, **kwargs)
         return cls(pipeline, device=device, dtype=dtype, **adapter_kwargs)
+
+    def _cast(self, dtype: torch.dtype) -> None:
+        """Bring the pipeline's modules to ``dtype`` (a no-op when they already are)."""
+        if any(p.dtype != dtype for m in self._modules().values() for p in m.parameters()):
+            self.pipeline.to(dtype=dtype)
 
     def _modules(self) -> dict[str, nn.Module]:
         return {k: v for k, v in self.pipeline.components.items() if isinstance(v, nn.Module)}
@@ -211,6 +215,11 @@ class ModelAdapter:
         if self.kind == "flow":
             return FlowPath(scheduler.config.num_train_timesteps)
         return DiffusionPath(scheduler.alphas_cumprod, self.prediction_type)
+
+    @property
+    def is_video(self) -> bool:
+        """Whether samples are videos (latents ``[B, C, T, h, w]``, decoded ``[B, F, 3, H, W]``)."""
+        return False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -276,15 +285,24 @@ class ModelAdapter:
     # ------------------------------------------------------------------ prompts
 
     def encode(
-        self, prompts: Sequence[str], negative_prompts: str | Sequence[str] | None = None, cfg: bool = True
+        self,
+        prompts: Sequence[str],
+        negative_prompts: str | Sequence[str] | None = None,
+        cfg: bool = True,
+        images: Tensor | None = None,
     ) -> Cond:
         """Encode ``B`` prompts (and, with ``cfg``, their negative prompts) in one batched text-encoder call.
 
         ``negative_prompts``: one string for all, one per prompt, or None for the pipeline's default
         unconditional input (the empty prompt; zeros for SDXL). Encodings are cached per prompt string
         (``cache_size`` most recent), which is exact because the text encoders are frozen and pad to a
-        fixed length.
+        fixed length. ``images`` (conditioning first frames) are for image-to-video families only.
         """
+        if images is not None and not self.is_video:
+            raise ValueError(
+                f"images: this {self.family} model is text-to-image and takes no conditioning image; pass it to an "
+                "image-to-video model (family wan) or drop it (--image)."
+            )
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -432,6 +450,16 @@ class ModelAdapter:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
+    @property
+    def _lora_file_name(self) -> str:
+        """The component a saved LoRA names (``<name>_lora_layers`` of the pipeline's ``save_lora_weights``)."""
+        return self.denoiser_name
+
+    @property
+    def _lora_load_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of the stock ``load_lora_weights`` that put a LoRA on the trained denoiser."""
+        return {}
+
     def save_lora(self, directory: str | Path, write: bool = True) -> Path:
         """Save the LoRA in diffusers format (``pytorch_lora_weights.safetensors`` with its config), loadable
         with the stock ``Pipeline.load_lora_weights(directory)``. A sharded (FSDP) denoiser's LoRA is
@@ -453,8 +481,8 @@ class ModelAdapter:
         type(self.pipeline).save_lora_weights(
             directory,
             **{
-                f"{self.denoiser_name}_lora_layers": state,
-                f"{self.denoiser_name}_lora_adapter_metadata": config,
+                f"{self._lora_file_name}_lora_layers": state,
+                f"{self._lora_file_name}_lora_adapter_metadata": config,
             },
             safe_serialization=True,
         )
@@ -481,7 +509,7 @@ class ModelAdapter:
             ) from None
         before = sum(1 for name, _ in self.denoiser.named_parameters() if "lora_" in name)
         try:
-            self.pipeline.load_lora_weights(str(directory), adapter_name="default")
+            self.pipeline.load_lora_weights(str(directory), adapter_name="default", **self._lora_load_kwargs)
         except (ValueError, KeyError, RuntimeError) as err:
             raise ModelLoadError(
                 f"LoRA {str(directory)!r} does not fit this {self.family} model: {' '.join(str(err).split())}"

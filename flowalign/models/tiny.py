@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["TINY_FAMILIES", "tiny_pipeline", "tiny_tokenizer"]
 
-TINY_FAMILIES = ("sd3", "flux", "sd", "sdxl")
+TINY_FAMILIES = ("sd3", "flux", "sd", "sdxl", "wan", "wan22")
 _MAX_TOKENS = 64
 
 
@@ -171,9 +171,66 @@ def _sdxl():
     )  # fmt: skip
 
 
+def _wan_transformer(seed: int, image_dim: int | None):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, image_dim=image_dim, added_kv_proj_dim=None if image_dim is None else 24,
+    )  # fmt: skip
+
+
+def _wan_parts():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)  # spatial x8 (3 down levels), temporal x4: the config's scale factors 8 and 4
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=100, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=1, eos_token_id=1, decoder_start_token_id=0)
+    )  # fmt: skip
+    return dict(
+        tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )  # fmt: skip
+
+
+def _wan():
+    """Wan 2.1 I2V style: one expert, a CLIP image encoder (17 image tokens at 32x32)."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=32, intermediate_size=16, patch_size=8)
+    )  # fmt: skip
+    return WanImageToVideoPipeline(
+        **_wan_parts(), image_encoder=image_encoder, image_processor=CLIPImageProcessor(crop_size=32, size=32),
+        transformer=_wan_transformer(0, image_dim=4),
+    )  # fmt: skip
+
+
+def _wan22():
+    """Wan 2.2 I2V A14B style: two experts switched at boundary_ratio 0.9, no image encoder."""
+    from diffusers import WanImageToVideoPipeline
+
+    return WanImageToVideoPipeline(
+        **_wan_parts(), transformer=_wan_transformer(0, None), transformer_2=_wan_transformer(1, None),
+        boundary_ratio=0.9,
+    )  # fmt: skip
+
+
 def tiny_pipeline(family: str):
-    """A seeded tiny random pipeline of ``family`` (one of :data:`TINY_FAMILIES`), images 32x32."""
-    builders = {"sd3": _sd3, "flux": _flux, "sd": _sd, "sdxl": _sdxl}
+    """A seeded tiny random pipeline of ``family`` (one of :data:`TINY_FAMILIES`), images 32x32 (``wan``: Wan 2.1
+    image-to-video, ``wan22``: Wan 2.2 A14B with two experts)."""
+    builders = {"sd3": _sd3, "flux": _flux, "sd": _sd, "sdxl": _sdxl, "wan": _wan, "wan22": _wan22}
     if family not in builders:
         raise ValueError(f"no tiny pipeline for family {family!r}; choose one of {TINY_FAMILIES}.")
     pipeline = builders[family]()

@@ -54,6 +54,7 @@ def generate(
     cond: Any = None,
     negative_prompts: str | Sequence[str] | None = None,
     levels: Sequence[float] | None = None,
+    images: Tensor | None = None,
 ) -> Rollout:
     """Sample ``B = len(noise)`` images of ``prompts`` (``B`` strings; or pass ``cond``, already encoded)
     with a model adapter.
@@ -71,6 +72,8 @@ def generate(
         negative_prompts: for CFG, instead of the family's default unconditional input.
         levels: explicit noise levels of the ``steps`` steps (flow: the stock pipeline's ``sigmas=``;
             diffusion: its ``timesteps=``); None: the scheduler's ``steps``-step schedule.
+        images: image-to-video models: one conditioning first frame per sample, ``[B, 3, H, W]`` in
+            ``[0, 1]``; the video has its size unless ``resolution`` says otherwise.
 
     Gradients flow when grad mode is on and the plan's window lets them (reward backprop, noise
     optimization); a caller that needs bounded memory with gradients backpropagates per micro-batch itself.
@@ -89,11 +92,18 @@ def generate(
                 f"generate: got noise for {n} samples but {0 if prompts is None else len(prompts)} prompts; pass "
                 "one noise generator (or noise row) per sample; repeat a prompt for several images of it."
             )
-        cond = model.encode(list(prompts), negative_prompts=negative_prompts, cfg=guidance > 1)
+        extra = {} if images is None else {"images": images}
+        cond = model.encode(list(prompts), negative_prompts=negative_prompts, cfg=guidance > 1, **extra)
+    elif images is not None:
+        raise ValueError(
+            "generate: cond already holds its conditioning images; pass images to model.encode, not here."
+        )
     elif len(cond) != n:
         raise ValueError(f"generate: cond holds {len(cond)} samples but got noise for {n}.")
     if sde_generators is not None and len(sde_generators) != n:
         raise ValueError(f"generate: got {len(sde_generators)} SDE generators for {n} samples.")
+    if resolution is None and images is not None:
+        resolution = tuple(images.shape[-2:])
     height, width = (resolution, resolution) if not isinstance(resolution, tuple) else resolution
     height, width = height or model.default_resolution, width or model.default_resolution
     shape = model.latent_shape(height, width)

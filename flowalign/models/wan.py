@@ -1,0 +1,384 @@
+"""Wan image-to-video: ``WanImageToVideoPipeline`` (Wan 2.1 I2V and Wan 2.2 I2V A14B).
+
+Conditioning and guidance follow the stock pipeline (diffusers 0.42, ``pipelines/wan/pipeline_wan_i2v.py``):
+
+- text: UMT5 ``last_hidden_state`` trimmed to each prompt's tokens and zero-padded to
+  ``max_sequence_length`` (512, which Wan 2.1's image cross-attention hard-codes);
+- the first frame: the VAE's posterior mode of ``[image, zeros x (F - 1)]`` normalised by
+  ``latents_mean`` / ``latents_std``, behind a 4-channel mask that is 1 on latent frame 0; the transformer
+  sees ``[x_t (16) | mask (4) | image latent (16)]``, 36 channels;
+- Wan 2.1 also: the CLIP image encoder's penultimate hidden states (``encoder_hidden_states_image``),
+  which the unconditional half of CFG keeps, as the stock pipeline does;
+- Wan 2.2 A14B: two experts, ``transformer`` for model times ``t >= boundary_ratio * 1000`` and
+  ``transformer_2`` below, each with its own guidance scale (``guidance_2``, default: the same);
+- the flow schedule of ``FlowMatchEulerDiscreteScheduler(shift=...)``, model time ``1000 sigma``.
+
+Latents are ``[B, 16, T, H / 8, W / 8]`` with ``T = (F - 1) / 4 + 1`` latent frames for ``F`` video frames;
+:meth:`WanAdapter.decode` gives ``[B, F, 3, H, W]`` in ``[0, 1]``.
+
+Deviations, each stated where it happens:
+
+- the hub checkpoints ship ``UniPCMultistepScheduler`` (a 2nd-order multistep solver on a different grid);
+  flowalign's samplers are Euler, so the adapter samples with ``FlowMatchEulerDiscreteScheduler`` at the
+  checkpoint's ``flow_shift`` and says so once (the stock pipeline with that scheduler reproduces it);
+- the CLIP image encoder sees the conditioning image quantised to 8 bits, as the stock pipeline's PIL
+  input is (``CLIPImageProcessor`` resizes PIL images and float tensors differently);
+- LoRA trains one expert of a two-expert model (``expert``): its LoRA is saved in diffusers format and
+  loads with ``load_lora_weights(dir)`` (``transformer``) or ``load_lora_weights(dir,
+  load_into_transformer_2=True)`` (``transformer_2``). Wan 2.2 TI2V (``expand_timesteps``) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flowalign.models.base import FLOW_SCHEDULER_DEFAULTS, Cond, ModelAdapter, ModelLoadError, refuse_options
+from flowalign.samplers.schedules import Schedule, flow_schedule
+
+__all__ = ["WanAdapter", "check_video_frames"]
+
+logger = logging.getLogger(__name__)
+
+_EXPERTS = {"high": "transformer", "low": "transformer_2"}
+
+
+def check_video_frames(num_frames: Any, where: str = "num_frames") -> int:
+    """Wan's VAE makes ``4k + 1`` frames (frame 0, then 4 per latent frame); anything else is an error
+    naming ``where`` (the stock pipeline silently rounds it down)."""
+    if (
+        isinstance(num_frames, bool)
+        or not isinstance(num_frames, int)
+        or num_frames < 1
+        or num_frames % 4 != 1
+    ):
+        nearest = max(1, (int(num_frames) - 1) // 4 * 4 + 1) if isinstance(num_frames, int) else 5
+        raise ValueError(
+            f"{where}: Wan video models make 4k + 1 frames (1, 5, 9, ..., 81), got {num_frames!r}; use {nearest} "
+            f"or {nearest + 4}."
+        )
+    return num_frames
+
+
+class WanAdapter(ModelAdapter):
+    """Wan 2.1 / 2.2 image-to-video; see the module docstring.
+
+    Args:
+        num_frames: video frames per sample (``4k + 1``); settable later (``model.num_frames = 9``).
+        max_sequence_length: text tokens (512 as in the stock pipeline's call).
+        expert: ``"high"`` (``transformer``) or ``"low"`` (``transformer_2``, Wan 2.2 only): the expert that
+            LoRA and full fine-tuning train. Reward backprop through the last steps trains the low-noise one.
+        guidance_2: the low-noise expert's guidance scale (the stock ``guidance_scale_2``); None: the same
+            as ``guidance``.
+    """
+
+    family = "wan"
+    pipeline_classes = ("WanImageToVideoPipeline",)
+    denoiser_name = "transformer"
+    kind = "flow"
+    prediction_type = "flow"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    default_steps = 40
+    default_guidance = 5.0
+
+    def __init__(
+        self,
+        pipeline,
+        *,
+        num_frames: int = 81,
+        max_sequence_length: int = 512,
+        expert: str = "high",
+        guidance_2: float | None = None,
+        **kwargs,
+    ):
+        _use_euler(pipeline)
+        if pipeline.config.get("expand_timesteps", False):
+            raise ModelLoadError(
+                "this WanImageToVideoPipeline sets expand_timesteps (Wan 2.2 TI2V: per-token timesteps with the "
+                "first frame at t = 0), which flowalign does not implement yet; use a Wan 2.1 or Wan 2.2 A14B I2V model."
+            )
+        if pipeline.transformer is None:
+            raise ModelLoadError(
+                "this WanImageToVideoPipeline has no transformer; flowalign needs the high-noise expert."
+            )
+        if expert not in _EXPERTS:
+            raise ValueError(f"expert must be 'high' or 'low', got {expert!r}.")
+        if expert == "low" and getattr(pipeline, "transformer_2", None) is None:
+            raise ValueError(
+                "expert='low' trains transformer_2, which this model lacks (Wan 2.1 has one expert); use 'high'."
+            )
+        self.denoiser_name = _EXPERTS[expert]
+        super().__init__(pipeline, **kwargs)
+        self.num_frames = num_frames
+        self.max_sequence_length = max_sequence_length
+        self.guidance_2 = guidance_2
+        self._condition_cache: dict[tuple, dict[str, Tensor]] = {}
+
+    # ------------------------------------------------------------------ shapes
+
+    @property
+    def num_frames(self) -> int:
+        return self._num_frames
+
+    @num_frames.setter
+    def num_frames(self, value: int) -> None:
+        self._num_frames = check_video_frames(value)
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipeline.vae_scale_factor_spatial
+
+    @property
+    def default_resolution(self) -> int:
+        return 480
+
+    @property
+    def is_video(self) -> bool:
+        return True
+
+    @property
+    def boundary(self) -> float | None:
+        """Model time where the experts switch (``boundary_ratio * num_train_timesteps``), or None."""
+        ratio = self.pipeline.config.get("boundary_ratio")
+        if ratio is None or getattr(self.pipeline, "transformer_2", None) is None:
+            return None
+        return ratio * self.pipeline.scheduler.config.num_train_timesteps
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        factor = self.vae_scale_factor * self.denoiser.config.patch_size[1]
+        if height % factor or width % factor:
+            raise ValueError(
+                f"height and width must be multiples of {factor} for this model, got {height}x{width}."
+            )
+        return (
+            self.pipeline.vae.config.z_dim,
+            self.latent_frames,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+
+    def schedule(
+        self, num_steps: int, latent_shape: Sequence[int] | None = None, levels: Sequence[float] | None = None
+    ) -> Schedule:
+        config = self.pipeline.scheduler.config
+        refuse_options(config, "scheduler", FLOW_SCHEDULER_DEFAULTS)
+        if config.get("use_dynamic_shifting", False):
+            raise ModelLoadError(
+                "this Wan scheduler sets use_dynamic_shifting, which the Wan pipelines do not use; remove it."
+            )
+        return flow_schedule(
+            num_steps, shift=config.get("shift", 1.0), num_train_timesteps=config.num_train_timesteps,
+            shift_terminal=config.get("shift_terminal"), sigmas=levels,
+        ).to(self.device)  # fmt: skip
+
+    # ------------------------------------------------------------------ conditioning
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        embeds, _ = self.pipeline.encode_prompt(
+            prompt=prompts, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )  # fmt: skip
+        return {"prompt_embeds": embeds}
+
+    def encode(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: str | Sequence[str] | None = None,
+        cfg: bool = True,
+        images: Tensor | None = None,
+    ) -> Cond:
+        """Prompts as :meth:`ModelAdapter.encode`, plus one conditioning first frame per prompt: ``images``
+        ``[B, 3, H, W]`` in ``[0, 1]`` (the video's size). Both CFG halves carry the image conditioning."""
+        if images is None:
+            raise ValueError(
+                "this Wan image-to-video model needs a conditioning first frame per prompt: pass images= "
+                "([B, 3, H, W] in [0, 1]; --image on the command line)."
+            )
+        cond = super().encode(prompts, negative_prompts, cfg)
+        image = self.condition_images(images, len(cond))
+        cond.embeds.update(image)
+        if cond.negative is not None:
+            cond.negative.update(image)
+        return cond
+
+    def condition_images(self, images: Tensor, batch: int | None = None) -> dict[str, Tensor]:
+        """The stock pipeline's image conditioning of ``images`` ``[B, 3, H, W]`` in ``[0, 1]``: ``condition``
+        ``[B, 20, T, h, w]`` (mask and first-frame latent) and, for Wan 2.1, ``image_embeds``."""
+        from flowalign.models.base import check_images
+
+        check_images(images, "images")
+        if batch is not None and images.shape[0] != batch:
+            raise ValueError(
+                f"images: got {images.shape[0]} conditioning images for {batch} prompts; pass one first frame per "
+                "prompt (repeat an image for several prompts)."
+            )
+        height, width = images.shape[-2:]
+        self.latent_shape(height, width)  # checks the size
+        pipe = self.pipeline
+        with torch.no_grad():
+            first = (images * 2 - 1).unsqueeze(2)  # the later frames are zeros in [-1, 1], i.e. grey
+            video = torch.cat(
+                [first, first.new_zeros(first.shape[0], 3, self.num_frames - 1, height, width)], 2
+            )
+            z = pipe.vae.encode(video.to(self.device, pipe.vae.dtype)).latent_dist.mode().float()
+            z = self._normalise(z)
+            mask = torch.zeros(z.shape[0], pipe.vae_scale_factor_temporal, *z.shape[2:], device=z.device)
+            mask[:, :, 0] = 1
+            out = {"condition": torch.cat([mask, z], 1)}
+            if self.denoiser.config.get("image_dim") is not None:
+                from PIL import Image
+
+                pils = [
+                    Image.fromarray(i.mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+                    for i in images
+                ]
+                out["image_embeds"] = pipe.encode_image(pils, self.device)
+        return out
+
+    def _normalise(self, z: Tensor, inverse: bool = False) -> Tensor:
+        config = self.pipeline.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
+        std = torch.tensor(config.latents_std, device=z.device, dtype=z.dtype).view(shape)
+        return z * std + mean if inverse else (z - mean) / std
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict(self, x_t: Tensor, timestep: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
+        """As :meth:`ModelAdapter.predict`; with two experts, samples past the boundary use ``guidance_2``."""
+        if self.guidance_2 is None or self.boundary is None or self.guidance_2 == guidance:
+            return super().predict(x_t, timestep, cond, guidance)
+        timestep = torch.as_tensor(timestep, device=x_t.device).expand(x_t.shape[0])
+        low = timestep < self.boundary
+        if low.all() or not low.any():
+            return super().predict(x_t, timestep, cond, self.guidance_2 if low.all() else guidance)
+        out = torch.empty_like(x_t, dtype=torch.float32)
+        for mask, scale in ((~low, guidance), (low, self.guidance_2)):
+            index = mask.nonzero().squeeze(1)
+            out[index] = super().predict(x_t[index], timestep[index], cond.select(index), scale)
+        return out
+
+    def _forward(self, x: Tensor, timestep: Tensor, embeds: dict[str, Tensor], guidance: float) -> Tensor:
+        condition = embeds.get("condition")
+        if condition is None:
+            raise ValueError("cond has no image conditioning; encode with model.encode(prompts, images=...).")
+        if condition.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"the conditioning image's latent {tuple(condition.shape[2:])} does not fit the video latent "
+                f"{tuple(x.shape[2:])}: encode the images at the video's size and num_frames ({self.num_frames})."
+            )
+        inputs = torch.cat([x, condition.to(x.dtype)], 1)
+        if self.boundary is None:
+            return self._expert_call("transformer", inputs, timestep, embeds)
+        low = timestep < self.boundary
+        if not low.any() or low.all():
+            return self._expert_call(
+                "transformer_2" if low.all() else "transformer", inputs, timestep, embeds
+            )
+        out = torch.empty(
+            x.shape[0], self.denoiser.config.out_channels, *x.shape[2:], dtype=x.dtype, device=x.device
+        )
+        for mask, name in ((~low, "transformer"), (low, "transformer_2")):
+            index = mask.nonzero().squeeze(1)
+            part = {k: v[index] for k, v in embeds.items()}
+            out[index] = self._expert_call(name, inputs[index], timestep[index], part).to(out.dtype)
+        return out
+
+    def _expert_call(self, name: str, inputs: Tensor, timestep: Tensor, embeds: dict[str, Tensor]) -> Tensor:
+        net = self.net if name == self.denoiser_name else getattr(self.pipeline, name)
+        image = embeds.get("image_embeds")
+        return net(
+            hidden_states=inputs,
+            timestep=timestep,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            encoder_hidden_states_image=None if image is None else image.to(inputs.dtype),
+            return_dict=False,
+        )[0]
+
+    # ------------------------------------------------------------------ pixels
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """``[B, 16, T, h, w]`` latents to ``[B, F, 3, H, W]`` frames in ``[0, 1]``, differentiable (the stock
+        ``z * latents_std + latents_mean``, the VAE's decode, ``[-1, 1] -> [0, 1]``)."""
+        vae = self.pipeline.vae
+        video = vae.decode(self._normalise(latents.float(), inverse=True).to(vae.dtype), return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+    def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Videos ``[B, F, 3, H, W]`` in ``[0, 1]`` to latents ``[B, 16, T, h, w]`` (the VAE's posterior mode,
+        or a sample with ``generator``; normalised by ``latents_mean`` / ``latents_std``)."""
+        from flowalign.models.base import check_images
+
+        if not isinstance(images, Tensor) or images.ndim != 5:
+            raise ValueError(
+                f"encode_images: Wan takes videos [B, F, 3, H, W] in [0, 1], got shape "
+                f"{tuple(getattr(images, 'shape', ()))}; add a frame axis to images with images.unsqueeze(1)."
+            )
+        check_video_frames(images.shape[1], "encode_images: the videos' frame count")
+        check_images(images.flatten(0, 1), "encode_images")
+        vae = self.pipeline.vae
+        posterior = vae.encode((images.transpose(1, 2) * 2 - 1).to(self.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if generator is not None else posterior.mode()
+        return self._normalise(latents.float())
+
+    # ------------------------------------------------------------------ LoRA of one expert
+
+    def save_lora(self, directory: str | Path, write: bool = True) -> Path:
+        """As :meth:`ModelAdapter.save_lora`. The file names the ``transformer`` either way (the stock format);
+        a LoRA of ``transformer_2`` loads with ``load_lora_weights(dir, load_into_transformer_2=True)``, which
+        ``lora_expert.txt`` beside it records."""
+        path = super().save_lora(directory, write)
+        if write:
+            (path / "lora_expert.txt").write_text(self.denoiser_name + "\n")
+        return path
+
+    @property
+    def _lora_file_name(self) -> str:
+        return "transformer"
+
+    @property
+    def _lora_load_kwargs(self) -> dict[str, Any]:
+        return {"load_into_transformer_2": True} if self.denoiser_name == "transformer_2" else {}
+
+    def _cast(self, dtype: torch.dtype) -> None:
+        """Cast the modules not already in ``dtype``: one loaded with ``from_pretrained(dtype=...)`` keeps its
+        ``_keep_in_fp32_modules`` (the time embedder, norms) in float32, which ``pipeline.to(dtype)`` would
+        cast down, unlike the stock pipeline."""
+        for module in self._modules().values():
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+
+
+def _use_euler(pipeline) -> None:
+    """Sample with ``FlowMatchEulerDiscreteScheduler``: a Wan checkpoint's ``UniPCMultistepScheduler`` with
+    flow sigmas is replaced by Euler at its ``flow_shift`` (said once); any other scheduler is an error."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = pipeline.scheduler
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return
+    config = scheduler.config
+    if type(scheduler).__name__ == "UniPCMultistepScheduler" and config.get("use_flow_sigmas", False):
+        shift = config.get("flow_shift", 1.0)
+        pipeline.scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=config.num_train_timesteps, shift=shift
+        )
+        logger.warning(
+            "this Wan checkpoint ships UniPCMultistepScheduler; flowalign samples with "
+            "FlowMatchEulerDiscreteScheduler(shift=%s), which the stock pipeline reproduces with that scheduler.",
+            shift,
+        )
+        return
+    raise ModelLoadError(
+        f"the Wan pipeline's scheduler is a {type(scheduler).__name__}; flowalign samples flow models with "
+        "FlowMatchEulerDiscreteScheduler (or a Wan UniPCMultistepScheduler with use_flow_sigmas, replaced by it)."
+    )

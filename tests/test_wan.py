@@ -1,0 +1,186 @@
+"""The Wan image-to-video adapter on tiny random components: faithfulness to the stock
+``WanImageToVideoPipeline`` (Wan 2.1 with its CLIP image encoder, Wan 2.2 with two experts), LoRA on either
+expert, video rollouts and log-probs, and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from flowalign.models import ModelLoadError, load_model
+from flowalign.models.tiny import tiny_pipeline
+from flowalign.samplers import SamplingPlan, generate, rollout
+from flowalign.samplers.generate import seeded_generators
+
+PROMPTS = ["a red ball", "blue square"]
+
+
+def _first_frames(n=2, size=32, seed=0):
+    torch.manual_seed(seed)
+    u = (torch.rand(n, 3, size, size) * 255).to(torch.uint8)
+    return u.float() / 255, [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in u]
+
+
+def _stock(pipeline, pil, prompt, seed, steps, guidance, output_type, **kwargs):
+    return pipeline(
+        image=pil, prompt=prompt, negative_prompt="blurry" if guidance > 1 else None, height=32, width=32,
+        num_frames=5, num_inference_steps=steps, guidance_scale=guidance, output_type=output_type,
+        generator=torch.Generator().manual_seed(seed), **kwargs,
+    ).frames  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["wan", "wan22"])
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_rollout_reproduces_the_stock_pipeline(variant, guidance):
+    """Same first frame, prompt, noise, steps and guidance: flowalign's latents and frames equal the stock
+    pipeline's (one call per prompt, as it takes one image per call). With 3 steps the Wan 2.2 grid
+    [1000, 751, 8.9] crosses the 900 boundary, so both experts run."""
+    model = load_model(f"tiny-{variant}")
+    images, pils = _first_frames()
+    out = generate(
+        model, PROMPTS, seeded_generators([0, 1], "cpu"), steps=3, guidance=guidance, images=images,
+        negative_prompts="blurry" if guidance > 1 else None,
+    )  # fmt: skip
+    assert out.final.shape == (2, 16, 2, 4, 4) and out.images.shape == (2, 5, 3, 32, 32)
+    stock = tiny_pipeline(variant)
+    for i in range(2):
+        latents = _stock(stock, pils[i], PROMPTS[i], i, 3, guidance, "latent")
+        frames = _stock(stock, pils[i], PROMPTS[i], i, 3, guidance, "pt")
+        assert (out.final[i] - latents[0]).abs().max() <= 1e-4
+        assert (out.images[i] - frames[0]).abs().max() <= 1e-4
+
+
+def test_the_low_noise_expert_has_its_own_guidance_and_mixed_batches_split_by_expert():
+    model = load_model("tiny-wan22", guidance_2=2.0)
+    images, pils = _first_frames(1)
+    out = generate(
+        model,
+        PROMPTS[:1],
+        seeded_generators([3], "cpu"),
+        steps=3,
+        guidance=5.0,
+        images=images,
+        negative_prompts="blurry",
+    )
+    stock = _stock(tiny_pipeline("wan22"), pils[0], PROMPTS[0], 3, 3, 5.0, "latent", guidance_scale_2=2.0)
+    stock_same = _stock(tiny_pipeline("wan22"), pils[0], PROMPTS[0], 3, 3, 5.0, "latent")
+    assert (out.final - stock).abs().max() <= 1e-4 and (stock - stock_same).abs().max() > 1e-3
+    # One batch holding samples on both sides of the boundary = each sample predicted alone.
+    cond = model.encode(PROMPTS, images=_first_frames()[0])
+    x = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([950.0, 300.0])
+    both = model.predict(x, t, cond, guidance=5.0)
+    for i in range(2):
+        alone = model.predict(x[i : i + 1], t[i : i + 1], cond.select([i]), guidance=5.0)
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=0, atol=1e-6)
+    assert not torch.allclose(model.predict(x[:1], t[1:], cond.select([0]), 5.0), both[:1], atol=1e-3)
+
+
+@pytest.mark.parametrize("variant,expert", [("wan", "high"), ("wan22", "low")])
+def test_a_lora_of_either_expert_loads_in_the_stock_pipeline(variant, expert, tmp_path):
+    model = load_model(f"tiny-{variant}", expert=expert)
+    model.add_lora(rank=4)
+    images, pils = _first_frames(1)
+    trained = model.pipeline.transformer_2 if expert == "low" else model.pipeline.transformer
+    assert model.denoiser is trained and model.trainable_parameters()
+    with torch.no_grad():  # stand-in for training: non-zero LoRA B matrices
+        gen = torch.Generator().manual_seed(5)
+        for name, param in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+    tuned = generate(model, PROMPTS[:1], seeded_generators([0], "cpu"), steps=3, guidance=1.0, images=images)
+    with model.reference():
+        base = generate(
+            model, PROMPTS[:1], seeded_generators([0], "cpu"), steps=3, guidance=1.0, images=images
+        )
+    assert (tuned.final - base.final).abs().max() > 1e-3
+    model.save_lora(tmp_path)
+    stock = tiny_pipeline(variant)
+    stock.load_lora_weights(str(tmp_path), **({"load_into_transformer_2": True} if expert == "low" else {}))
+    assert (_stock(stock, pils[0], PROMPTS[0], 0, 3, 1.0, "latent") - tuned.final).abs().max() <= 1e-4
+    again = load_model(f"tiny-{variant}", expert=expert)
+    again.load_lora(tmp_path)
+    reloaded = generate(
+        again, PROMPTS[:1], seeded_generators([0], "cpu"), steps=3, guidance=1.0, images=images
+    )
+    assert torch.equal(reloaded.final, tuned.final)
+
+
+def test_video_rollouts_have_5d_states_and_exact_log_probs():
+    """An SDE rollout over [B, 16, T, h, w] latents: states, means and per-step log-probs, reproducible,
+    and the log-prob of a recorded step recomputed from its state is the recorded one (ratio 1)."""
+    from flowalign.samplers.rollout import denoise_step
+
+    model = load_model("tiny-wan")
+    images, _ = _first_frames()
+    cond = model.encode(PROMPTS, images=images)
+    x_T = model.initial_noise(2, 32, 32, seeded_generators([0, 1], "cpu"))
+    schedule = model.schedule(4)
+    plan = SamplingPlan.build(4, dynamics="flow_grpo", sde="all")
+    a = rollout(model, cond, x_T, schedule, plan, guidance=1.0, generator=seeded_generators([2, 3], "cpu"))
+    b = rollout(model, cond, x_T, schedule, plan, guidance=1.0, generator=seeded_generators([2, 3], "cpu"))
+    assert a.latents.shape == (2, 5, 16, 2, 4, 4) and a.means.shape == (2, 4, 16, 2, 4, 4)
+    assert a.log_probs.shape == (2, 4) and a.images.shape == (2, 5, 3, 32, 32)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    for k in range(4):
+        step = denoise_step(
+            model, a.latents[:, k], k, cond, schedule, plan, 1.0, prev_sample=a.latents[:, k + 1]
+        )
+        assert torch.equal(step.log_prob, a.log_probs[:, k])
+
+
+def test_decode_is_differentiable_and_encode_images_takes_videos():
+    model = load_model("tiny-wan")
+    latents = torch.randn(2, 16, 2, 4, 4, requires_grad=True)
+    video = model.decode(latents)
+    assert video.shape == (2, 5, 3, 32, 32) and 0 <= video.min() and video.max() <= 1
+    video.mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    assert model.encode_images(video.detach()).shape == (2, 16, 2, 4, 4)
+
+
+def test_bad_inputs_are_one_clear_error():
+    model = load_model("tiny-wan")
+    images, _ = _first_frames()
+    with pytest.raises(ValueError, match="needs a conditioning first frame per prompt: pass images="):
+        model.encode(PROMPTS)
+    with pytest.raises(ValueError, match=r"images: got 1 conditioning images for 2 prompts"):
+        model.encode(PROMPTS, images=images[:1])
+    with pytest.raises(ValueError, match=r"images must have shape \[B, 3, H, W\]"):
+        model.encode(PROMPTS, images=images[:, :1])
+    with pytest.raises(ValueError, match="multiples of 16 for this model, got 24x24"):
+        model.encode(PROMPTS, images=images[..., :24, :24])
+    with pytest.raises(ValueError, match=r"Wan video models make 4k \+ 1 frames.*got 6; use 5 or 9"):
+        model.num_frames = 6
+    with pytest.raises(ValueError, match="num_frames: Wan video models make 4k"):
+        load_model("tiny-wan", num_frames=8)
+    with pytest.raises(ValueError, match="expert='low' trains transformer_2, which this model lacks"):
+        load_model("tiny-wan", expert="low")
+    with pytest.raises(ValueError, match=r"Wan takes videos \[B, F, 3, H, W\]"):
+        model.encode_images(images)
+    with pytest.raises(ValueError, match="images: this sd3 model is text-to-image"):
+        load_model("tiny-sd3").encode(PROMPTS, images=images)
+    cond = model.encode(PROMPTS, images=images)
+    model.num_frames = 9
+    with pytest.raises(ValueError, match=r"encode the images at the video's size and num_frames \(9\)"):
+        model.predict(torch.randn(2, 16, 3, 4, 4), torch.tensor(500.0), cond)
+
+
+def test_a_unipc_checkpoint_samples_with_euler_at_its_flow_shift_and_other_schedulers_are_refused(caplog):
+    from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+    from flowalign.models.wan import WanAdapter
+
+    pipe = tiny_pipeline("wan")
+    pipe.scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
+    )
+    with caplog.at_level("WARNING"):
+        model = WanAdapter(pipe, num_frames=5)
+    assert "ships UniPCMultistepScheduler" in caplog.text
+    assert type(model.pipeline.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert model.pipeline.scheduler.config.shift == 5.0
+    pipe.scheduler = DDIMScheduler()
+    with pytest.raises(ModelLoadError, match="scheduler is a DDIMScheduler"):
+        WanAdapter(pipe, num_frames=5)

@@ -50,6 +50,9 @@ class ModelConfig:
 
     ``path``: a diffusers directory, a hub id, ``tiny-<family>``, or ``shapes`` (the shipped default).
     ``lora_rank``: 0 means full fine-tuning of the denoiser.
+    ``num_frames`` (video models): frames per video (Wan: ``4k + 1``); None: the model's default.
+    ``expert`` (Wan 2.2's two experts): ``high`` or ``low``, the expert that trains (reward backprop through
+    the last steps trains ``low``); None: ``high``.
     """
 
     path: str = "shapes"
@@ -61,6 +64,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
     resolution: int | None = None
+    num_frames: int | None = None
+    expert: str | None = None
 
 
 @dataclass

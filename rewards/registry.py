@@ -43,9 +43,11 @@ _BUILTIN: dict[str, str] = {
     "hpsv2": "rewards.hpsv2:HPSv2Reward",
     "identity": "rewards.identity:IdentityReward",
     "incompressibility": "rewards.compressibility:IncompressibilityReward",
+    "motion": "rewards.video:MotionReward",
     "ocr": "rewards.ocr:OcrReward",
     "pickscore": "rewards.pickscore:PickScoreReward",
     "shapes_match": "rewards.shapes_match:ShapesMatchReward",
+    "temporal_consistency": "rewards.video:TemporalConsistencyReward",
     "winrate": "rewards.winrate:WinRateReward",
 }
 _REGISTERED: dict[str, Callable[..., Reward]] = {}

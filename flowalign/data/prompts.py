@@ -2,7 +2,8 @@
 
 A prompt set is read from ``.txt`` (one prompt per line), ``.jsonl`` with a ``prompt`` field (other fields
 become the prompt's metadata, e.g. GenEval's ``include``/``exclude``/``tag``), or GenEval's own
-``evaluation_metadata.jsonl``.
+``evaluation_metadata.jsonl``. For image-to-video models each record names its conditioning first frame
+in an ``image`` field (a PNG path, relative to the prompt file); :func:`condition_images` reads them.
 
 :class:`GroupSampler` draws the prompts of each training iteration from ``(seed, iteration)`` alone, so a
 resumed run continues with exactly the prompts it would have seen, and every process agrees on the global
@@ -11,15 +12,26 @@ batch without communication. Each prompt's group of ``group_size`` samples stays
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
-__all__ = ["GroupBatch", "GroupSampler", "PromptRecord", "load_prompt_set", "read_jsonl"]
+__all__ = [
+    "GroupBatch",
+    "GroupSampler",
+    "PromptRecord",
+    "condition_images",
+    "load_image",
+    "load_prompt_set",
+    "read_jsonl",
+]
 
 
 @dataclass(frozen=True)
@@ -60,12 +72,63 @@ def load_prompt_set(path: str | Path) -> list[PromptRecord]:
                 raise ValueError(
                     f"{path}:{number}: each line must be an object with a string 'prompt' field."
                 )
-            records.append(PromptRecord(item["prompt"], {k: v for k, v in item.items() if k != "prompt"}))
+            metadata = {k: v for k, v in item.items() if k != "prompt"}
+            if "image" in metadata:
+                image = metadata["image"]
+                if not isinstance(image, str) or not (path.parent / image).is_file():
+                    raise ValueError(
+                        f"{path}:{number}: 'image' must name an existing image file (relative to the prompt file), "
+                        f"got {image!r}."
+                    )
+                metadata["image"] = str(path.parent / image)
+            records.append(PromptRecord(item["prompt"], metadata))
     else:
         raise ValueError(f"prompt file {str(path)!r} must end in .txt or .jsonl.")
     if not records:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts.")
     return records
+
+
+def load_image(path: str | Path, where: str = "image") -> Tensor:
+    """An RGB image file as ``[3, H, W]`` float32 in ``[0, 1]``; another mode (RGBA, greyscale, palette) is an
+    error naming the file, not a silent conversion."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode != "RGB":
+                raise ValueError(
+                    f"{where}: {str(path)!r} is a {image.mode} image; conditioning images must be RGB (convert it: "
+                    "Image.open(f).convert('RGB').save(f))."
+                )
+            array = np.asarray(image, dtype=np.uint8).copy()
+    except (FileNotFoundError, UnidentifiedImageError) as err:
+        raise ValueError(f"{where}: cannot read {str(path)!r} as an image ({type(err).__name__}).") from None
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+
+
+def condition_images(metadata: Sequence[Mapping[str, Any]], where: str = "data.train_prompts") -> Tensor:
+    """The conditioning first frames ``[n, 3, H, W]`` of ``n`` prompt records (their ``image`` fields); every
+    record must have one and all must share a size."""
+    images = []
+    for meta in metadata:
+        if "image" not in meta:
+            raise ValueError(
+                f"{where}: an image-to-video model needs a conditioning first frame per prompt: give every record of "
+                'the prompt file an "image" field (a PNG path relative to the file).'
+            )
+        images.append(_cached_image(meta["image"], where))
+    sizes = {tuple(i.shape) for i in images}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{where}: the conditioning images have different sizes {sorted(sizes)}; use one size."
+        )
+    return torch.stack(images)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_image(path: str, where: str) -> Tensor:
+    return load_image(path, where)
 
 
 @dataclass

@@ -216,6 +216,15 @@ class ModelAdapter:
             return FlowPath(scheduler.config.num_train_timesteps)
         return DiffusionPath(scheduler.alphas_cumprod, self.prediction_type)
 
+    def trains(self, timesteps: Tensor) -> Tensor:
+        """Which model times the trained denoiser serves (all; one expert of a two-expert model serves its
+        side of the boundary): a bool tensor shaped like ``timesteps``."""
+        return torch.ones_like(torch.as_tensor(timesteps), dtype=torch.bool)
+
+    def resolution_of(self, cond: Cond) -> tuple[int, int] | None:
+        """The ``(height, width)`` that ``cond`` fixes (an image-to-video model's conditioning frames), or None."""
+        return None
+
     @property
     def is_video(self) -> bool:
         """Whether samples are videos (latents ``[B, C, T, h, w]``, decoded ``[B, F, 3, H, W]``)."""

@@ -106,14 +106,8 @@ class WanAdapter(ModelAdapter):
             raise ModelLoadError(
                 "this WanImageToVideoPipeline has no transformer; flowalign needs the high-noise expert."
             )
-        if expert not in _EXPERTS:
-            raise ValueError(f"expert must be 'high' or 'low', got {expert!r}.")
-        if expert == "low" and getattr(pipeline, "transformer_2", None) is None:
-            raise ValueError(
-                "expert='low' trains transformer_2, which this model lacks (Wan 2.1 has one expert); use 'high'."
-            )
-        self.denoiser_name = _EXPERTS[expert]
         super().__init__(pipeline, **kwargs)
+        self.expert = expert
         self.num_frames = num_frames
         self.max_sequence_length = max_sequence_length
         self.guidance_2 = guidance_2
@@ -130,6 +124,26 @@ class WanAdapter(ModelAdapter):
         self._num_frames = check_video_frames(value)
 
     @property
+    def expert(self) -> str:
+        """The expert that LoRA and full fine-tuning train: ``high`` (``transformer``) or ``low``
+        (``transformer_2``); set it before adding a LoRA."""
+        return "low" if self.denoiser_name == "transformer_2" else "high"
+
+    @expert.setter
+    def expert(self, value: str) -> None:
+        if value not in _EXPERTS:
+            raise ValueError(f"expert must be 'high' or 'low', got {value!r}.")
+        if value == "low" and getattr(self.pipeline, "transformer_2", None) is None:
+            raise ValueError(
+                "expert='low' trains transformer_2, which this model lacks (Wan 2.1 has one expert); use 'high'."
+            )
+        if _EXPERTS[value] != self.denoiser_name and self.has_lora:
+            raise ValueError(
+                f"the {self.expert} expert already has a LoRA; choose the expert before add_lora()."
+            )
+        self.denoiser_name = _EXPERTS[value]
+
+    @property
     def latent_frames(self) -> int:
         return (self.num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
 
@@ -144,6 +158,19 @@ class WanAdapter(ModelAdapter):
     @property
     def is_video(self) -> bool:
         return True
+
+    def trains(self, timesteps: Tensor) -> Tensor:
+        timesteps = torch.as_tensor(timesteps)
+        if self.boundary is None:
+            return torch.ones_like(timesteps, dtype=torch.bool)
+        low = timesteps < self.boundary
+        return low if self.expert == "low" else ~low
+
+    def resolution_of(self, cond: Cond) -> tuple[int, int] | None:
+        condition = cond.embeds.get("condition")
+        if condition is None:
+            return None
+        return condition.shape[-2] * self.vae_scale_factor, condition.shape[-1] * self.vae_scale_factor
 
     @property
     def boundary(self) -> float | None:
@@ -340,6 +367,18 @@ class WanAdapter(ModelAdapter):
         if write:
             (path / "lora_expert.txt").write_text(self.denoiser_name + "\n")
         return path
+
+    def load_lora(self, directory: str | Path, trainable: bool = False) -> None:
+        """As :meth:`ModelAdapter.load_lora`, into the expert that ``lora_expert.txt`` beside the LoRA names
+        (saved by :meth:`save_lora`; without it, the current ``expert``)."""
+        record = Path(directory) / "lora_expert.txt"
+        if record.is_file():
+            name = record.read_text().strip()
+            expert = {v: k for k, v in _EXPERTS.items()}.get(name)
+            if expert is None:
+                raise ModelLoadError(f"{record}: names {name!r}; expected 'transformer' or 'transformer_2'.")
+            self.expert = expert
+        super().load_lora(directory, trainable)
 
     @property
     def _lora_file_name(self) -> str:

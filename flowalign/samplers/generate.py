@@ -73,7 +73,7 @@ def generate(
         levels: explicit noise levels of the ``steps`` steps (flow: the stock pipeline's ``sigmas=``;
             diffusion: its ``timesteps=``); None: the scheduler's ``steps``-step schedule.
         images: image-to-video models: one conditioning first frame per sample, ``[B, 3, H, W]`` in
-            ``[0, 1]``; the video has its size unless ``resolution`` says otherwise.
+            ``[0, 1]``; the video has their size unless ``resolution`` says otherwise.
 
     Gradients flow when grad mode is on and the plan's window lets them (reward backprop, noise
     optimization); a caller that needs bounded memory with gradients backpropagates per micro-batch itself.
@@ -102,8 +102,8 @@ def generate(
         raise ValueError(f"generate: cond holds {len(cond)} samples but got noise for {n}.")
     if sde_generators is not None and len(sde_generators) != n:
         raise ValueError(f"generate: got {len(sde_generators)} SDE generators for {n} samples.")
-    if resolution is None and images is not None:
-        resolution = tuple(images.shape[-2:])
+    if resolution is None:
+        resolution = model.resolution_of(cond)
     height, width = (resolution, resolution) if not isinstance(resolution, tuple) else resolution
     height, width = height or model.default_resolution, width or model.default_resolution
     shape = model.latent_shape(height, width)

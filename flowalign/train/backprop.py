@@ -55,7 +55,7 @@ def _backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
     b, s = config.backprop, config.sampling
     batch = ctx.sampler.batch(step)
     n = len(batch.prompts)
-    cond = model.encode(batch.prompts, cfg=s.guidance > 1)
+    cond = ctx.encode(batch, cfg=s.guidance > 1)
     noise_gens = ctx.sample_generators(step, "noise", batch.group_ids)
     lv_gens = ctx.sample_generators(step, "lv", batch.group_ids)
     plan = backprop_plan(ctx, step)  # one gradient window for every micro-batch

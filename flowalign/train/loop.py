@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowalign.config import Config, to_yaml
-from flowalign.data.prompts import GroupSampler, load_prompt_set
+from flowalign.data.prompts import GroupBatch, GroupSampler, condition_images, load_prompt_set
 from flowalign.models import ModelAdapter, load_model
 from flowalign.train.recipe import Recipe
 from flowalign.train.state import EMA, find_checkpoint, load_checkpoint, save_checkpoint
@@ -129,6 +129,12 @@ class TrainContext:
         see :func:`sampling_levels`), None for the scheduler's own."""
         return sampling_levels(self.config.sampling, self.model.kind)
 
+    def encode(self, batch: GroupBatch, cfg: bool):
+        """The batch's prompts encoded, with their conditioning first frames (the records' ``image`` fields)
+        for an image-to-video model."""
+        images = condition_images(batch.metadata, "data.train_prompts") if self.model.is_video else None
+        return self.model.encode(batch.prompts, cfg=cfg, images=images)
+
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
         return self.model.trainable_parameters()
@@ -141,6 +147,12 @@ class TrainContext:
             context = contextlib.nullcontext()
         else:
             context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.net)
+        if not loss.requires_grad:
+            raise RuntimeError(
+                "the training loss carries no gradient: none of this iteration's trained steps ran a trained "
+                "network (with two Wan experts, model.expert must be the one that runs the trained steps: 'low' "
+                "for reward backprop through the last steps)."
+            )
         with context, self.clock("backward"):
             self.accelerator.backward(loss)
 
@@ -222,6 +234,7 @@ def _setup_model(config: Config, device: torch.device) -> ModelAdapter:
     m = config.model
     model = load_model(m.path, family=m.family, device=device, dtype=getattr(torch, m.dtype))
     sampling_levels(config.sampling, model.kind)
+    _setup_video(config, model)
     if m.lora_rank > 0:
         model.add_lora(rank=m.lora_rank, alpha=m.lora_alpha, target_modules=m.lora_targets)
     else:
@@ -235,6 +248,37 @@ def _setup_model(config: Config, device: torch.device) -> ModelAdapter:
     model.set_gradient_checkpointing(m.gradient_checkpointing)
     model.set_attention_backend(m.attention)
     return model
+
+
+VIDEO_ALGORITHMS = ("grpo", "nft", "backprop")
+
+
+def _setup_video(config: Config, model: ModelAdapter) -> None:
+    """Apply ``model.num_frames`` / ``model.expert`` to a video model; refuse them for an image model, and
+    the recipes that do not train video models yet."""
+    m = config.model
+    for key in ("num_frames", "expert"):
+        value = getattr(m, key)
+        if value is None:
+            continue
+        if not model.is_video or (key == "expert" and not hasattr(model, "expert")):
+            raise ValueError(
+                f"model.{key}={value!r}: the {model.family} model has no such option; remove it."
+            )
+        try:
+            setattr(model, key, value)
+        except ValueError as err:
+            raise ValueError(f"model.{key}: {err}") from None
+    if model.is_video and config.train.algorithm not in VIDEO_ALGORITHMS:
+        raise ValueError(
+            f"train.algorithm={config.train.algorithm} does not train video models yet; use one of "
+            f"{', '.join(VIDEO_ALGORITHMS)}."
+        )
+    if model.is_video and config.eval.prompts and config.eval.every > 0:
+        raise ValueError(
+            "eval.every: the in-training GenEval evaluation judges images, not videos; set eval.every: 0 for a "
+            "video model."
+        )
 
 
 def _trackers(config: Config) -> list[str]:

@@ -72,7 +72,10 @@ class SampledGroups:
     all_advantages: Tensor  # [N] every process's advantages
 
 
-def _resolution(ctx: TrainContext) -> int:
+def _resolution(ctx: TrainContext) -> int | None:
+    """``model.resolution``, or the model's default (a video model's is its conditioning images' size)."""
+    if ctx.model.is_video:
+        return ctx.config.model.resolution
     return ctx.config.model.resolution or ctx.model.default_resolution
 
 
@@ -92,7 +95,7 @@ def sample_and_score(
     config, model, acc = ctx.config, ctx.model, ctx.accelerator
     batch = ctx.sampler.batch(step) if batch is None else batch
     guidance = config.sampling.guidance if cfg is None or cfg else 1.0
-    cond = model.encode(batch.prompts, cfg=guidance > 1)
+    cond = ctx.encode(batch, cfg=guidance > 1)
     shared = config.sampling.group_noise == "shared"
     with torch.no_grad(), ctx.clock("forward"):
         trajectory = generate(
@@ -128,7 +131,14 @@ def sample_and_score(
 def _trained_steps(ctx: TrainContext, step: int, trajectory: Rollout) -> list[int]:
     """Stochastic steps to train: all but the schedule's last (Flow-GRPO), or a random subset."""
     last = trajectory.plan.num_steps - 1
+    served = ctx.model.trains(trajectory.schedule.timesteps[: trajectory.plan.num_steps]).tolist()
     candidates = [i for i in trajectory.sde_steps.tolist() if i != last] or trajectory.sde_steps.tolist()
+    candidates = [i for i in candidates if served[i]]  # a two-expert model trains one expert's steps
+    if not candidates:
+        raise ValueError(
+            "no stochastic step of the sampling window runs the trained expert (model.expert); move "
+            "sampling.sde_window onto its noise levels or train the other expert."
+        )
     k = ctx.config.sampling.train_steps
     if k is None or k >= len(candidates):
         return candidates
@@ -269,6 +279,12 @@ def _nft_iteration(ctx: TrainContext, step: int, old: EMA) -> dict[str, float]:
         raise ValueError(
             f"nft.timesteps_per_sample={cfg.timesteps_per_sample} exceeds sampling.steps={num_levels}."
         )
+    allowed = ctx.model.trains(schedule.timesteps[:num_levels]).nonzero().squeeze(1)  # one expert of two
+    if cfg.timesteps_per_sample > len(allowed):
+        raise ValueError(
+            f"nft.timesteps_per_sample={cfg.timesteps_per_sample} exceeds the {len(allowed)} of sampling.steps="
+            f"{num_levels} noise levels that the trained expert (model.expert) serves; lower it or add steps."
+        )
     rows: list[dict] = []
     for epoch in range(cfg.inner_epochs):
         gen = ctx.generator(step, f"nft{epoch}")
@@ -277,7 +293,9 @@ def _nft_iteration(ctx: TrainContext, step: int, old: EMA) -> dict[str, float]:
         # or N processes and any minibatch split train on the same noise. As the reference: each sample
         # trains on the sampling schedule's noise levels in its own random order.
         sample_gens = ctx.sample_generators(step, f"nft{epoch}", sampled.batch.group_ids)
-        levels = torch.stack([torch.randperm(num_levels, generator=g, device=g.device) for g in sample_gens])
+        levels = allowed[
+            torch.stack([torch.randperm(len(allowed), generator=g, device=g.device) for g in sample_gens])
+        ]
         for minibatch in order.split(cfg.minibatch_size):
             micro = chunks(len(minibatch), ctx.config.train.micro_batch_size)
             x0 = x0_all[minibatch]

@@ -184,3 +184,43 @@ def test_a_unipc_checkpoint_samples_with_euler_at_its_flow_shift_and_other_sched
     pipe.scheduler = DDIMScheduler()
     with pytest.raises(ModelLoadError, match="scheduler is a DDIMScheduler"):
         WanAdapter(pipe, num_frames=5)
+
+
+def test_flowalign_sample_writes_the_videos_as_a_gif_and_a_frame_strip(tmp_path):
+    from torchvision.utils import make_grid
+
+    from flowalign.cli import main
+    from flowalign.data.prompts import load_image
+    from flowalign.eval.geneval import image_seed
+
+    first = "assets/video/tiny/red_circle.png"
+    out = tmp_path / "v.gif"
+    assert main(["sample", "--model", "tiny-wan", "--prompt", "the red circle moves right", "--image", first,
+                 "--num-images", "2", "--steps", "2", "--frames", "9", "--out", str(out)]) == 0  # fmt: skip
+    model = load_model("tiny-wan", num_frames=9)
+    image = load_image(first).unsqueeze(0).expand(2, -1, -1, -1)
+    videos = generate(
+        model, ["the red circle moves right"] * 2, seeded_generators([image_seed(0, 0, j) for j in range(2)], "cpu"),
+        steps=2, guidance=model.default_guidance, images=image,
+    ).images  # fmt: skip
+    strip = load_image(tmp_path / "v_frames.png")
+    expected = make_grid(videos.flatten(0, 1), nrow=9, padding=1)
+    assert strip.shape == expected.shape and (strip - expected).abs().max() <= 0.5 / 255 + 1e-6
+    gif = Image.open(out)
+    assert gif.n_frames == 9 and gif.size == (2 * 33 + 1, 33 + 1)  # make_grid: 1 px padding around each
+
+
+def test_sample_command_errors_name_the_flag(capsys):
+    from flowalign.cli import main
+
+    first = "assets/video/tiny/red_circle.png"
+    cases = [
+        (["--model", "tiny-wan"], "--image: this image-to-video model needs a first frame"),
+        (["--model", "tiny-wan", "--image", first, "--frames", "6"], "--frames: num_frames: Wan video models make 4k + 1"),
+        (["--model", "tiny-wan", "--image", first, "--out", "x.png"], "a video model writes an animated GIF"),
+        (["--model", "tiny-wan", "--image", first, "--height", "64"], "--height/--width: a video has its first frame's"),
+        (["--model", "tiny-sd3", "--image", first], "--image: the sd3 model is text-to-image"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        assert main(["sample", "--prompt", "a", "--steps", "1", *extra]) == 2
+        assert message in capsys.readouterr().err

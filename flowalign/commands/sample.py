@@ -1,4 +1,8 @@
-"""``flowalign sample``: prompts in, a PNG grid out (one row per prompt)."""
+"""``flowalign sample``: prompts in, a PNG grid out (one row per prompt).
+
+Image-to-video models (``--model`` of family ``wan``) take a first frame per prompt (``--image``) and
+write an animated GIF of the grid (each GIF frame is the grid of that video frame) and a frame strip PNG
+beside it (``<out>_frames.png``: one row per video, one column per frame)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import torch
 
 from flowalign.commands.common import (
+    UsageError,
     add_level_arguments,
     add_model_arguments,
     check_int,
@@ -34,7 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--micro-batch-size", type=int, default=None,
         help="images per model call (bounds memory; the images do not change)",
     )  # fmt: skip
-    parser.add_argument("--out", default="samples.png", help="output PNG path (default samples.png)")
+    parser.add_argument(
+        "--image", action="append", default=None, metavar="PNG",
+        help="image-to-video models: the first frame (an RGB image of the video's size); one for all prompts, "
+        "or one per --prompt in order",
+    )  # fmt: skip
+    parser.add_argument(
+        "--frames", type=int, default=None, help="image-to-video models: frames per video (Wan: 4k + 1)"
+    )
+    parser.add_argument(
+        "--out", default=None,
+        help="output path (default samples.png; samples.gif for a video model, with samples_frames.png beside it)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,20 +60,90 @@ def run(args: argparse.Namespace) -> int:
     from flowalign.samplers import generate, seeded_generators
 
     check_int("--num-images", args.num_images)
-    check_output_file("--out", args.out, (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"))
+    check_int("--frames", args.frames)
+    check_output_file("--out", args.out, IMAGE_SUFFIXES)
     check_sampling_arguments(args)
     model = load_model_from_args(args)
+    images = _first_frames(args, model)
+    out = Path(args.out or ("samples.gif" if model.is_video else "samples.png"))
+    if model.is_video and out.suffix.lower() != ".gif":
+        raise UsageError(
+            f"--out {str(out)!r}: a video model writes an animated GIF; pass a path ending in .gif."
+        )
     jobs = [(i, j) for i in range(len(args.prompt)) for j in range(args.num_images)]
     with torch.no_grad():
-        images = generate(
+        samples = generate(
             model, [args.prompt[i] for i, _ in jobs],
             seeded_generators([image_seed(args.seed, i, j) for i, j in jobs], model.device),
             steps=args.steps or model.default_steps,
             guidance=model.default_guidance if args.guidance is None else args.guidance,
-            resolution=(args.height, args.width), micro_batch_size=args.micro_batch_size, levels=args.levels,
+            resolution=None if images is not None else (args.height, args.width),
+            micro_batch_size=args.micro_batch_size, levels=args.levels,
+            images=None if images is None else images[[i for i, _ in jobs]],
         ).images  # fmt: skip
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=args.num_images, padding=1)
-    print(f"wrote {len(images)} images ({len(args.prompt)} prompts x {args.num_images}) to {out}")
+    what = f"{len(args.prompt)} prompts x {args.num_images}"
+    if not model.is_video:
+        save_image(samples, out, nrow=args.num_images, padding=1)
+        print(f"wrote {len(samples)} images ({what}) to {out}")
+        return 0
+    strip = out.with_name(out.stem + "_frames.png")
+    save_video_grid(samples, out, nrow=args.num_images)
+    save_image(samples.flatten(0, 1), strip, nrow=samples.shape[1], padding=1)
+    print(
+        f"wrote {len(samples)} videos of {samples.shape[1]} frames ({what}) to {out} and the frame strip {strip}"
+    )
     return 0
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def _first_frames(args: argparse.Namespace, model) -> torch.Tensor | None:
+    """``[P, 3, H, W]``: the first frame of each prompt's videos (``--image``), checked against the model."""
+    from flowalign.data.prompts import load_image
+
+    if not model.is_video:
+        for flag, value in (("--image", args.image), ("--frames", args.frames)):
+            if value:
+                raise UsageError(
+                    f"{flag}: the {model.family} model is text-to-image; first frames and frame counts are for "
+                    "image-to-video models (family wan)."
+                )
+        return None
+    if not args.image:
+        raise UsageError("--image: this image-to-video model needs a first frame: --image first_frame.png.")
+    if len(args.image) not in (1, len(args.prompt)):
+        raise UsageError(
+            f"--image: got {len(args.image)} images for {len(args.prompt)} prompts; give one for all or one per prompt."
+        )
+    if args.height or args.width:
+        raise UsageError("--height/--width: a video has its first frame's size; resize the --image instead.")
+    frames = [load_image(path, "--image") for path in args.image]
+    if len({tuple(f.shape) for f in frames}) > 1:
+        raise UsageError(
+            f"--image: the first frames have different sizes {[tuple(f.shape[1:]) for f in frames]}."
+        )
+    try:
+        if args.frames is not None:
+            model.num_frames = args.frames
+        model.latent_shape(*frames[0].shape[1:])
+    except ValueError as err:
+        flag = "--frames" if "frames" in str(err) else "--image"
+        raise UsageError(f"{flag}: {err}") from None
+    images = torch.stack(frames)
+    return images.expand(len(args.prompt), -1, -1, -1) if len(frames) == 1 else images
+
+
+def save_video_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int = 4) -> None:
+    """An animated GIF of ``[B, T, 3, H, W]`` videos in ``[0, 1]``: frame ``t`` is the grid of every video's
+    frame ``t`` (``nrow`` videos per row), looping."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grids = [make_grid(videos[:, t], nrow=nrow, padding=1) for t in range(videos.shape[1])]
+    frames = [
+        Image.fromarray(g.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+        for g in grids
+    ]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0)

@@ -5,6 +5,11 @@ Examples::
     flowalign bench geneval --prompts assets/shapes/prompts/test.jsonl --out bench/base
     flowalign bench geneval --lora runs/grpo_shapes/checkpoints/step-100/lora --out bench/tuned
     flowalign bench compare bench/base bench/tuned --out bench/tuned_vs_base
+    flowalign bench video --out bench/video_base
+
+``video`` runs the moving-shapes image-to-video benchmark (:mod:`flowalign.eval.video`): identity, motion
+and correct (both) per task and overall with 95% intervals, ``results.json``, ``summary.md`` and frame-strip
+grids marked pass (green) / fail (red).
 
 ``geneval`` writes ``results.json``, ``summary.md`` and ``grids/<task>.png`` to ``--out`` (see
 :mod:`flowalign.eval.geneval`). By default every task is measured on at least 96 images (tasks with few
@@ -33,6 +38,7 @@ from flowalign.commands.common import (
 
 _REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = "assets/shapes/prompts/test.jsonl"
+DEFAULT_VIDEO_PROMPTS = "assets/moving_shapes/prompts/test.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +84,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     geneval.add_argument("--out", required=True, help="output directory")
     geneval.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    video = sub.add_parser(
+        "video", help="moving-shapes image-to-video benchmark with 95%% intervals",
+        description="Moving-shapes image-to-video benchmark: identity, motion and both, with 95% intervals",
+    )  # fmt: skip
+    add_model_arguments(video)
+    video.set_defaults(model="moving_shapes")
+    video.add_argument(
+        "--prompts", default=DEFAULT_VIDEO_PROMPTS,
+        help=f"moving-shapes prompt records (default {DEFAULT_VIDEO_PROMPTS}: 96 videos per task)",
+    )  # fmt: skip
+    video.add_argument(
+        "--videos-per-prompt", type=int, default=1, help="videos per prompt record (default 1)"
+    )
+    video.add_argument("--steps", type=int, default=None, help="ODE sampling steps (default: the model's)")
+    video.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    video.add_argument("--seed", type=int, default=0, help="base seed of the per-video noise (default 0)")
+    video.add_argument("--batch-size", type=int, default=32, help="videos per sampler call (default 32)")
+    video.add_argument("--out", required=True, help="output directory")
+    video.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     compare = sub.add_parser(
         "compare",
         help="paired difference B - A of two geneval runs on the same prompts and noise",
@@ -90,7 +116,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return _compare(args) if args.benchmark == "compare" else _geneval(args)
+    return {"compare": _compare, "video": _video}.get(args.benchmark, _geneval)(args)
+
+
+def _video(args: argparse.Namespace) -> int:
+    from flowalign.data.prompts import load_prompt_set
+    from flowalign.eval.video import run_video_bench
+
+    args.levels = None
+    check_sampling_arguments(args)
+    check_int("--videos-per-prompt", args.videos_per_prompt)
+    check_output_dir("--out", args.out)
+    path = _resolve_prompts(args.prompts)
+    try:
+        records = [{"prompt": r.prompt, **r.metadata} for r in load_prompt_set(path)]
+    except ValueError as err:
+        raise UsageError(f"flowalign bench video: {err}") from None
+    model = load_model_from_args(args)
+    if not model.is_video:
+        raise UsageError(
+            f"--model {args.model}: the video benchmark needs an image-to-video model (moving_shapes, wan)."
+        )
+    try:
+        report = run_video_bench(
+            model, records, videos_per_prompt=args.videos_per_prompt, steps=args.steps, guidance=args.guidance,
+            seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+        )  # fmt: skip
+    except ValueError as err:
+        raise UsageError(f"flowalign bench video: {err}") from None
+    report.settings.update(
+        model=str(args.model), lora=args.lora, weights=args.weights, prompts=str(args.prompts)
+    )
+    command = ["flowalign", "bench", "video", "--model", str(args.model)]
+    for flag, value in (("--lora", args.lora), ("--weights", args.weights)):
+        if value:
+            command += [flag, value]
+    command += ["--prompts", str(args.prompts), "--videos-per-prompt", str(args.videos_per_prompt)]
+    command += ["--steps", str(report.settings["steps"]), "--guidance", str(report.settings["guidance"])]
+    command += ["--seed", str(args.seed), "--out", str(args.out)]
+    report.settings["command"] = " ".join(shlex.quote(c) for c in command)
+    out = report.save(args.out)
+    print(report.markdown(), end="")
+    print(f"wrote {out / 'results.json'}, {out / 'summary.md'} and {out / 'grids'}")
+    return 0
 
 
 def _resolve_prompts(path: str) -> Path:

@@ -8,6 +8,7 @@ import torch
 
 from flowalign.models.base import Cond, ModelAdapter, ModelLoadError, pipeline_class_name
 from flowalign.models.flux import FluxAdapter
+from flowalign.models.moving_shapes import MovingShapesAdapter
 from flowalign.models.sd import StableDiffusionAdapter, StableDiffusionXLAdapter
 from flowalign.models.sd3 import SD3Adapter
 from flowalign.models.shapes import ShapesAdapter
@@ -24,6 +25,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         StableDiffusionXLAdapter,
         ShapesAdapter,
         WanAdapter,
+        MovingShapesAdapter,
     )
 }
 
@@ -48,7 +50,8 @@ def load_model(
 
     Args:
         model: a local diffusers directory, a hub id (with ``family``, where a hub is reachable),
-            ``"shapes"`` for the shipped shapes-world model (``assets/shapes/model``), or
+            ``"shapes"`` for the shipped shapes-world model (``assets/shapes/model``), ``"moving_shapes"`` for the
+            moving-shapes world's image-to-video model (``assets/moving_shapes/model``), or
             ``"tiny-<family>"`` for a tiny random pipeline built in code (tests and demos; ``tiny-wan`` is Wan 2.1
             image-to-video, ``tiny-wan22`` Wan 2.2 with two experts).
         family: the adapter to use (``sd3``, ``flux``, ``sd``, ``sdxl``, ``shapes``, ``wan``); read from ``model_index.json``
@@ -61,6 +64,10 @@ def load_model(
         from flowalign.models.shapes import SHIPPED_MODEL
 
         name = str(SHIPPED_MODEL)
+    if name == "moving_shapes":
+        from flowalign.models.moving_shapes import SHIPPED_VIDEO_MODEL
+
+        name = str(SHIPPED_VIDEO_MODEL)
     if name.startswith("tiny-"):
         from flowalign.models.tiny import tiny_pipeline
 
@@ -70,8 +77,10 @@ def load_model(
             raise ModelLoadError(
                 f"unknown tiny model {name!r}; choose one of {', '.join('tiny-' + f for f in known)}."
             )
-        if tiny_family == "shapes":  # the shapes family builds its own (untrained) pipeline
+        if tiny_family == "shapes":  # the shapes families build their own (untrained) pipelines
             from flowalign.models.shapes import tiny_shapes_pipeline as build
+        elif tiny_family == "moving_shapes":
+            from flowalign.models.moving_shapes import tiny_moving_shapes_pipeline as build
         else:
             build = lambda: tiny_pipeline(tiny_family)  # noqa: E731
         if tiny_family.startswith("wan"):

@@ -72,13 +72,13 @@ class UnknownWordError(ValueError):
     """A prompt uses a word outside the shapes model's vocabulary or is too long."""
 
 
-def shapes_tokenizer(max_length: int = 16):
-    """A word-level fast tokenizer over :data:`VOCABULARY`: lower-cased, whitespace/punctuation split,
-    ``[BOS] ... [EOS]``, pad id 0."""
+def shapes_tokenizer(max_length: int = 16, vocabulary: Sequence[str] = VOCABULARY):
+    """A word-level fast tokenizer over ``vocabulary`` (:data:`VOCABULARY`; it starts with
+    :data:`SPECIAL_TOKENS`): lower-cased, whitespace/punctuation split, ``[BOS] ... [EOS]``, pad id 0."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(VOCABULARY)}
+    vocab = {word: i for i, word in enumerate(vocabulary)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -179,7 +179,9 @@ class BackpropConfig:
     ``mode``: ``alignprop`` (random contiguous last-K, ``K ~ U{k_min..k}``), ``draft`` (DRaFT-K, last ``k``),
     ``draft_lv`` (DRaFT-LV: the last step re-noised ``lv_repeats`` times), ``refl`` (one step drawn from
     ``[k_min, k)``, reward on its x0 prediction), ``full`` (every step).
-    ``kl_beta``: weight of ``|v_theta - v_ref|^2`` over the differentiated steps (DRaFT+, IPRO).
+    ``kl_beta``: weight of the KL to the base over the differentiated steps; ``kl_form``: ``velocity``
+    (``|v_theta - v_ref|^2``, DRaFT+) or ``ipro`` (``|v_theta - v_ref|^2 / (2 sigma_t^2)``, IPRO's multi-step
+    KL; flow models).
     """
 
     mode: str = "alignprop"
@@ -187,6 +189,7 @@ class BackpropConfig:
     k_min: int = 1
     checkpoint: bool = True
     kl_beta: float = 0.0
+    kl_form: str = "velocity"
     lv_repeats: int = 2
 
 
@@ -630,6 +633,8 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
     b = config.backprop
     if b.mode not in ("alignprop", "draft", "draft_lv", "refl", "full"):
         fail("backprop.mode", f"must be alignprop, draft, draft_lv, refl or full, got {b.mode!r}")
+    if b.kl_form not in ("velocity", "ipro"):
+        fail("backprop.kl_form", f"must be velocity or ipro, got {b.kl_form!r}")
     if t.algorithm == "backprop" and b.mode in ("alignprop", "draft") and not 1 <= b.k_min <= b.k <= s.steps:
         fail(
             "backprop.k", f"need 1 <= k_min <= k <= sampling.steps ({s.steps}); got k_min={b.k_min}, k={b.k}"

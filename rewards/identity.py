@@ -32,7 +32,8 @@ similarity alignment insightface applies, so scores are lower than on aligned cr
 
 The reference pool comes from ``reference`` (an image file, a directory of images, a list of files, or a
 ``[R, 3, H, W]`` tensor in [0, 1]) or per sample from ``metadata["reference"]`` (same forms; it overrides
-the constructor's pool for that sample). Every reference image must contain a face.
+the constructor's pool for that sample; ``reference_key="image"`` reads an image-to-video record's first
+frame instead). Every reference image must contain a face.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class IdentityReward(Reward):
         input_size, input_mean, input_std, channel_order, crop_margin: embedder input conventions (onnx/torch).
         pool_reduce: ``"max"`` or ``"mean"`` over the reference pool, the one used as the score.
         no_face_score: the score of a sample with no face in any frame (flagged in ``details["no_face"]``).
+        reference_key: the metadata key of a sample's own reference pool (``"image"``: an image-to-video
+            prompt record's conditioning first frame, IPRO's pool built from the conditioning image).
     """
 
     name = "identity"
@@ -124,6 +127,7 @@ class IdentityReward(Reward):
         crop_margin: float = 0.1,
         pool_reduce: str = "max",
         no_face_score: float = -1.0,
+        reference_key: str = "reference",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -151,6 +155,7 @@ class IdentityReward(Reward):
         self.crop_margin = float(crop_margin)
         self.pool_reduce = pool_reduce
         self.no_face_score = float(no_face_score)
+        self.reference_key = str(reference_key)
         self._dlib: Any = None
         self._torch_embedder: nn.Module | None = None
         self._onnx: Any = None
@@ -392,12 +397,13 @@ class IdentityReward(Reward):
         )
 
     def _pool_for(self, meta: Mapping[str, Any], index: int) -> Tensor:
-        if "reference" in meta:
-            return self.embed_reference(meta["reference"])
+        if self.reference_key in meta:
+            return self.embed_reference(meta[self.reference_key])
         if self.reference_pool is None:
             raise RewardInputError(
                 f"{self.name}: sample {index} has no reference face: pass reference= to the reward or "
-                "metadata['reference'] (an image path, a directory, a list of paths or a [R, 3, H, W] tensor)."
+                f"metadata[{self.reference_key!r}] (an image path, a directory, a list of paths or a [R, 3, H, W] "
+                "tensor)."
             )
         return self.reference_pool
 

@@ -108,6 +108,32 @@ def test_velocity_kl_is_zero_at_initialization():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_parameters())
 
 
+def test_ipro_kl_weights_each_step_by_its_noise_level():
+    """IPRO's multi-step KL: each gradient step's mean squared velocity difference over 2 sigma_t^2, then the
+    mean over steps (the per-step terms are the plain form's, recomputed here one step at a time)."""
+    model = load_model("tiny-sd3")
+    model.add_lora(rank=4)
+    with torch.no_grad():
+        for name, param in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.01)
+    cond = model.encode(["a red circle", "a blue square"], cfg=False)
+    noise = model.initial_noise(2, 32, 32, torch.Generator().manual_seed(0))
+    schedule = model.schedule(3, noise.shape[1:])
+    out = rollout(model, cond, noise, schedule, SamplingPlan.build(3, sde="none", grad="last_k", k=2), decode=False)
+    per_step = []
+    for i in (1, 2):
+        with torch.no_grad():
+            v = model.predict(out.latents[:, i], schedule.timesteps[i], cond)
+            with model.reference():
+                ref = model.predict(out.latents[:, i], schedule.timesteps[i], cond)
+        per_step.append((v - ref).pow(2).flatten(1).mean(1) / (2 * schedule.sigmas[i] ** 2))
+    ipro = velocity_kl(model, out, cond, form="ipro")
+    torch.testing.assert_close(ipro.detach(), torch.stack(per_step, 1).mean(1), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="KL form must be 'velocity' or 'ipro'"):
+        velocity_kl(model, out, cond, form="kl")
+
+
 def test_draft_lv_loss_has_gradients():
     model = load_model("tiny-sd3")
     model.add_lora(rank=4, init="gaussian")

@@ -10,8 +10,8 @@ the losses that use their outputs:
   ``n`` times and average the reward of the one-step denoisings (:func:`draft_lv_loss`).
 - ReFL (Xu et al. 2023, ImageReward, Alg. 1): no gradient down to a random step in ``[T1, T2)``, one step
   with gradient, the reward of its ``x0`` prediction. ``grad="single"``.
-- KL to the reference over the differentiated steps, ``|v_theta - v_ref|^2`` (DRaFT+, IPRO):
-  :func:`velocity_kl`.
+- KL to the reference over the differentiated steps, ``|v_theta - v_ref|^2`` (DRaFT+) or IPRO's
+  noise-level-weighted form: :func:`velocity_kl`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,20 @@ from flowalign.samplers.steps import Generators, randn
 __all__ = ["draft_lv_loss", "velocity_kl"]
 
 
-def velocity_kl(model, rollout: Rollout, cond, guidance: float = 1.0) -> Tensor:
-    """``[B]`` mean over the gradient-window steps of ``mean_d (out_theta - out_ref)^2``.
+def velocity_kl(model, rollout: Rollout, cond, guidance: float = 1.0, form: str = "velocity") -> Tensor:
+    """``[B]`` mean over the gradient-window steps of ``mean_d (out_theta - out_ref)^2`` (``form="velocity"``,
+    DRaFT+), or of ``mean_d (v_theta - v_ref)^2 / (2 sigma_t^2)`` (``form="ipro"``: IPRO's multi-step KL,
+    Shen et al. 2025, Sec. 3.4, its weights ``1 / (2 sigma_t^2)`` as the authors' Reward-FL code in
+    alibaba/ROLL computes them, ``sigma_t`` the step's noise level; flow models only).
 
     ``out`` is the denoiser output (velocity for flow models, epsilon/v for diffusion models) at the states the
     rollout visited; the reference is the model with its LoRA disabled, evaluated without gradient. Zero
     while the LoRA is zero.
     """
+    if form not in ("velocity", "ipro"):
+        raise ValueError(f"KL form must be 'velocity' or 'ipro', got {form!r}.")
+    if form == "ipro" and rollout.schedule.kind != "flow":
+        raise ValueError("the IPRO KL weights velocities by their noise level; it is defined for flow models only.")
     steps = [i for i, g in enumerate(rollout.plan.grad[: rollout.plan.last_step + 1]) if g]
     if not steps:
         raise ValueError("the rollout has no gradient window; a KL over differentiated steps needs one.")
@@ -46,9 +53,10 @@ def velocity_kl(model, rollout: Rollout, cond, guidance: float = 1.0) -> Tensor:
             )
             for i in steps
         ]
-    for column, ref in enumerate(refs):
+    for column, (i, ref) in enumerate(zip(steps, refs)):
         diff = rollout.grad_outputs[:, column] - ref
-        terms.append(diff.pow(2).flatten(1).mean(1))
+        term = diff.pow(2).flatten(1).mean(1)
+        terms.append(term / (2 * rollout.schedule.sigmas[i].float() ** 2) if form == "ipro" else term)
     return torch.stack(terms, dim=1).mean(1)
 
 

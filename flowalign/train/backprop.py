@@ -104,7 +104,7 @@ def _backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
                 for k, v in scored.components.items():
                     components.setdefault(k, []).append(v.detach())
                 if b.kl_beta > 0:
-                    kl = velocity_kl(model, out, sub, s.guidance).mean()
+                    kl = velocity_kl(model, out, sub, s.guidance, form=b.kl_form).mean()
                     loss = loss + b.kl_beta * kl
                     kls.append(kl.detach() * count)
         share = count / n  # micro-batch losses add up to the batch mean

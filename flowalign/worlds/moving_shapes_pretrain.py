@@ -323,13 +323,24 @@ def pretrain_video(
     return step
 
 
-def write_test_split(per_task: int = 96, seed: int = 1000) -> Path:
-    """``assets/moving_shapes/prompts/test.jsonl`` and its first frames: ``per_task`` videos of each task."""
+def write_split(name: str = "test", per_task: int = 96, seed: int = 1000) -> Path:
+    """``assets/moving_shapes/prompts/<name>.jsonl`` and its first frames: ``per_task`` videos of each task.
+    The shipped splits: ``test`` (96 per task, seed 1000; pretraining never draws them) and ``train`` (128 per
+    task, seed 2000, none of them a test video) for alignment runs."""
     from flowalign.worlds.moving_shapes import write_prompt_set
 
     rng = np.random.default_rng(seed)
-    specs = [sample_spec(rng, n_objects=n) for n in (1, 2) for _ in range(per_task)]
-    return write_prompt_set(PROMPTS_DIR, specs, "test")
+    excluded = test_keys() if name != "test" else set()
+    specs = []
+    for n in (1, 2):
+        count = 0
+        while count < per_task:
+            spec = sample_spec(rng, n_objects=n)
+            if _key(spec_record(spec)) in excluded:
+                continue
+            specs.append(spec)
+            count += 1
+    return write_prompt_set(PROMPTS_DIR, specs, name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

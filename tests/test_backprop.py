@@ -120,7 +120,9 @@ def test_ipro_kl_weights_each_step_by_its_noise_level():
     cond = model.encode(["a red circle", "a blue square"], cfg=False)
     noise = model.initial_noise(2, 32, 32, torch.Generator().manual_seed(0))
     schedule = model.schedule(3, noise.shape[1:])
-    out = rollout(model, cond, noise, schedule, SamplingPlan.build(3, sde="none", grad="last_k", k=2), decode=False)
+    out = rollout(
+        model, cond, noise, schedule, SamplingPlan.build(3, sde="none", grad="last_k", k=2), decode=False
+    )
     per_step = []
     for i in (1, 2):
         with torch.no_grad():

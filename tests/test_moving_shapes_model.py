@@ -124,3 +124,22 @@ def test_bench_video_reports_three_accuracies_with_intervals(tmp_path, capsys):
     assert move["images"] == 96 and 0 <= move["accuracy_low"] <= move["accuracy"] <= move["accuracy_high"] > 0
     assert (tmp_path / "grids" / "move.png").is_file() and "identity" in (tmp_path / "summary.md").read_text()
     assert "flowalign bench video --model tiny-moving_shapes" in results["settings"]["command"]
+
+
+def test_bench_compare_pairs_two_video_runs(tmp_path, capsys):
+    from flowalign.cli import main
+
+    common = ["bench", "video", "--model", "tiny-moving_shapes", "--no-progress"]
+    for name, steps in (("a", "2"), ("b", "2"), ("c", "3")):
+        assert main([*common, "--steps", steps, "--out", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    assert (
+        main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")])
+        == 0
+    )
+    comparison = json.loads((tmp_path / "ab" / "comparison.json").read_text())
+    for metric in ("correct", "identity", "motion"):
+        d = comparison["metrics"][metric]["difference"]
+        assert (d["estimate"], d["low"], d["high"], d["excludes_zero"]) == (0.0, 0.0, 0.0, False)
+    assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    assert "they differ in steps (2 vs 3)" in capsys.readouterr().err

@@ -41,7 +41,9 @@ def velocity_kl(model, rollout: Rollout, cond, guidance: float = 1.0, form: str 
     if form not in ("velocity", "ipro"):
         raise ValueError(f"KL form must be 'velocity' or 'ipro', got {form!r}.")
     if form == "ipro" and rollout.schedule.kind != "flow":
-        raise ValueError("the IPRO KL weights velocities by their noise level; it is defined for flow models only.")
+        raise ValueError(
+            "the IPRO KL weights velocities by their noise level; it is defined for flow models only."
+        )
     steps = [i for i, g in enumerate(rollout.plan.grad[: rollout.plan.last_step + 1]) if g]
     if not steps:
         raise ValueError("the rollout has no gradient window; a KL over differentiated steps needs one.")

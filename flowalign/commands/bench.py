@@ -237,9 +237,14 @@ def _geneval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import json
+
     from flowalign.eval.compare import compare_runs, comparison_markdown, load_run, write_comparison
 
     check_output_dir("--out", args.out)
+    results = Path(args.a) / "results.json"
+    if results.is_file() and "videos" in json.loads(results.read_text()):
+        return _compare_video(args)
     try:
         a, b = load_run(args.a), load_run(args.b)
         comparison = compare_runs(a, b)
@@ -249,6 +254,25 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         paths = write_comparison(a, b, comparison, args.out)
         print(f"wrote {paths['json']} and {paths['markdown']}")
+    return 0
+
+
+def _compare_video(args: argparse.Namespace) -> int:
+    import json
+
+    from flowalign.eval.video import compare_video_runs, comparison_text
+
+    try:
+        comparison = compare_video_runs(args.a, args.b)
+    except ValueError as err:
+        raise UsageError(f"flowalign bench compare: {err}") from None
+    print(comparison_text(comparison), end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
+        (out / "comparison.md").write_text(comparison_text(comparison))
+        print(f"wrote {out / 'comparison.json'} and {out / 'comparison.md'}")
     return 0
 
 

@@ -159,3 +159,64 @@ def run_video_bench(
         "prompts": len(records),
     }
     return VideoReport([dict(r) for r in records], videos, stats, settings, strips)
+
+
+def compare_video_runs(a_dir: str | Path, b_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """``B - A`` of two ``flowalign bench video`` runs on the same prompts, seed, steps and guidance: for
+    each metric (identity, motion, correct) the paired bootstrap difference of the overall and per task
+    with 95% intervals and McNemar's exact p (:func:`flowalign.eval.stats.paired_comparison`)."""
+    from flowalign.eval.stats import paired_comparison
+
+    runs = []
+    for directory in (a_dir, b_dir):
+        path = Path(directory) / "results.json"
+        if not path.is_file():
+            raise ValueError(
+                f"{str(directory)!r} holds no results.json; pass the --out directory of a bench video run."
+            )
+        runs.append(json.loads(path.read_text()))
+    keys = ("prompts", "seed", "steps", "guidance", "videos_per_prompt")
+    for key in keys:
+        if runs[0]["settings"].get(key) != runs[1]["settings"].get(key):
+            raise ValueError(
+                f"cannot pair {str(a_dir)!r} and {str(b_dir)!r}: they differ in {key} "
+                f"({runs[0]['settings'].get(key)!r} vs {runs[1]['settings'].get(key)!r})."
+            )
+    out: dict[str, Any] = {"a": str(a_dir), "b": str(b_dir), "metrics": {}}
+    for metric in METRICS:
+        verdicts = []
+        for run in runs:
+            videos = sorted(run["videos"], key=lambda v: (v["prompt_index"], v["video"]))
+            verdicts.append(
+                Verdicts.from_images(
+                    [v["prompt_index"] for v in videos],
+                    [v["tag"] for v in videos],
+                    [v[metric] for v in videos],
+                )
+            )
+        diff = paired_comparison(verdicts[0], verdicts[1], seed=seed)
+        out["metrics"][metric] = {
+            "a": benchmark_stats(verdicts[0]).overall.estimate,
+            "b": benchmark_stats(verdicts[1]).overall.estimate,
+            "difference": diff.overall.as_json(difference=True),
+            "tasks": {
+                tag: {**t.difference.as_json(difference=True), "mcnemar_p": t.mcnemar_p}
+                for tag, t in diff.tasks.items()
+            },
+        }
+    return out
+
+
+def comparison_text(comparison: dict[str, Any]) -> str:
+    lines = ["| metric | A | B | B - A [95% CI] | excludes 0 |", "|---|---|---|---|---|"]
+    for metric, row in comparison["metrics"].items():
+        d = row["difference"]
+        lines.append(
+            f"| {metric} | {row['a']:.3f} | {row['b']:.3f} | {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | "
+            f"{'yes' if d['excludes_zero'] else 'no'} |"
+        )
+    return (
+        f"A = {comparison['a']}, B = {comparison['b']} (paired stratified bootstrap)\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )

@@ -89,7 +89,9 @@ def _normalise(x: Tensor) -> Tensor:
     return (x - 0.5) / 0.5
 
 
-def info_nce(model: ObjectEmbedder, anchors: Tensor, positives: Tensor, negatives: Tensor, temperature: float) -> Tensor:
+def info_nce(
+    model: ObjectEmbedder, anchors: Tensor, positives: Tensor, negatives: Tensor, temperature: float
+) -> Tensor:
     """InfoNCE over the batch: each anchor's positive against every other positive and every corrupted frame."""
     a, p, c = (model(_normalise(x)) for x in (anchors, positives, negatives))
     logits = a @ torch.cat([p, c]).T / temperature
@@ -111,7 +113,9 @@ def separation(model: ObjectEmbedder, seed: int = 12345, n: int = 400) -> dict[s
     }
 
 
-def train_embedder(steps: int = 1500, batch: int = 64, lr: float = 1e-3, temperature: float = 0.1, seed: int = 0) -> tuple[ObjectEmbedder, list[dict]]:
+def train_embedder(
+    steps: int = 1500, batch: int = 64, lr: float = 1e-3, temperature: float = 0.1, seed: int = 0
+) -> tuple[ObjectEmbedder, list[dict]]:
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -138,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, log = train_embedder(steps=args.steps)
-    report = {"train_s": round(time.perf_counter() - start, 1), "steps": args.steps, "log": log, **separation(model)}
+    report = {
+        "train_s": round(time.perf_counter() - start, 1),
+        "steps": args.steps,
+        "log": log,
+        **separation(model),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.script(model).save(str(out))

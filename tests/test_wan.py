@@ -224,3 +224,16 @@ def test_sample_command_errors_name_the_flag(capsys):
     for extra, message in cases:
         assert main(["sample", "--prompt", "a", "--steps", "1", *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_first_frame_shared_by_several_samples_is_encoded_once_with_the_same_result():
+    model = load_model("tiny-wan")
+    images, _ = _first_frames(2)
+    calls = []
+    encode = model.pipeline.vae.encode
+    model.pipeline.vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    grouped = model.encode(["a", "a", "b", "b"], images=images.repeat_interleave(2, 0))
+    alone = model.encode(["a", "b"], images=images)
+    assert calls == [2, 2]  # the two distinct frames, once per encode call
+    for key in ("condition", "image_embeds"):
+        assert torch.equal(grouped.embeds[key], alone.embeds[key].repeat_interleave(2, 0))

@@ -250,6 +250,11 @@ class WanAdapter(ModelAdapter):
             )
         height, width = images.shape[-2:]
         self.latent_shape(height, width)  # checks the size
+        unique, inverse = torch.unique(images.detach().cpu(), dim=0, return_inverse=True)
+        if len(unique) < len(images):  # a group's samples share their prompt's frame: encode it once
+            return {
+                k: v[inverse.to(v.device)] for k, v in self.condition_images(unique.to(images.device)).items()
+            }
         pipe = self.pipeline
         with torch.no_grad():
             first = (images * 2 - 1).unsqueeze(2)  # the later frames are zeros in [-1, 1], i.e. grey

@@ -143,3 +143,16 @@ def test_bench_compare_pairs_two_video_runs(tmp_path, capsys):
         assert (d["estimate"], d["low"], d["high"], d["excludes_zero"]) == (0.0, 0.0, 0.0, False)
     assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "they differ in steps (2 vs 3)" in capsys.readouterr().err
+
+
+def test_noise_optimization_raises_a_video_reward_from_the_initial_video_noise(tmp_path):
+    from flowalign.cli import main
+
+    args = ["optimize-noise", "--model", "tiny-moving_shapes", "--image", FIRST, "--prompt", PROMPTS[0]]
+    assert (
+        main([*args, "--reward", "motion", "--iterations", "5", "--steps", "2", "--out", str(tmp_path)]) == 0
+    )
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert trace["best_reward"][0] > trace["initial_reward"][0]
+    strip = load_image(tmp_path / "after.png")
+    assert strip.shape == (3, 34, 5 * 33 + 1)  # one row: the video's 5 frames

@@ -164,3 +164,52 @@ def load_model_from_args(args: argparse.Namespace):
     if args.lora:
         model.load_lora(args.lora)
     return model
+
+
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--image`` / ``--frames``: image-to-video models' first frames and frame count."""
+    parser.add_argument(
+        "--image", action="append", default=None, metavar="PNG",
+        help="image-to-video models: the first frame (an RGB image of the video's size); one for all prompts, "
+        "or one per --prompt in order",
+    )  # fmt: skip
+    parser.add_argument(
+        "--frames", type=int, default=None, help="image-to-video models: frames per video (Wan: 4k + 1)"
+    )
+
+
+def first_frames(args: argparse.Namespace, model) -> torch.Tensor | None:
+    """``[P, 3, H, W]``: the first frame of each ``--prompt``'s videos (``--image``, ``--frames``), checked
+    against the model; None for a text-to-image model (which refuses both flags)."""
+    from flowalign.data.prompts import load_image
+
+    if not model.is_video:
+        for flag, value in (("--image", args.image), ("--frames", args.frames)):
+            if value:
+                raise UsageError(
+                    f"{flag}: the {model.family} model is text-to-image; first frames and frame counts are for "
+                    "image-to-video models (family wan)."
+                )
+        return None
+    if not args.image:
+        raise UsageError("--image: this image-to-video model needs a first frame: --image first_frame.png.")
+    if len(args.image) not in (1, len(args.prompt)):
+        raise UsageError(
+            f"--image: got {len(args.image)} images for {len(args.prompt)} prompts; give one for all or one per prompt."
+        )
+    if getattr(args, "height", None) or getattr(args, "width", None):
+        raise UsageError("--height/--width: a video has its first frame's size; resize the --image instead.")
+    frames = [load_image(path, "--image") for path in args.image]
+    if len({tuple(f.shape) for f in frames}) > 1:
+        raise UsageError(
+            f"--image: the first frames have different sizes {[tuple(f.shape[1:]) for f in frames]}."
+        )
+    try:
+        if args.frames is not None:
+            model.num_frames = args.frames
+        model.latent_shape(*frames[0].shape[1:])
+    except ValueError as err:
+        flag = "--frames" if "frames" in str(err) else "--image"
+        raise UsageError(f"{flag}: {err}") from None
+    images = torch.stack(frames)
+    return images.expand(len(args.prompt), -1, -1, -1) if len(frames) == 1 else images

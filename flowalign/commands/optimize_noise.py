@@ -16,11 +16,13 @@ from flowalign.commands.common import (
     UsageError,
     add_level_arguments,
     add_model_arguments,
+    add_video_arguments,
     check_device,
     check_float,
     check_int,
     check_output_dir,
     check_sampling_arguments,
+    first_frames,
     load_model_from_args,
 )
 
@@ -62,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", action="store_true", help="checkpoint each step's model call (less memory)"
     )
     parser.add_argument("--resolution", type=int, default=None)
+    add_video_arguments(parser)
     parser.add_argument(
         "--seed",
         type=int,
@@ -100,13 +103,16 @@ def run(args: argparse.Namespace) -> int:
         names = [n for n, (r, _) in reward.parts.items() if not r.differentiable]
         raise UsageError(f"noise optimization needs differentiable rewards; {names} are not.")
     model = load_model_from_args(args)
-    size = args.resolution or model.default_resolution
+    images = first_frames(args, model)
+    if images is not None and args.resolution:
+        raise UsageError("--resolution: a video has its first frame's size; resize the --image instead.")
     guidance = model.default_guidance if args.guidance is None else args.guidance
     prompts = list(args.prompt)
-    cond = model.encode(prompts, cfg=guidance > 1)
-    # Prompt i starts from the noise `flowalign sample` and `bench geneval` give its first image.
+    cond = model.encode(prompts, cfg=guidance > 1, images=images)
+    size = model.resolution_of(cond) or (args.resolution or model.default_resolution,) * 2
+    # Prompt i starts from the noise `flowalign sample` and `bench geneval` give its first image (video).
     seeds = [image_seed(args.seed, i, 0) for i in range(len(prompts))]
-    noise = model.initial_noise(len(prompts), size, size, seeded_generators(seeds, model.device))
+    noise = model.initial_noise(len(prompts), *size, seeded_generators(seeds, model.device))
     plan = SamplingPlan.build(args.steps, sde="none", grad="all", checkpoint=args.checkpoint)
 
     def generate_from(z):
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             cond=cond,
             steps=args.steps,
             guidance=guidance,
-            resolution=size,
+            resolution=tuple(size),
             plan=plan,
             levels=args.levels,
         ).images
@@ -131,10 +137,18 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_image(result.initial_images, out / "before.png", nrow=1, padding=1)
-    save_image(result.best_images, out / "after.png", nrow=1, padding=1)
-    pairs = torch.stack([result.initial_images, result.best_images], dim=1).flatten(0, 1)
-    save_image(pairs, out / "before_after.png", nrow=2, padding=1)
+    before, after = result.initial_images, result.best_images
+    row = 1
+    if before.ndim == 5:  # videos: each row a video's frames (frame strips)
+        row = before.shape[1]
+        before, after = before.flatten(0, 1), after.flatten(0, 1)
+    save_image(before, out / "before.png", nrow=row, padding=1)
+    save_image(after, out / "after.png", nrow=row, padding=1)
+    pairs = torch.stack(
+        [before.view(len(prompts), row, *before.shape[1:]), after.view(len(prompts), row, *after.shape[1:])],
+        dim=1,
+    )
+    save_image(pairs.flatten(0, 2), out / "before_after.png", nrow=row, padding=1)
     summary = {
         "prompts": prompts,
         "rewards": args.reward,

@@ -15,9 +15,11 @@ from flowalign.commands.common import (
     UsageError,
     add_level_arguments,
     add_model_arguments,
+    add_video_arguments,
     check_int,
     check_output_file,
     check_sampling_arguments,
+    first_frames,
     load_model_from_args,
 )
 
@@ -39,14 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--micro-batch-size", type=int, default=None,
         help="images per model call (bounds memory; the images do not change)",
     )  # fmt: skip
-    parser.add_argument(
-        "--image", action="append", default=None, metavar="PNG",
-        help="image-to-video models: the first frame (an RGB image of the video's size); one for all prompts, "
-        "or one per --prompt in order",
-    )  # fmt: skip
-    parser.add_argument(
-        "--frames", type=int, default=None, help="image-to-video models: frames per video (Wan: 4k + 1)"
-    )
+    add_video_arguments(parser)
     parser.add_argument(
         "--out", default=None,
         help="output path (default samples.png; samples.gif for a video model, with samples_frames.png beside it)",
@@ -64,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file("--out", args.out, IMAGE_SUFFIXES)
     check_sampling_arguments(args)
     model = load_model_from_args(args)
-    images = _first_frames(args, model)
+    images = first_frames(args, model)
     out = Path(args.out or ("samples.gif" if model.is_video else "samples.png"))
     if model.is_video and out.suffix.lower() != ".gif":
         raise UsageError(
@@ -97,42 +92,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
-
-def _first_frames(args: argparse.Namespace, model) -> torch.Tensor | None:
-    """``[P, 3, H, W]``: the first frame of each prompt's videos (``--image``), checked against the model."""
-    from flowalign.data.prompts import load_image
-
-    if not model.is_video:
-        for flag, value in (("--image", args.image), ("--frames", args.frames)):
-            if value:
-                raise UsageError(
-                    f"{flag}: the {model.family} model is text-to-image; first frames and frame counts are for "
-                    "image-to-video models (family wan)."
-                )
-        return None
-    if not args.image:
-        raise UsageError("--image: this image-to-video model needs a first frame: --image first_frame.png.")
-    if len(args.image) not in (1, len(args.prompt)):
-        raise UsageError(
-            f"--image: got {len(args.image)} images for {len(args.prompt)} prompts; give one for all or one per prompt."
-        )
-    if args.height or args.width:
-        raise UsageError("--height/--width: a video has its first frame's size; resize the --image instead.")
-    frames = [load_image(path, "--image") for path in args.image]
-    if len({tuple(f.shape) for f in frames}) > 1:
-        raise UsageError(
-            f"--image: the first frames have different sizes {[tuple(f.shape[1:]) for f in frames]}."
-        )
-    try:
-        if args.frames is not None:
-            model.num_frames = args.frames
-        model.latent_shape(*frames[0].shape[1:])
-    except ValueError as err:
-        flag = "--frames" if "frames" in str(err) else "--image"
-        raise UsageError(f"{flag}: {err}") from None
-    images = torch.stack(frames)
-    return images.expand(len(args.prompt), -1, -1, -1) if len(frames) == 1 else images
 
 
 def save_video_grid(videos: torch.Tensor, path: Path, nrow: int, fps: int = 4) -> None:

@@ -3,8 +3,8 @@ on its model family's tiny random model.
 
 Each config keeps all of its settings except what only points at the user's machine or scales the cost:
 
-- ``model.path`` -> ``tiny-<family>`` (``model.resolution=32``); ``tiny-*`` and the shipped ``shapes``
-  model are kept as they are;
+- ``model.path`` -> ``tiny-<family>`` (``model.resolution=32``); ``tiny-*`` and the shipped ``shapes`` and
+  ``moving_shapes`` models are kept as they are;
 - batch sizes (``data.group_size``, ``data.groups_per_step``, ``grpo/nft.minibatch_size``,
   ``dpo.pairs_per_step``, ``sft.batch_size``, ``dmd.regression_pairs``) capped small;
 - ``/path/...`` data files (train/eval prompts, DPO pair files) -> shipped files of the same kind or small
@@ -201,7 +201,7 @@ def _overrides(config, get, output_dir: Path, name: str) -> list[str]:
     if t.mixed_precision == "fp16":
         out.append("train.mixed_precision=no")  # the loop refuses fp16 without CUDA; bf16 is kept
     m = config.model
-    if m.path != "shapes" and not m.path.startswith("tiny-"):
+    if m.path not in ("shapes", "moving_shapes") and not m.path.startswith("tiny-"):
         out += [f"model.path=tiny-{m.family}", "model.resolution=32"]
     # Batch sizes. Online DPO mining several rank pairs per group keeps groups big enough for all of them.
     online_dpo = t.algorithm == "dpo" and config.dpo.pairs == "online"

@@ -7,7 +7,8 @@ noise, and report the paired gain in identity, motion and both with 95% interval
 3. ``flowalign bench video --lora <final checkpoint>/lora`` and ``flowalign bench compare base tuned``.
 
 Writes ``<out>/results.json`` and ``<out>/results.md`` (both models' accuracies, the paired differences,
-train minutes and the gain per CPU-minute) and keeps every benchmark directory. Example:
+train minutes and the gain per CPU-minute), keeps every benchmark directory, the run's ``metrics.jsonl`` and
+``config.yaml`` and the final LoRA (``<out>/lora``; ``--keep-run`` keeps the whole run). Example:
 
     python benchmarks/video/evidence.py configs/backprop/shapes_video_ipro.yaml --minutes 10 --seed 1 \
         --base-cache runs/video_base --out benchmarks/results/video_ipro_seed1
@@ -38,6 +39,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--base-cache", default=None, help="reuse (or write) the base benchmark here")
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--keep-run", action="store_true",
+        help="keep the run's checkpoints and logs (default: only metrics.jsonl, config.yaml and the final LoRA, "
+        "copied to <out>/lora)",
+    )  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +85,11 @@ def main() -> None:
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if not args.keep_run:  # keep what a reader needs: the metrics, the config and the final LoRA
+        shutil.copytree(checkpoint / "lora", out / "lora", dirs_exist_ok=True)
+        for path in run.iterdir():
+            if path.name not in ("metrics.jsonl", "config.yaml"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from flowalign.models.moving_shapes import (
@@ -46,13 +45,7 @@ from flowalign.models.moving_shapes import (
 )
 from flowalign.samplers.paths import FlowPath
 from flowalign.worlds.moving_shapes import render_video, sample_spec, spec_record
-from flowalign.worlds.shapes.pretrain import (
-    _checkpoints,
-    _ema_update,
-    _save_checkpoint,
-    lr_factor,
-    sample_sigmas,
-)
+from flowalign.worlds.shapes.pretrain import _resume, _save_checkpoint, _update, lr_factor, sample_sigmas
 
 __all__ = ["VideoPretrainConfig", "VideoStream", "main", "pretrain_video"]
 
@@ -237,20 +230,7 @@ def pretrain_video(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     generator = torch.Generator().manual_seed(config.seed + 1)
     stream = VideoStream(config.seed + 2)
-    step, elapsed_before = 0, 0.0
-    checkpoints = _checkpoints(out)
-    if checkpoints:
-        ckpt = checkpoints[-1]
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
-        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["lr_scheduler"])
-        generator.set_state(opt_state["generator"])
-        state = json.loads((ckpt / "state.json").read_text())
-        stream.set_state(state["data_rng"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        print(f"resumed from {ckpt} (step {step}, {elapsed_before / 60:.1f} min trained)", file=sys.stderr)
+    step, elapsed_before = _resume(out, model, ema, optimizer, scheduler, generator, stream)
     target = config.steps if stop_at is None else min(stop_at, config.steps)
     session_start = time.perf_counter()
     loss_sum, loss_n = 0.0, 0
@@ -272,17 +252,8 @@ def pretrain_video(
             )
             sigmas = sample_sigmas(config, config.batch_size, generator)
             loss = video_flow_matching_loss(pipeline, videos, prompts, sigmas, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} or gradient norm at step {step}; lower --lr."
-                )
-            optimizer.step()
-            scheduler.step()
+            grad_norm = _update(loss, model, ema, optimizer, scheduler, config, step)
             step += 1
-            _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             bar.update(1)
             elapsed = elapsed_before + time.perf_counter() - session_start

@@ -278,6 +278,44 @@ def _export(out: Path, pipeline: ShapesPipeline, ema: nn.ModuleDict) -> Path:
     return final
 
 
+def _resume(out: Path, model, ema, optimizer, scheduler, generator, stream) -> tuple[int, float]:
+    """Load the run's latest checkpoint into the training state (in place); returns ``(step, elapsed_s)``,
+    ``(0, 0.0)`` for a fresh run. Shared with the moving-shapes video pretraining."""
+    checkpoints = _checkpoints(out)
+    if not checkpoints:
+        return 0, 0.0
+    ckpt = checkpoints[-1]
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
+    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt_state["optimizer"])
+    scheduler.load_state_dict(opt_state["lr_scheduler"])
+    generator.set_state(opt_state["generator"])
+    state = json.loads((ckpt / "state.json").read_text())
+    stream.set_state(state["data_rng"])
+    print(
+        f"resumed from {ckpt} (step {state['step']}, {state['elapsed_s'] / 60:.1f} min trained)",
+        file=sys.stderr,
+    )
+    return state["step"], state["elapsed_s"]
+
+
+def _update(loss: Tensor, model, ema, optimizer, scheduler, config, step: int) -> Tensor:
+    """One optimizer step on ``loss`` (gradient clipping, a non-finite loss or norm is an error), the LR
+    schedule and the EMA (with its warm-up); returns the gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} or gradient norm at step {step}; lower --lr."
+        )
+    optimizer.step()
+    scheduler.step()
+    _ema_update(ema, model, min(config.ema_decay, (2 + step) / (11 + step)))
+    return grad_norm
+
+
 # --- the loop -----------------------------------------------------------------------------------------
 
 
@@ -326,20 +364,7 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     generator = torch.Generator().manual_seed(config.seed + 1)
     stream = SceneStream(config.seed + 2, config.task_weights)
-    step, elapsed_before = 0, 0.0
-    checkpoints = _checkpoints(out)
-    if checkpoints:
-        ckpt = checkpoints[-1]
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
-        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["lr_scheduler"])
-        generator.set_state(opt_state["generator"])
-        state = json.loads((ckpt / "state.json").read_text())
-        stream.set_state(state["data_rng"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        print(f"resumed from {ckpt} (step {step}, {elapsed_before / 60:.1f} min trained)", file=sys.stderr)
+    step, elapsed_before = _resume(out, model, ema, optimizer, scheduler, generator, stream)
 
     target = config.steps if stop_at is None else min(stop_at, config.steps)
     session_start = time.perf_counter()
@@ -358,17 +383,8 @@ def pretrain(
             noise = torch.randn(x0.shape, generator=generator)
             sigmas = sample_sigmas(config, config.batch_size, generator)
             loss = flow_matching_loss(pipeline, x0, captions, sigmas, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
-                raise FloatingPointError(
-                    f"non-finite loss {loss.item()} or gradient norm at step {step}; lower --lr."
-                )
-            optimizer.step()
-            scheduler.step()
+            grad_norm = _update(loss, model, ema, optimizer, scheduler, config, step)
             step += 1
-            _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             bar.update(1)
             elapsed = elapsed_before + time.perf_counter() - session_start

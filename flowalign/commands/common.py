@@ -122,7 +122,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--family",
         default=None,
-        help="adapter family (sd3, flux, sd, sdxl, shapes); read from the model directory if omitted",
+        help="adapter family (sd3, flux, sd, sdxl, shapes, wan, moving_shapes); read from the model directory if omitted",
     )
     parser.add_argument("--lora", default=None, help="directory of a diffusers-format LoRA to load")
     parser.add_argument(
@@ -188,7 +188,7 @@ def first_frames(args: argparse.Namespace, model) -> torch.Tensor | None:
             if value:
                 raise UsageError(
                     f"{flag}: the {model.family} model is text-to-image; first frames and frame counts are for "
-                    "image-to-video models (family wan)."
+                    "image-to-video models (families wan and moving_shapes)."
                 )
         return None
     if not args.image:

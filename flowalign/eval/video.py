@@ -107,7 +107,7 @@ def run_video_bench(
     from flowalign.data.prompts import condition_images
     from flowalign.eval.geneval import image_seed
     from flowalign.samplers import generate, seeded_generators
-    from flowalign.worlds.moving_shapes import spec_from_record
+    from flowalign.worlds.moving_shapes import judge_video, spec_from_record
     from rewards.shapes.detector import detect_batch
 
     if not records:
@@ -130,8 +130,6 @@ def run_video_bench(
             ).images.cpu()  # fmt: skip
             detections = detect_batch(frames.flatten(0, 1))
             for k, (i, j) in enumerate(part):
-                from flowalign.worlds.moving_shapes import judge_video
-
                 frame_dets = detections[k * frames.shape[1] : (k + 1) * frames.shape[1]]
                 verdict = judge_video(frames[k], specs[i], frame_dets)
                 tag = specs[i].task

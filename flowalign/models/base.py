@@ -310,7 +310,7 @@ class ModelAdapter:
         if images is not None and not self.is_video:
             raise ValueError(
                 f"images: this {self.family} model is text-to-image and takes no conditioning image; pass it to an "
-                "image-to-video model (family wan) or drop it (--image)."
+                "image-to-video model (families wan, moving_shapes) or drop it (--image)."
             )
         if isinstance(prompts, str):
             prompts = [prompts]

@@ -45,7 +45,7 @@ from flowalign.models.moving_shapes import (
 )
 from flowalign.samplers.paths import FlowPath
 from flowalign.worlds.moving_shapes import render_video, sample_spec, spec_record
-from flowalign.worlds.shapes.pretrain import _resume, _save_checkpoint, _update, lr_factor, sample_sigmas
+from flowalign.worlds.shapes.pretrain import _resume, lr_factor, sample_sigmas, train_loop
 
 __all__ = ["VideoPretrainConfig", "VideoStream", "main", "pretrain_video"]
 
@@ -208,7 +208,6 @@ def pretrain_video(
     should_stop=None,
 ) -> int:
     """Train (or resume) the run in ``out_dir``; returns the step reached. See the module docstring."""
-    from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,66 +230,30 @@ def pretrain_video(
     generator = torch.Generator().manual_seed(config.seed + 1)
     stream = VideoStream(config.seed + 2)
     step, elapsed_before = _resume(out, model, ema, optimizer, scheduler, generator, stream)
-    target = config.steps if stop_at is None else min(stop_at, config.steps)
-    session_start = time.perf_counter()
-    loss_sum, loss_n = 0.0, 0
-    bar = tqdm(
-        total=config.steps,
-        initial=step,
-        desc="pretrain video",
-        unit="step",
-        disable=not progress,
-        mininterval=5,
-    )
-    with (out / "log.jsonl").open("a") as log:
-        while step < target:
-            prompts, videos = stream.next_batch(config.batch_size)
-            drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
-            prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts)]
-            noise = torch.randn(
-                (config.batch_size, *pipeline.to_latents(videos[:1]).shape[1:]), generator=generator
-            )
-            sigmas = sample_sigmas(config, config.batch_size, generator)
-            loss = video_flow_matching_loss(pipeline, videos, prompts, sigmas, noise)
-            grad_norm = _update(loss, model, ema, optimizer, scheduler, config, step)
-            step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.update(1)
-            elapsed = elapsed_before + time.perf_counter() - session_start
-            if step % config.log_every == 0:
-                row = {"step": step, "loss": loss_sum / loss_n, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "elapsed_s": round(elapsed, 1)}  # fmt: skip
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                loss_sum, loss_n = 0.0, 0
-            stopping = (
-                step >= target
-                or (time_limit_s is not None and time.perf_counter() - session_start >= time_limit_s)
-                or (should_stop is not None and should_stop())
-            )
-            if step % config.checkpoint_every == 0 or stopping:
-                _save_checkpoint(
-                    out,
-                    step,
-                    model,
-                    ema,
-                    optimizer,
-                    scheduler,
-                    generator,
-                    stream,
-                    elapsed,
-                    config.keep_checkpoints,
-                )
-                _export(out, pipeline, ema)
-            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                row = _evaluate(out, pipeline, ema, config, step, elapsed)
-                bar.write(
-                    f"step {step}: identity {row['identity']:.3f} motion {row['motion']:.3f} correct {row['correct']:.3f}"
-                )
-            if stopping:
-                break
-    bar.close()
+
+    def loss_of_next_batch() -> torch.Tensor:
+        prompts, videos = stream.next_batch(config.batch_size)
+        drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts)]
+        noise = torch.randn(
+            (config.batch_size, *pipeline.to_latents(videos[:1]).shape[1:]), generator=generator
+        )
+        sigmas = sample_sigmas(config, config.batch_size, generator)
+        return video_flow_matching_loss(pipeline, videos, prompts, sigmas, noise)
+
+    def evaluate(step: int, elapsed: float) -> tuple[dict, str]:
+        row = _evaluate(out, pipeline, ema, config, step, elapsed)
+        return (
+            row,
+            f"step {step}: identity {row['identity']:.3f} motion {row['motion']:.3f} correct {row['correct']:.3f}",
+        )
+
+    step, _ = train_loop(
+        config, out, loss_of_next_batch, (model, ema, optimizer, scheduler, generator, stream), step, elapsed_before,
+        target=config.steps if stop_at is None else min(stop_at, config.steps),
+        export=lambda: _export(out, pipeline, ema), evaluate=evaluate, desc="pretrain video", progress=progress,
+        time_limit_s=time_limit_s, should_stop=should_stop,
+    )  # fmt: skip
     return step
 
 

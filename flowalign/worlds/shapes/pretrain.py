@@ -316,6 +316,81 @@ def _update(loss: Tensor, model, ema, optimizer, scheduler, config, step: int) -
     return grad_norm
 
 
+def train_loop(
+    config,
+    out: Path,
+    loss_of_next_batch,
+    state,
+    step: int,
+    elapsed_before: float,
+    *,
+    target: int,
+    export,
+    evaluate,
+    desc: str,
+    progress: bool,
+    time_limit_s: float | None,
+    should_stop,
+) -> tuple[int, dict | None]:
+    """The pretraining loop shared by the shapes and moving-shapes models: from ``step`` to ``target``, each
+    step ``loss_of_next_batch()`` and :func:`_update`; ``log.jsonl`` every ``log_every`` steps; a checkpoint
+    (and ``export()``) every ``checkpoint_every`` steps and when stopping (``target``, ``time_limit_s``,
+    ``should_stop()``); ``evaluate(step, elapsed) -> (row, text)`` every ``eval_every`` steps and at the end.
+    ``state`` is ``(model, ema, optimizer, scheduler, generator, stream)``. Returns the step reached and the
+    last evaluation's row."""
+    from tqdm.auto import tqdm
+
+    model, ema, optimizer, scheduler, generator, stream = state
+    session_start = time.perf_counter()
+    last_eval = None
+    loss_sum, loss_n = 0.0, 0
+    bar = tqdm(total=config.steps, initial=step, desc=desc, unit="step", disable=not progress, mininterval=5)
+    try:
+        with (out / "log.jsonl").open("a") as log:
+            while step < target:
+                loss = loss_of_next_batch()
+                grad_norm = _update(loss, model, ema, optimizer, scheduler, config, step)
+                step += 1
+                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                bar.update(1)
+                elapsed = elapsed_before + time.perf_counter() - session_start
+                if step % config.log_every == 0:
+                    row = {"step": step, "loss": loss_sum / loss_n, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": float(grad_norm), "elapsed_s": round(elapsed, 1)}  # fmt: skip
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    loss_sum, loss_n = 0.0, 0
+                stopping = (
+                    step >= target
+                    or (time_limit_s is not None and time.perf_counter() - session_start >= time_limit_s)
+                    or (should_stop is not None and should_stop())
+                )
+                if step % config.checkpoint_every == 0 or stopping:
+                    _save_checkpoint(
+                        out,
+                        step,
+                        model,
+                        ema,
+                        optimizer,
+                        scheduler,
+                        generator,
+                        stream,
+                        elapsed,
+                        config.keep_checkpoints,
+                    )
+                    if export is not None:
+                        export()
+                if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                    last_eval, text = evaluate(step, elapsed)
+                    bar.write(text)
+                if stopping:
+                    break
+    finally:
+        bar.close()
+    return step, last_eval
+
+
 # --- the loop -----------------------------------------------------------------------------------------
 
 
@@ -335,7 +410,6 @@ def pretrain(
     (with a checkpoint) once this session has run that long. ``should_stop()``: polled after every step
     (the CLI's signal handler). A run directory holding a different config is an error.
     """
-    from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -366,65 +440,26 @@ def pretrain(
     stream = SceneStream(config.seed + 2, config.task_weights)
     step, elapsed_before = _resume(out, model, ema, optimizer, scheduler, generator, stream)
 
-    target = config.steps if stop_at is None else min(stop_at, config.steps)
+    def loss_of_next_batch() -> Tensor:
+        batch = stream.next_batch(config.batch_size)
+        drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
+        x0 = pipeline.to_latents(batch.images)
+        noise = torch.randn(x0.shape, generator=generator)
+        sigmas = sample_sigmas(config, config.batch_size, generator)
+        return flow_matching_loss(pipeline, x0, captions, sigmas, noise)
+
+    def evaluate(step: int, elapsed: float) -> tuple[dict, str]:
+        row = _evaluate(out, pipeline, ema, config, step, elapsed)
+        return row, f"step {step}: eval overall {row['overall']:.3f} {row['task_accuracy']}"
+
     session_start = time.perf_counter()
-    last_eval = None
-    loss_sum, loss_n = 0.0, 0
-    log = (out / "log.jsonl").open("a")
-    bar = tqdm(
-        total=config.steps, initial=step, desc="pretrain", unit="step", disable=not progress, mininterval=5
-    )
-    try:
-        while step < target:
-            batch = stream.next_batch(config.batch_size)
-            drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
-            captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
-            x0 = pipeline.to_latents(batch.images)
-            noise = torch.randn(x0.shape, generator=generator)
-            sigmas = sample_sigmas(config, config.batch_size, generator)
-            loss = flow_matching_loss(pipeline, x0, captions, sigmas, noise)
-            grad_norm = _update(loss, model, ema, optimizer, scheduler, config, step)
-            step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.update(1)
-            elapsed = elapsed_before + time.perf_counter() - session_start
-            if step % config.log_every == 0:
-                row = {"step": step, "loss": loss_sum / loss_n, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "elapsed_s": round(elapsed, 1)}  # fmt: skip
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-                loss_sum, loss_n = 0.0, 0
-            stopping = (
-                step >= target
-                or (time_limit_s is not None and time.perf_counter() - session_start >= time_limit_s)
-                or (should_stop is not None and should_stop())
-            )
-            if step % config.checkpoint_every == 0 or stopping:
-                _save_checkpoint(
-                    out,
-                    step,
-                    model,
-                    ema,
-                    optimizer,
-                    scheduler,
-                    generator,
-                    stream,
-                    elapsed,
-                    config.keep_checkpoints,
-                )
-                if export:
-                    _export(out, pipeline, ema)
-            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                last_eval = _evaluate(out, pipeline, ema, config, step, elapsed)
-                bar.write(
-                    f"step {step}: eval overall {last_eval['overall']:.3f} {last_eval['task_accuracy']}"
-                )
-            if stopping:
-                break
-    finally:
-        bar.close()
-        log.close()
+    step, last_eval = train_loop(
+        config, out, loss_of_next_batch, (model, ema, optimizer, scheduler, generator, stream), step, elapsed_before,
+        target=config.steps if stop_at is None else min(stop_at, config.steps),
+        export=(lambda: _export(out, pipeline, ema)) if export else None, evaluate=evaluate, desc="pretrain",
+        progress=progress, time_limit_s=time_limit_s, should_stop=should_stop,
+    )  # fmt: skip
     session = time.perf_counter() - session_start
     return PretrainResult(
         step=step,

@@ -305,8 +305,17 @@ class ModelAdapter:
         ``negative_prompts``: one string for all, one per prompt, or None for the pipeline's default
         unconditional input (the empty prompt; zeros for SDXL). Encodings are cached per prompt string
         (``cache_size`` most recent), which is exact because the text encoders are frozen and pad to a
-        fixed length. ``images`` (conditioning first frames) are for image-to-video families only.
+        fixed length.
+
+        ``images``: image-to-video families only, and required there: one conditioning first frame per prompt,
+        ``[B, 3, H, W]`` in ``[0, 1]`` at the video's size; the family's :meth:`_condition` tensors join both
+        CFG halves (the stock pipelines condition the unconditional half on the image too).
         """
+        if self.is_video and images is None:
+            raise ValueError(
+                "this image-to-video model needs a conditioning first frame per prompt: pass images= "
+                "([B, 3, H, W] in [0, 1]; --image on the command line)."
+            )
         if images is not None and not self.is_video:
             raise ValueError(
                 f"images: this {self.family} model is text-to-image and takes no conditioning image; pass it to an "
@@ -341,7 +350,23 @@ class ModelAdapter:
         negative = _stack(rows[len(prompts) :]) if negatives else None
         if zeros:
             negative = {k: torch.zeros_like(v) for k, v in embeds.items()}
+        if images is not None:
+            check_images(images, "images")
+            if images.shape[0] != len(prompts):
+                raise ValueError(
+                    f"images: got {images.shape[0]} conditioning images for {len(prompts)} prompts; pass one first "
+                    "frame per prompt (repeat an image for several prompts)."
+                )
+            self.latent_shape(*images.shape[-2:])  # checks the size
+            conditioning = self._condition(images)
+            embeds.update(conditioning)
+            if negative is not None:
+                negative.update(conditioning)
         return Cond(embeds, negative, prompts)
+
+    def _condition(self, images: Tensor) -> dict[str, Tensor]:
+        """Image-to-video families: the conditioning tensors of checked first frames ``[B, 3, H, W]``."""
+        raise NotImplementedError
 
     def _cached_rows(self, texts: list[str]) -> list[dict[str, Tensor]]:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))

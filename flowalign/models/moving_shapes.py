@@ -28,19 +28,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from torch import Tensor
 
-from flowalign.models.base import Cond, ModelAdapter, check_images
+from flowalign.models.base import Cond, check_images
 from flowalign.models.shapes import (
     COLOR_WORDS,
     SHAPE_WORDS,
     SPECIAL_TOKENS,
-    UnknownWordError,
+    ShapesAdapter,
+    ShapesPipeline,
     shapes_tokenizer,
 )
-from flowalign.samplers.schedules import Schedule, flow_schedule
 
 __all__ = [
     "SHIPPED_VIDEO_MODEL",
@@ -116,47 +115,23 @@ def build_moving_shapes_pipeline(
     )  # fmt: skip
 
 
-class MovingShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    """Image-to-video flow pipeline of the moving-shapes world (see the module docstring).
+class MovingShapesPipeline(ShapesPipeline):
+    """Image-to-video flow pipeline of the moving-shapes world (see the module docstring); the shapes
+    pipeline's text encoding and LoRA loading, with video latents.
 
     ``pipeline(prompts, images, num_inference_steps=10, guidance_scale=1.0, generator=g)`` samples with the
     scheduler's Euler steps; ``images`` ``[B, 3, H, W]`` in ``[0, 1]`` are the first frames; returns videos
     ``[B, F, 3, H, W]`` in ``[0, 1]``."""
 
-    model_cpu_offload_seq = "text_encoder->unet"
+    model_name = "moving-shapes model"
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, patch_size: int = 2, num_frames: int = 5):
-        super().__init__()
-        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(patch_size=int(patch_size), num_frames=int(num_frames))
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.config.patch_size)
+        super().__init__(unet, text_encoder, tokenizer, scheduler, patch_size)
+        self.register_to_config(num_frames=int(num_frames))
 
     @property
     def num_frames(self) -> int:
         return int(self.config.num_frames)
-
-    def encode_prompt(self, prompts: Sequence[str], device: torch.device | str | None = None) -> Tensor:
-        """``[B, max_length, text_hidden]`` last hidden states; unknown words are an :class:`UnknownWordError`."""
-        max_length = self.tokenizer.model_max_length
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=max_length, truncation=False
-        ).input_ids
-        vocab = self.tokenizer.get_vocab()
-        for prompt, row in zip(prompts, ids):
-            if self.tokenizer.unk_token_id in row or len(row) > max_length:
-                words = self.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(prompt.lower())
-                unknown = sorted({w for w, _ in words if w not in vocab})
-                raise UnknownWordError(
-                    f"prompt {prompt!r}: " + (f"words outside the moving-shapes vocabulary: {unknown}; known words: "
-                    f"{' '.join(VIDEO_VOCABULARY[len(SPECIAL_TOKENS):])}." if unknown else
-                    f"{len(row)} tokens with [BOS]/[EOS]; the model reads at most {max_length}.")
-                )  # fmt: skip
-        return self.text_encoder(
-            torch.tensor(ids, device=device or self.text_encoder.device)
-        ).last_hidden_state
 
     def to_latents(self, frames: Tensor) -> Tensor:
         """``[B, F, 3, H, W]`` (or one frame ``[B, 3, H, W]``) in ``[0, 1]`` -> ``[B, 3 p^2, F, H / p, W / p]``
@@ -212,26 +187,14 @@ class MovingShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return self.to_frames(latents)
 
 
-class MovingShapesAdapter(ModelAdapter):
-    """The moving-shapes model behind the adapter protocol (a video flow model; see the module docstring).
+class MovingShapesAdapter(ShapesAdapter):
+    """The moving-shapes model behind the adapter protocol (a video flow model; see the module docstring):
+    the shapes model's adapter (text, schedule, LoRA targets) with video latents and a first frame.
     ``encode(prompts, images=first_frames)``; latents ``[B, 12, 5, 16, 16]``; ``decode`` -> ``[B, 5, 3, 32, 32]``."""
 
     family = "moving_shapes"
     pipeline_classes = ("MovingShapesPipeline",)
     pipeline_module = "flowalign.models.moving_shapes"
-    denoiser_name = "unet"
-    kind = "flow"
-    prediction_type = "flow"
-    default_lora_targets = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "proj_in",
-        "proj_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-    )
     default_steps = 10
     default_guidance = 1.0
 
@@ -250,33 +213,9 @@ class MovingShapesAdapter(ModelAdapter):
                 f"the moving-shapes model makes {self.pipeline.num_frames} frames, got {value!r}."
             )
 
-    @property
-    def default_resolution(self) -> int:
-        return int(self.denoiser.config.sample_size) * self.pipeline.patch_size
-
-    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
-        return {"prompt_embeds": self.pipeline.encode_prompt(prompts, self.device)}
-
-    def encode(self, prompts, negative_prompts=None, cfg: bool = True, images: Tensor | None = None) -> Cond:
-        """Prompts as :meth:`ModelAdapter.encode`, plus one first frame per prompt (``images`` ``[B, 3, H, W]``
-        in ``[0, 1]``), which both CFG halves carry."""
-        if images is None:
-            raise ValueError(
-                "this image-to-video model needs a conditioning first frame per prompt: pass images= "
-                "([B, 3, H, W] in [0, 1]; --image on the command line)."
-            )
-        cond = super().encode(prompts, negative_prompts, cfg)
-        check_images(images, "images")
-        if images.shape[0] != len(cond):
-            raise ValueError(
-                f"images: got {images.shape[0]} conditioning images for {len(cond)} prompts; pass one per prompt."
-            )
-        self.latent_shape(*images.shape[-2:])
-        first = {"first_frame": self.pipeline.to_latents(images.to(self.device).float())}
-        cond.embeds.update(first)
-        if cond.negative is not None:
-            cond.negative.update(first)
-        return cond
+    def _condition(self, images: Tensor) -> dict[str, Tensor]:
+        """The first frame's latent, ``first_frame`` ``[B, 12, 16, 16]``."""
+        return {"first_frame": self.pipeline.to_latents(images.to(self.device).float())}
 
     def resolution_of(self, cond: Cond) -> tuple[int, int] | None:
         first = cond.embeds.get("first_frame")
@@ -293,17 +232,6 @@ class MovingShapesAdapter(ModelAdapter):
             raise ValueError(f"the moving-shapes model makes {size}x{size} videos, got {height}x{width}.")
         p = self.pipeline.patch_size
         return (3 * p * p, self.num_frames, height // p, width // p)
-
-    def schedule(
-        self, num_steps: int, latent_shape: Sequence[int] | None = None, levels: Sequence[float] | None = None
-    ) -> Schedule:
-        config = self.pipeline.scheduler.config
-        return flow_schedule(
-            num_steps,
-            shift=config.get("shift", 1.0),
-            num_train_timesteps=config.num_train_timesteps,
-            sigmas=levels,
-        ).to(self.device)
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.pipeline.to_frames(latents)

@@ -198,6 +198,7 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->unet"
+    model_name = "shapes model"  # in unknown-word errors
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, patch_size: int = 1):
         super().__init__()
@@ -218,15 +219,17 @@ class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         unk = self.tokenizer.unk_token_id
         for prompt, row in zip(prompts, ids):
             if unk in row:
+                vocab = self.tokenizer.get_vocab()
                 words = self.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(prompt.lower())
-                unknown = sorted({w for w, _ in words if w not in self.tokenizer.get_vocab()})
+                unknown = sorted({w for w, _ in words if w not in vocab})
+                known = sorted(vocab, key=vocab.get)[len(SPECIAL_TOKENS) :]
                 raise UnknownWordError(
-                    f"prompt {prompt!r} uses words outside the shapes model's vocabulary: {unknown}. "
-                    f"Known words: {' '.join(VOCABULARY[len(SPECIAL_TOKENS) :])}."
+                    f"prompt {prompt!r} uses words outside the {self.model_name}'s vocabulary: {unknown}. "
+                    f"Known words: {' '.join(known)}."
                 )
             if len(row) > max_length:
                 raise UnknownWordError(
-                    f"prompt {prompt!r} is {len(row)} tokens with [BOS]/[EOS]; the shapes model reads at most "
+                    f"prompt {prompt!r} is {len(row)} tokens with [BOS]/[EOS]; the {self.model_name} reads at most "
                     f"{max_length}."
                 )
         return torch.tensor(ids, dtype=torch.long)

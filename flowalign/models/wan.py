@@ -216,45 +216,13 @@ class WanAdapter(ModelAdapter):
         )  # fmt: skip
         return {"prompt_embeds": embeds}
 
-    def encode(
-        self,
-        prompts: Sequence[str],
-        negative_prompts: str | Sequence[str] | None = None,
-        cfg: bool = True,
-        images: Tensor | None = None,
-    ) -> Cond:
-        """Prompts as :meth:`ModelAdapter.encode`, plus one conditioning first frame per prompt: ``images``
-        ``[B, 3, H, W]`` in ``[0, 1]`` (the video's size). Both CFG halves carry the image conditioning."""
-        if images is None:
-            raise ValueError(
-                "this Wan image-to-video model needs a conditioning first frame per prompt: pass images= "
-                "([B, 3, H, W] in [0, 1]; --image on the command line)."
-            )
-        cond = super().encode(prompts, negative_prompts, cfg)
-        image = self.condition_images(images, len(cond))
-        cond.embeds.update(image)
-        if cond.negative is not None:
-            cond.negative.update(image)
-        return cond
-
-    def condition_images(self, images: Tensor, batch: int | None = None) -> dict[str, Tensor]:
+    def _condition(self, images: Tensor) -> dict[str, Tensor]:
         """The stock pipeline's image conditioning of ``images`` ``[B, 3, H, W]`` in ``[0, 1]``: ``condition``
         ``[B, 20, T, h, w]`` (mask and first-frame latent) and, for Wan 2.1, ``image_embeds``."""
-        from flowalign.models.base import check_images
-
-        check_images(images, "images")
-        if batch is not None and images.shape[0] != batch:
-            raise ValueError(
-                f"images: got {images.shape[0]} conditioning images for {batch} prompts; pass one first frame per "
-                "prompt (repeat an image for several prompts)."
-            )
         height, width = images.shape[-2:]
-        self.latent_shape(height, width)  # checks the size
         unique, inverse = torch.unique(images.detach().cpu(), dim=0, return_inverse=True)
         if len(unique) < len(images):  # a group's samples share their prompt's frame: encode it once
-            return {
-                k: v[inverse.to(v.device)] for k, v in self.condition_images(unique.to(images.device)).items()
-            }
+            return {k: v[inverse.to(v.device)] for k, v in self._condition(unique.to(images.device)).items()}
         pipe = self.pipeline
         with torch.no_grad():
             first = (images * 2 - 1).unsqueeze(2)  # the later frames are zeros in [-1, 1], i.e. grey

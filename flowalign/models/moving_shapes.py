@@ -255,8 +255,6 @@ TINY_VIDEO_ARCHITECTURE = MovingShapesArchitecture(
 
 def tiny_moving_shapes_pipeline() -> MovingShapesPipeline:
     """A seeded, untrained, tiny :class:`MovingShapesPipeline` (``load_model("tiny-moving_shapes")``)."""
-    pipeline = build_moving_shapes_pipeline(TINY_VIDEO_ARCHITECTURE, seed=0)
-    for component in pipeline.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    return pipeline
+    from flowalign.models.tiny import evaluated
+
+    return evaluated(build_moving_shapes_pipeline(TINY_VIDEO_ARCHITECTURE, seed=0))

@@ -358,8 +358,6 @@ TINY_ARCHITECTURE = ShapesArchitecture(
 
 def tiny_shapes_pipeline() -> ShapesPipeline:
     """A seeded, untrained, tiny :class:`ShapesPipeline` (like ``flowalign.models.tiny``'s pipelines)."""
-    pipeline = build_shapes_pipeline(TINY_ARCHITECTURE, seed=0)
-    for component in pipeline.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    return pipeline
+    from flowalign.models.tiny import evaluated
+
+    return evaluated(build_shapes_pipeline(TINY_ARCHITECTURE, seed=0))

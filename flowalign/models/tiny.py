@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_FAMILIES", "tiny_pipeline", "tiny_tokenizer"]
+__all__ = ["TINY_FAMILIES", "evaluated", "tiny_pipeline", "tiny_tokenizer"]
 
 TINY_FAMILIES = ("sd3", "flux", "sd", "sdxl", "wan", "wan22")
 _MAX_TOKENS = 64
@@ -233,8 +233,12 @@ def tiny_pipeline(family: str):
     builders = {"sd3": _sd3, "flux": _flux, "sd": _sd, "sdxl": _sdxl, "wan": _wan, "wan22": _wan22}
     if family not in builders:
         raise ValueError(f"no tiny pipeline for family {family!r}; choose one of {TINY_FAMILIES}.")
-    pipeline = builders[family]()
+    return evaluated(builders[family]())
+
+
+def evaluated(pipeline):
+    """``pipeline`` with every module in eval mode, as ``from_pretrained`` leaves them (no dropout)."""
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
-            component.eval()  # as from_pretrained leaves them: no dropout
+            component.eval()
     return pipeline

@@ -197,7 +197,8 @@ class BackpropConfig:
 class DPOConfig:
     """Diffusion-DPO / Flow-DPO / InPO.
 
-    ``pairs``: ``online`` (best vs worst of each group under the reward) or a pair-file jsonl.
+    ``pairs``: ``online`` (best vs worst of each group under the reward) or a pair-file jsonl (images; for an
+    image-to-video model, videos with their first frame: :mod:`flowalign.data.pairs`).
     ``timesteps``: ``logit_normal`` (flow models, as flow_grpo's Flow-DPO) or ``uniform``.
     ``inversion``: InPO — noise the data by DDIM/flow inversion with ``inversion_steps`` steps.
     ``ref_refresh_every``: 0 keeps the reference fixed (the base model); N > 0 copies the trained weights

@@ -1,8 +1,11 @@
-"""Every online recipe on video: GRPO, DiffusionNFT and reward backprop train tiny Wan image-to-video models
-from YAML configs whose prompt records name their first frames; one expert of two trains only its own steps."""
+"""Every recipe on video: GRPO, DiffusionNFT, reward backprop and DPO (online pairs, and pair files of videos)
+train tiny image-to-video models from YAML configs whose records name their first frames; one expert of two
+trains only its own steps."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,13 @@ from PIL import Image
 from probes import probe as make_probe
 from safetensors.torch import load_file
 
+from flowalign.algorithms.dpo import denoising_error, dpo_loss
 from flowalign.config import load_config
+from flowalign.data.pairs import load_video
+from flowalign.data.prompts import load_image
 from flowalign.models import load_model
 from flowalign.train import train
+from flowalign.train.dpo import DPORecipe
 from flowalign.train.loop import run_training
 from flowalign.train.online import GRPORecipe, NFTRecipe
 
@@ -130,14 +137,169 @@ def test_bad_video_settings_are_one_line(tmp_path):
     prompts.write_text('{"prompt": "a", "image": "missing.png"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: 'image' must name an existing image file"):
         train(_config("configs/grpo/tiny_wan_i2v.yaml", tmp_path / "e", f"data.train_prompts={prompts}"))
-    with pytest.raises(ValueError, match="train.algorithm=dpo does not train video models yet"):
+    with pytest.raises(ValueError, match="train.algorithm=sft does not train video models yet"):
         train(
             _config(
-                "configs/dpo/tiny_sd3_online.yaml",
-                tmp_path / "f",
-                "model.path=tiny-wan",
-                "model.num_frames=5",
-                "model.resolution=null",
-                "data.train_prompts=assets/video/tiny/prompts.jsonl",
+                "configs/sft/tiny_shapes.yaml", tmp_path / "f", "model.path=tiny-wan", "model.num_frames=5"
             )
         )
+
+
+def _recording_calls(model, drawn: list, images: list):
+    """Record the model times ``model.predict`` sees and the first frames ``model.encode`` is given."""
+    predict, encode = model.predict, model.encode
+
+    def recording_predict(x_t, timestep, cond, guidance=1.0):
+        drawn.append(torch.as_tensor(timestep).flatten().tolist())
+        return predict(x_t, timestep, cond, guidance)
+
+    def recording_encode(prompts, cfg=False, **kwargs):
+        images.append(kwargs.get("images"))
+        return encode(prompts, cfg=cfg, **kwargs)
+
+    model.predict, model.encode = recording_predict, recording_encode
+
+
+@pytest.mark.parametrize("inversion", [False, True])
+def test_online_dpo_on_video_conditions_pairs_on_their_first_frame_and_trains_one_experts_levels(
+    inversion, tmp_path
+):
+    """Online Flow-DPO (and InPO) on Wan 2.2 with model.expert=low: the first update starts at the policy =
+    reference value log 2, the pairs are conditioned on their group's first frame, and every level DPO trains
+    on is one the low-noise expert serves (below the 900 boundary; the rollout's first step is at 1000)."""
+    drawn, images, seen = [], [], {}
+
+    def probe(recipe, step):
+        _recording_calls(recipe.ctx.model, drawn, images)
+        seen.update(DPORecipe.iteration(recipe, step))
+        return seen
+
+    config = _config(
+        "configs/dpo/tiny_wan22_i2v_online.yaml", tmp_path, "train.steps=1", f"dpo.inversion={inversion}",
+        "dpo.inversion_steps=4", "dpo.timesteps_per_pair=2",
+    )  # fmt: skip
+    run_training(config, make_probe(probe, DPORecipe))
+    assert seen["pairs"] == 2 and seen["loss"] != 0.0
+    rollout, trained = [t for call in drawn[:3] for t in call], [t for call in drawn[3:] for t in call]
+    assert max(rollout) == 1000 and trained and max(trained) < 900
+    sampled, paired = images[0], images[-1]
+    firsts = [
+        load_image(ROOT / "assets/video/tiny" / name)
+        for name in ("red_circle.png", "blue_square_green_triangle.png")
+    ]
+    assert torch.equal(sampled, torch.stack([firsts[0]] * 2 + [firsts[1]] * 2))  # groups of 2
+    assert torch.equal(paired, torch.stack(firsts))  # one pair per group
+
+
+def test_dpo_loss_starts_at_log_two_on_video():
+    """Policy = reference before the first update, on video latents too."""
+    model = load_model("tiny-moving_shapes")
+    model.add_lora(rank=4)
+    cond = model.encode(["the red circle moves right"] * 2, images=torch.rand(2, 3, 32, 32))
+    x0 = torch.randn(2, *model.latent_shape(32, 32))
+    t = torch.full((2,), 500.0)
+    with torch.no_grad(), model.reference():
+        ref = denoising_error(model.predict(x0, t, cond), torch.zeros_like(x0))
+    policy = denoising_error(model.predict(x0, t, cond), torch.zeros_like(x0))
+    loss, _ = dpo_loss(policy[:1], policy[1:], ref[:1], ref[1:], beta=100.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def _frames(seed: int) -> torch.Tensor:
+    """5 distinct 32x32 frames of eight pure colours (a GIF holds them exactly)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (5, 3, 32, 32), generator=gen).float()
+
+
+def _save_gif(frames: torch.Tensor, path: Path) -> None:
+    images = [Image.fromarray((f.permute(1, 2, 0) * 255).byte().numpy()) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
+
+
+def _video_pair_file(directory: Path, pairs: int = 2) -> Path:
+    lines = []
+    for i in range(pairs):
+        chosen, rejected = _frames(2 * i), _frames(2 * i + 1)
+        rejected[0] = chosen[0]  # both generated from one first frame
+        _save_gif(chosen, directory / f"w{i}.gif")
+        _save_gif(rejected, directory / f"l{i}.gif")
+        Image.fromarray((chosen[0].permute(1, 2, 0) * 255).byte().numpy()).save(directory / f"first{i}.png")
+        lines.append(json.dumps({"prompt": "the red circle moves right", "chosen": f"w{i}.gif",
+                                 "rejected": f"l{i}.gif", "image": f"first{i}.png"}))  # fmt: skip
+    path = directory / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_offline_video_pairs_train_toward_the_chosen_videos(tmp_path):
+    """A pair file of GIF videos on the tiny moving-shapes model: the videos are read exactly, the pairs'
+    latents are the model's encoding of them, and one update lowers the DPO loss on the pairs' own noised
+    latents (the winner's error falls relative to the loser's, against the reference)."""
+    pairs = _video_pair_file(tmp_path)
+    assert torch.equal(load_video(tmp_path / "w1.gif", 5, (32, 32)), _frames(2))
+    recorded, seen, context = [], {}, {}
+
+    def probe(recipe, step):
+        import flowalign.train.dpo as dpo
+
+        noised = dpo._noised
+
+        def recording(ctx, x0, level, noise):
+            out = noised(ctx, x0, level, noise)
+            recorded.append((x0, *out))
+            return out
+
+        dpo._noised = recording
+        try:
+            seen.update(DPORecipe.iteration(recipe, step))
+        finally:
+            dpo._noised = noised
+        context["model"] = recipe.ctx.model
+        return seen
+
+    config = _config(
+        "configs/dpo/tiny_sd3_online.yaml", tmp_path, "model.path=tiny-moving_shapes", "model.resolution=null",
+        f"dpo.pairs={pairs}", "dpo.pairs_per_step=2", "train.steps=1", "optim.lr=1e-2",
+    )  # fmt: skip
+    config.reward = {}
+    run_training(config, make_probe(probe, DPORecipe))
+    model = context["model"]
+    ((x0, x_t, timestep, target),) = recorded
+    expected = model.encode_images(torch.stack([_frames(0), _frames(2), _frames(1), _frames(3)]))
+    expected[2:, :, 0] = expected[:2, :, 0]  # the losers' first frames are the winners'
+    assert torch.equal(x0, expected) or torch.equal(x0, expected[[1, 0, 3, 2]])  # the step's pair order
+    cond = model.encode(["the red circle moves right"] * 4, images=model.decode(x0)[:, 0])
+    with torch.no_grad():
+        with model.reference():
+            ref = denoising_error(model.predict(x_t, timestep, cond), target)
+        after = denoising_error(model.predict(x_t, timestep, cond), target)
+    loss, _ = dpo_loss(after[:2], after[2:], ref[:2], ref[2:], config.dpo.beta)
+    assert seen["loss"] == pytest.approx(math.log(2), abs=1e-6) and loss.item() < math.log(2) - 1e-3
+
+
+def test_bad_video_pairs_are_one_line(tmp_path):
+    pairs = _video_pair_file(tmp_path, pairs=1)
+    overrides = (
+        "model.path=tiny-moving_shapes",
+        "model.resolution=null",
+        f"dpo.pairs={pairs}",
+        "dpo.pairs_per_step=1",
+    )
+
+    def run(name):
+        config = _config("configs/dpo/tiny_sd3_online.yaml", tmp_path / name, *overrides, "train.steps=1")
+        config.reward = {}
+        return train(config)
+
+    record = json.loads(pairs.read_text())
+    pairs.write_text(json.dumps({k: v for k, v in record.items() if k != "image"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: a video pair needs the conditioning first frame"):
+        run("a")
+    pairs.write_text(json.dumps(record) + "\n")
+    _save_gif(_frames(0)[:4], tmp_path / "w0.gif")
+    with pytest.raises(ValueError, match=r"w0.gif' has 4 frames, the model makes 5; cut or pad it first"):
+        run("b")
+    Image.new("RGB", (16, 16)).save(tmp_path / "first0.png")
+    _save_gif(_frames(0), tmp_path / "w0.gif")
+    with pytest.raises(ValueError, match=r"w0.gif' is 32x32, its first frame \(the pair's image\) is 16x16"):
+        run("c")

@@ -1,7 +1,9 @@
 """Preference pairs: offline pair files and pairs mined online from groups under any reward.
 
 A pair file is jsonl, one pair per line: ``{"prompt": ..., "chosen": "a.png", "rejected": "b.png", ...}``;
-image paths are relative to the file's directory; other keys become metadata. Online pairs take, in each
+image paths are relative to the file's directory; other keys become metadata. For an image-to-video model the
+pair is two videos (``"chosen": "a.gif"``; GIF, or MP4 and other formats through ``imageio``) generated from one
+conditioning first frame, ``"image": "first.png"`` (:func:`load_pair_file` with ``video=True``). Online pairs take, in each
 group of samples of one prompt, the best against the worst sample under the reward (or the ``k`` best
 against the ``k`` worst, rank by rank), when their reward gap is at least ``min_gap`` and never when they tie.
 """
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from flowalign.data.prompts import read_jsonl
 
-__all__ = ["PairRecord", "load_pair_file", "load_image", "mine_pairs"]
+__all__ = ["PairRecord", "load_pair_file", "load_image", "load_video", "mine_pairs"]
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,12 @@ class PairRecord:
     chosen: Path
     rejected: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    image: Path | None = None  # the conditioning first frame of a video pair
 
 
-def load_pair_file(path: str | Path) -> list[PairRecord]:
+def load_pair_file(path: str | Path, video: bool = False) -> list[PairRecord]:
+    """The pairs of a pair file; with ``video=True`` every pair must name its conditioning first frame
+    (``"image"``), which becomes :attr:`PairRecord.image` instead of metadata."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pair file {str(path)!r} does not exist.")
@@ -43,8 +48,19 @@ def load_pair_file(path: str | Path) -> list[PairRecord]:
         for image in (chosen, rejected):
             if not image.is_file():
                 raise FileNotFoundError(f"{path}:{number}: image {str(image)!r} does not exist.")
-        extra = {k: v for k, v in item.items() if k not in ("prompt", "chosen", "rejected")}
-        pairs.append(PairRecord(item["prompt"], chosen, rejected, extra))
+        first = None
+        if video:
+            if not isinstance(item.get("image"), str):
+                raise ValueError(
+                    f"{path}:{number}: a video pair needs the conditioning first frame both videos were generated "
+                    'from: add "image": "first.png" (a path relative to the file).'
+                )
+            first = path.parent / item["image"]
+            if not first.is_file():
+                raise FileNotFoundError(f"{path}:{number}: image {str(first)!r} does not exist.")
+        fields = ("prompt", "chosen", "rejected", "image") if video else ("prompt", "chosen", "rejected")
+        extra = {k: v for k, v in item.items() if k not in fields}
+        pairs.append(PairRecord(item["prompt"], chosen, rejected, extra, first))
     if not pairs:
         raise ValueError(f"pair file {str(path)!r} holds no pairs.")
     return pairs
@@ -63,6 +79,30 @@ def load_image(path: Path, size: int) -> Tensor:
             )
         array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_video(path: Path, num_frames: int, size: tuple[int, int]) -> Tensor:
+    """``[num_frames, 3, H, W]`` float in [0, 1] from a video file (diffusers' ``load_video``: GIF with PIL,
+    other formats with imageio); another frame count or frame size is an error, not silently resampled."""
+    import numpy as np
+    from diffusers.utils import load_video as read_frames
+
+    try:
+        frames = read_frames(str(path))
+    except (ImportError, AttributeError, OSError, ValueError) as err:
+        raise ValueError(f"video {str(path)!r} cannot be read: {err}") from None
+    if len(frames) != num_frames:
+        raise ValueError(
+            f"video {str(path)!r} has {len(frames)} frames, the model makes {num_frames}; cut or pad it first."
+        )
+    height, width = size
+    if frames[0].size != (width, height):
+        raise ValueError(
+            f"video {str(path)!r} is {frames[0].size[0]}x{frames[0].size[1]}, its first frame (the pair's image) is "
+            f"{width}x{height}; resize one of them."
+        )
+    array = np.stack([np.asarray(frame.convert("RGB"), dtype=np.float32) for frame in frames]) / 255.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
 def mine_pairs(

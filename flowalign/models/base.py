@@ -221,6 +221,11 @@ class ModelAdapter:
         side of the boundary): a bool tensor shaped like ``timesteps``."""
         return torch.ones_like(torch.as_tensor(timesteps), dtype=torch.bool)
 
+    def trained_sigmas(self) -> tuple[float, float]:
+        """The flow noise levels ``(low, high)`` the trained denoiser serves, the continuous form of
+        :meth:`trains` (``(0, 1)``: all)."""
+        return 0.0, 1.0
+
     def resolution_of(self, cond: Cond) -> tuple[int, int] | None:
         """The ``(height, width)`` that ``cond`` fixes (an image-to-video model's conditioning frames), or None."""
         return None

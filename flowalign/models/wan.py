@@ -166,6 +166,12 @@ class WanAdapter(ModelAdapter):
         low = timesteps < self.boundary
         return low if self.expert == "low" else ~low
 
+    def trained_sigmas(self) -> tuple[float, float]:
+        if self.boundary is None:
+            return 0.0, 1.0
+        sigma = self.boundary / self.pipeline.scheduler.config.num_train_timesteps  # model time = 1000 sigma
+        return (0.0, sigma) if self.expert == "low" else (sigma, 1.0)
+
     def resolution_of(self, cond: Cond) -> tuple[int, int] | None:
         condition = cond.embeds.get("condition")
         if condition is None:

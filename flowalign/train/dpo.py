@@ -1,7 +1,8 @@
 """Preference-optimization recipe on the shared loop: Diffusion-DPO, Flow-DPO, InPO; offline or online pairs.
 
 One iteration: pairs (offline: the next ``pairs_per_step`` from the pair file, latents encoded once and
-cached; online: sample groups, score, mine best-vs-worst pairs) -> per pair one ``t`` and one noise shared by
+cached; online: sample groups, score, mine best-vs-worst pairs; for an image-to-video model, pairs of videos
+from one first frame, which conditions both) -> per pair one ``t`` and one noise shared by
 winner and loser (or, for InPO, the inverted latents) -> denoising errors of the trained model and of the
 reference -> DPO loss -> optimizer step, repeated ``timesteps_per_pair`` times with fresh levels; the
 reference follows the trained weights every ``ref_refresh_every`` steps when asked (online DPO).
@@ -10,12 +11,15 @@ reference follows the trained weights every ``ref_refresh_every`` steps when ask
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from flowalign.algorithms.dpo import denoising_error, dpo_loss
-from flowalign.data.pairs import PairRecord, load_image, load_pair_file, mine_pairs
+from flowalign.data.pairs import PairRecord, load_image, load_pair_file, load_video, mine_pairs
+from flowalign.data.prompts import condition_images
+from flowalign.data.prompts import load_image as load_first_frame
 from flowalign.samplers import chunks
 from flowalign.samplers.inversion import invert
 from flowalign.samplers.steps import randn
@@ -27,31 +31,53 @@ from flowalign.train.state import EMA
 __all__ = ["DPORecipe"]
 
 
+class _Pairs(NamedTuple):
+    """One process's pairs of an iteration: prompts, winners' and losers' latents, the pairs' keys (for
+    their generators), metrics, and for a video model the first frames ``[P, 3, H, W]`` (else None)."""
+
+    prompts: list[str]
+    x_w: Tensor | None
+    x_l: Tensor | None
+    keys: Tensor
+    metrics: dict[str, float]
+    images: Tensor | None = None
+
+
+def _no_pairs(metrics: dict[str, float]) -> _Pairs:
+    return _Pairs([], None, None, torch.zeros(0, dtype=torch.long), metrics)
+
+
 class _OfflinePairs:
-    """A pair file streamed from disk: each image is read and VAE-encoded (posterior mode) when a batch
-    needs it; the ``dpo.latent_cache_size`` most recently used latents are kept in CPU memory (LRU), so
-    memory stays bounded whatever the file's size."""
+    """A pair file streamed from disk: each image (or video) is read and VAE-encoded (posterior mode) when a
+    batch needs it; the ``dpo.latent_cache_size`` most recently used latents are kept in CPU memory (LRU),
+    so memory stays bounded whatever the file's size."""
 
     def __init__(self, ctx: TrainContext):
-        self.records: list[PairRecord] = load_pair_file(ctx.config.dpo.pairs)
+        self.records: list[PairRecord] = load_pair_file(ctx.config.dpo.pairs, video=ctx.model.is_video)
         self.size = ctx.config.model.resolution or ctx.model.default_resolution
         self.capacity = ctx.config.dpo.latent_cache_size
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
 
-    def latent(self, ctx: TrainContext, path) -> Tensor:
+    def latent(self, ctx: TrainContext, path, first: Tensor | None = None) -> Tensor:
+        """The latent of the image (or, given its first frame ``first``, the video) at ``path``."""
         key = str(path)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key].to(ctx.model.device)
+        model = ctx.model
+        if first is None:
+            pixels = load_image(path, self.size)
+        else:
+            pixels = load_video(path, model.num_frames, tuple(first.shape[-2:]))
         with torch.no_grad():
-            latent = ctx.model.encode_images(load_image(path, self.size)[None].to(ctx.model.device))[0]
+            latent = model.encode_images(pixels[None].to(model.device))[0]
         if self.capacity > 0:
             self.cache[key] = latent.cpu()
             while len(self.cache) > self.capacity:
                 self.cache.popitem(last=False)
         return latent
 
-    def batch(self, ctx: TrainContext, step: int):
+    def batch(self, ctx: TrainContext, step: int) -> _Pairs:
         per = ctx.config.dpo.pairs_per_step
         n = len(self.records)
         shared = ctx.shared_generator(step // max(1, n // per), "pair_epoch")
@@ -61,15 +87,24 @@ class _OfflinePairs:
         acc = ctx.accelerator
         keys = list(range(per))[acc.process_index :: acc.num_processes]  # pair i of this step's selection
         if not keys:
-            return [], None, None, torch.zeros(0, dtype=torch.long), {}
+            return _no_pairs({})
         mine = [chosen[i] for i in keys]
         prompts = [r.prompt for r in mine]
-        x_w = torch.stack([self.latent(ctx, r.chosen) for r in mine])
-        x_l = torch.stack([self.latent(ctx, r.rejected) for r in mine])
-        return prompts, x_w, x_l, torch.tensor(keys), {}
+        firsts = [load_first_frame(r.image, "dpo.pairs") if r.image else None for r in mine]
+        x_w = torch.stack([self.latent(ctx, r.chosen, f) for r, f in zip(mine, firsts)])
+        x_l = torch.stack([self.latent(ctx, r.rejected, f) for r, f in zip(mine, firsts)])
+        images = _same_size(firsts) if ctx.model.is_video else None
+        return _Pairs(prompts, x_w, x_l, torch.tensor(keys), {}, images)
 
 
-def _online_pairs(ctx: TrainContext, step: int):
+def _same_size(images: list[Tensor]) -> Tensor:
+    sizes = {tuple(i.shape) for i in images}
+    if len(sizes) > 1:
+        raise ValueError(f"dpo.pairs: the first frames have different sizes {sorted(sizes)}; use one size.")
+    return torch.stack(images)
+
+
+def _online_pairs(ctx: TrainContext, step: int) -> _Pairs | None:
     sampled = sample_and_score(ctx, step)
     if sampled is None:
         return None
@@ -77,13 +112,17 @@ def _online_pairs(ctx: TrainContext, step: int):
     pairs = mine_pairs(sampled.rewards, sampled.batch.group_ids, p.min_gap, p.pairs_per_group)
     metrics = dict(sampled.metrics)
     if not pairs:
-        return [], None, None, torch.zeros(0, dtype=torch.long), metrics
+        return _no_pairs(metrics)
     final = sampled.trajectory.final
-    prompts = [sampled.batch.prompts[w] for w, _ in pairs]
-    x_w = torch.stack([final[w] for w, _ in pairs])
+    winners = [w for w, _ in pairs]
+    prompts = [sampled.batch.prompts[w] for w in winners]
+    x_w = torch.stack([final[w] for w in winners])
     x_l = torch.stack([final[loser] for _, loser in pairs])
-    keys = sampled.batch.group_ids[[w for w, _ in pairs]]  # the pair's global group (and rank within it)
-    return prompts, x_w, x_l, keys, metrics
+    keys = sampled.batch.group_ids[winners]  # the pair's global group (and rank within it)
+    images = None
+    if ctx.model.is_video:  # a group shares its first frame: the winner's conditions both
+        images = condition_images([sampled.batch.metadata[w] for w in winners], "data.train_prompts")
+    return _Pairs(prompts, x_w, x_l, keys, metrics, images)
 
 
 def _noise_levels(ctx: TrainContext, gens: list[torch.Generator]) -> Tensor:
@@ -93,10 +132,27 @@ def _noise_levels(ctx: TrainContext, gens: list[torch.Generator]) -> Tensor:
     if ctx.model.kind == "diffusion":
         num_train = len(ctx.model.pipeline.scheduler.alphas_cumprod)
         return torch.cat([torch.randint(0, num_train, (1,), generator=g, device=g.device) for g in gens])
+    low, high = ctx.model.trained_sigmas()
+    if (low, high) != (0.0, 1.0):  # one expert of two trains: the density restricted to its levels
+        return _truncated_levels(gens, low, high, p.timesteps, p.logit_mean, p.logit_std)
     if p.timesteps == "logit_normal":
         normal = torch.cat([torch.randn(1, generator=g, device=g.device) for g in gens])
         return torch.sigmoid(p.logit_mean + p.logit_std * normal)
     return torch.cat([torch.rand(1, generator=g, device=g.device) for g in gens]).clamp(1e-3, 1 - 1e-3)
+
+
+def _truncated_levels(
+    gens: list[torch.Generator], low: float, high: float, density: str, mean: float, std: float
+) -> Tensor:
+    """Sigmas from ``density`` (uniform or logit-normal) conditioned on ``[low, high]`` (within
+    ``[1e-3, 1 - 1e-3]``), by the inverse CDF of one uniform draw per pair."""
+    low, high = max(low, 1e-3), min(high, 1 - 1e-3)
+    u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in gens]).double()
+    if density == "uniform":
+        return (low + (high - low) * u).float()
+    bounds = torch.special.ndtr((torch.logit(torch.tensor([low, high]).double()) - mean) / std)
+    normal = torch.special.ndtri(bounds[0] + (bounds[1] - bounds[0]) * u)
+    return torch.sigmoid(mean + std * normal).clamp(low, high).float()
 
 
 def _noised(ctx: TrainContext, x0: Tensor, level: Tensor, noise: Tensor):
@@ -116,9 +172,17 @@ def _inversion(ctx: TrainContext, x0: Tensor, cond, gen: torch.Generator, micro:
     diffusion, eps - x0 for flow), all ``[2P, ...]``."""
     model, p = ctx.model, ctx.config.dpo
     schedule = model.schedule(p.inversion_steps, x0.shape[1:])
-    indices = torch.randint(
-        0, p.inversion_steps, (p.timesteps_per_pair,), generator=gen, device=gen.device
-    )  # shared
+    allowed = model.trains(schedule.timesteps[: p.inversion_steps]).nonzero().squeeze(1)  # one expert of two
+    if len(allowed) == 0:
+        raise ValueError(
+            f"dpo.inversion_steps={p.inversion_steps}: no inversion level is served by the trained expert "
+            "(model.expert); add steps or train the other expert."
+        )
+    indices = allowed[
+        torch.randint(0, len(allowed), (p.timesteps_per_pair,), generator=gen, device=gen.device).to(
+            allowed.device
+        )
+    ]  # shared
     stop = int(indices.min())
     if len(micro) == 1:
         states = invert(model, x0, cond, schedule, stop_index=stop)
@@ -183,9 +247,9 @@ def _dpo_iteration(
         mined = _online_pairs(ctx, step)
         if mined is None:
             return {"skipped_nonfinite_reward": 1.0}
-        prompts, x_w, x_l, keys, metrics = mined
     else:
-        prompts, x_w, x_l, keys, metrics = offline.batch(ctx, step)
+        mined = offline.batch(ctx, step)
+    prompts, x_w, x_l, keys, metrics, images = mined
     total = _global_pairs(ctx, len(prompts))
     metrics["pairs"] = float(total)
     if total == 0:  # every process agrees: no backward anywhere
@@ -200,11 +264,12 @@ def _dpo_iteration(
         size = ctx.config.model.resolution or model.default_resolution
         prompts, weight, keys = [""], 0.0, torch.tensor([-1])
         x_w = x_l = torch.zeros(1, *model.latent_shape(size, size), device=model.device)
+        images = torch.zeros(1, 3, size, size) if model.is_video else None
     # Every pair's draws come from its own generator (keyed by the pair, not the process), and the
     # levels InPO inverts to are shared, so 1 or N processes train on the same noise.
     gens = ctx.sample_generators(step, "dpo", keys)
     n = len(prompts)
-    cond = model.encode(prompts, cfg=False)
+    cond = model.encode(prompts, cfg=False, images=images)
     x0 = torch.cat([x_w, x_l]).float()
     micro = chunks(n, ctx.config.train.micro_batch_size)
     rows_of = [torch.cat([torch.arange(n)[part], torch.arange(n)[part] + n]) for part in micro]

@@ -250,7 +250,7 @@ def _setup_model(config: Config, device: torch.device) -> ModelAdapter:
     return model
 
 
-VIDEO_ALGORITHMS = ("grpo", "nft", "backprop")
+VIDEO_ALGORITHMS = ("grpo", "nft", "backprop", "dpo")
 
 
 def _setup_video(config: Config, model: ModelAdapter) -> None:

@@ -3,13 +3,14 @@ on its model family's tiny random model.
 
 Each config keeps all of its settings except what only points at the user's machine or scales the cost:
 
-- ``model.path`` -> ``tiny-<family>`` (``model.resolution=32``); ``tiny-*`` and the shipped ``shapes`` and
-  ``moving_shapes`` models are kept as they are;
+- ``model.path`` -> ``tiny-<family>`` (``model.resolution=32``; ``tiny-wan22`` for a Wan 2.2 config);
+  ``tiny-*`` and the shipped ``shapes`` and ``moving_shapes`` models are kept as they are;
 - batch sizes (``data.group_size``, ``data.groups_per_step``, ``grpo/nft.minibatch_size``,
   ``dpo.pairs_per_step``, ``sft.batch_size``, ``dmd.regression_pairs``) capped small;
 - ``/path/...`` data files (train/eval prompts, DPO pair files) -> shipped files of the same kind or small
-  files written to a tmp dir; ``/path/...`` weights (aesthetic head, CLIP, PickScore, Mask2Former) -> tiny
-  random weights written once per module (tests/tiny_weights.py);
+  files written to a tmp dir (image-to-video records with face pools: scikit-image's astronaut);
+  ``/path/...`` weights (aesthetic head, CLIP, PickScore, Mask2Former, a face embedder) -> tiny random weights
+  written once per module (tests/tiny_weights.py);
 - ``train.steps=1``, ``train.output_dir=<tmp>``, ``train.log_with=[]``, ``train.progress=false``,
   ``train.checkpoint_every=1``; a config that evaluates does so once, after its iteration
   (``eval.every=1``, ``eval.at_start=false``);
@@ -125,6 +126,18 @@ def pair_file(tmp_path_factory):
     return directory / "pairs.jsonl"
 
 
+@pytest.fixture(scope="module")
+def identity_videos(tmp_path_factory):
+    """IPRO's data: first frames with reference face pools (scikit-image's astronaut), and a tiny TorchScript
+    face embedder for ArcFace."""
+    pytest.importorskip("dlib")
+    pytest.importorskip("skimage")
+    from tiny_weights import save_tiny_face_embedder, write_identity_videos
+
+    directory = tmp_path_factory.mktemp("identity")
+    return write_identity_videos(directory), save_tiny_face_embedder(directory / "embedder.pt")
+
+
 # --- per-config substitutions of the user's files ------------------------------------------------------
 
 
@@ -157,6 +170,11 @@ FILES = {
     "backprop/sd35m_aesthetic_draft.yaml": lambda get: [
         f"data.train_prompts={get('prompt_files')['plain']}",
         *_aesthetic(get),
+    ],
+    "backprop/wan22_i2v_ipro.yaml": lambda get: [
+        "model.path=tiny-wan22",  # the family's two-expert (Wan 2.2) tiny model
+        f"data.train_prompts={get('identity_videos')[0]}",
+        f"reward.identity.args.embedder_path={get('identity_videos')[1]}",
     ],
     "dmd/sd35m_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dmd/sdxl_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],

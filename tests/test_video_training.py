@@ -303,3 +303,26 @@ def test_bad_video_pairs_are_one_line(tmp_path):
     _save_gif(_frames(0), tmp_path / "w0.gif")
     with pytest.raises(ValueError, match=r"w0.gif' is 32x32, its first frame \(the pair's image\) is 16x16"):
         run("c")
+
+
+def test_prompt_records_name_reference_pools_relative_to_the_file(tmp_path):
+    from flowalign.data.prompts import load_prompt_set
+
+    (tmp_path / "pool").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "pool" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "x", "reference": "pool"}\n{"prompt": "y", "reference": ["b.png", "pool/a.png"]}\n'
+    )
+    first, second = load_prompt_set(prompts)
+    assert first.metadata["reference"] == str(tmp_path / "pool")
+    assert second.metadata["reference"] == [str(tmp_path / "b.png"), str(tmp_path / "pool" / "a.png")]
+    prompts.write_text('{"prompt": "x", "reference": ["b.png", "gone.png"]}\n')
+    with pytest.raises(
+        ValueError, match=r"p.jsonl:1: 'reference' names paths that do not exist: \[.*gone.png'\]"
+    ):
+        load_prompt_set(prompts)
+    prompts.write_text('{"prompt": "x", "reference": 3}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: 'reference' must be a path or a list of paths"):
+        load_prompt_set(prompts)

@@ -91,3 +91,37 @@ def write_pair_file(directory, prompts, seed: int = 0):
         lines.append(json.dumps({"prompt": prompt, "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
     (directory / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return directory / "pairs.jsonl"
+
+
+def save_tiny_face_embedder(path: Path, seed: int = 0) -> Path:
+    """A TorchScript face embedder standing in for ArcFace: ``[B, 3, 112, 112]`` -> ``[B, 16]``, random weights."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    module = nn.Sequential(
+        nn.Conv2d(3, 8, 7, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16)
+    )
+    torch.jit.script(module).save(str(path))
+    return path
+
+
+def write_identity_videos(directory: Path) -> Path:
+    """An image-to-video prompt file whose records name a 32x32 first frame and a reference pool of two face
+    images (scikit-image's astronaut photo, on which dlib's detector finds the face), as IPRO's data."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    directory = Path(directory)
+    pool = directory / "pool"
+    pool.mkdir(parents=True, exist_ok=True)
+    face = Image.fromarray(data.astronaut()[20:300, 90:370])
+    face.resize((256, 256)).save(pool / "a.png")
+    face.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((256, 256)).save(pool / "b.png")
+    Image.fromarray(np.asarray(face.resize((32, 32)))).save(directory / "first.png")
+    record = {"prompt": "a woman smiles", "image": "first.png", "reference": "pool"}
+    (directory / "videos.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    return directory / "videos.jsonl"

@@ -81,12 +81,30 @@ def load_prompt_set(path: str | Path) -> list[PromptRecord]:
                         f"got {image!r}."
                     )
                 metadata["image"] = str(path.parent / image)
+            if "reference" in metadata:
+                metadata["reference"] = _reference_paths(metadata["reference"], path, number)
             records.append(PromptRecord(item["prompt"], metadata))
     else:
         raise ValueError(f"prompt file {str(path)!r} must end in .txt or .jsonl.")
     if not records:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts.")
     return records
+
+
+def _reference_paths(reference: Any, path: Path, number: int) -> str | list[str]:
+    """A record's ``reference`` (the identity reward's pool: an image, a directory of images, or a list of
+    images) resolved relative to the prompt file, as ``image`` is; each must exist."""
+    names = [reference] if isinstance(reference, str) else reference
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f"{path}:{number}: 'reference' must be a path or a list of paths (relative to the prompt file), "
+            f"got {reference!r}."
+        )
+    resolved = [path.parent / name for name in names]
+    missing = [str(r) for r in resolved if not r.exists()]
+    if missing:
+        raise ValueError(f"{path}:{number}: 'reference' names paths that do not exist: {missing}.")
+    return str(resolved[0]) if isinstance(reference, str) else [str(r) for r in resolved]
 
 
 def load_image(path: str | Path, where: str = "image") -> Tensor:

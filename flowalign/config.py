@@ -51,8 +51,8 @@ class ModelConfig:
     ``path``: a diffusers directory, a hub id, ``tiny-<family>``, or ``shapes`` (the shipped default).
     ``lora_rank``: 0 means full fine-tuning of the denoiser.
     ``num_frames`` (video models): frames per video (Wan: ``4k + 1``); None: the model's default.
-    ``expert`` (Wan 2.2's two experts): ``high`` or ``low``, the expert that trains (reward backprop through
-    the last steps trains ``low``); None: ``high``.
+    ``expert`` (Wan 2.2's two experts): ``high``, ``low`` or ``both``, the expert(s) that train (reward
+    backprop through the last steps trains ``low``); None: ``high``.
     """
 
     path: str = "shapes"
@@ -557,6 +557,12 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
         fail("train.mixed_precision", f"must be no, bf16 or fp16, got {t.mixed_precision!r}")
     if t.sharding not in ("ddp", "fsdp"):
         fail("train.sharding", f"must be ddp or fsdp, got {t.sharding!r}")
+    if t.sharding == "fsdp" and config.model.expert == "both":
+        fail(
+            "train.sharding",
+            "model.expert=both routes each sample to one expert, and FSDP would wait for gradients of an expert "
+            "that another process did not run; use train.sharding=ddp, or train one expert",
+        )
     if t.micro_batch_size is not None and t.micro_batch_size < 1:
         fail("train.micro_batch_size", f"must be >= 1 or null (no micro-batching), got {t.micro_batch_size}")
     if config.optim.warmup_steps < 0:

@@ -25,8 +25,10 @@ CASES = [
     "alignprop",
     "sft",
     "dmd_fdistill",
+    "nft_wan22_both",
+    "dpo_wan22_online",
 ]
-FSDP_CASES = ["grpo_kl_fsdp", "nft_fsdp", "sft_full_fsdp"]
+FSDP_CASES = ["grpo_kl_fsdp", "nft_fsdp", "sft_full_fsdp", "nft_wan22_low_fsdp"]
 EVAL_CASES = ["grpo_eval", "grpo_eval_fsdp"]
 NOT_COMPARED = {"step_time", "model_time_share"}
 

@@ -137,6 +137,12 @@ def test_bad_video_settings_are_one_line(tmp_path):
     prompts.write_text('{"prompt": "a", "image": "missing.png"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: 'image' must name an existing image file"):
         train(_config("configs/grpo/tiny_wan_i2v.yaml", tmp_path / "e", f"data.train_prompts={prompts}"))
+    with pytest.raises(
+        ValueError, match="train.sharding.: model.expert=both routes each sample to one expert"
+    ):
+        _config("configs/nft/tiny_wan22_i2v.yaml", tmp_path / "g", "model.expert=both", "train.sharding=fsdp")
+    with pytest.raises(ValueError, match="model.expert: expert must be 'high', 'low' or 'both', got 'all'"):
+        train(_config("configs/nft/tiny_wan22_i2v.yaml", tmp_path / "h", "model.expert=all"))
     with pytest.raises(ValueError, match="train.algorithm=sft does not train video models yet"):
         train(
             _config(
@@ -326,3 +332,32 @@ def test_prompt_records_name_reference_pools_relative_to_the_file(tmp_path):
     prompts.write_text('{"prompt": "x", "reference": 3}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: 'reference' must be a path or a list of paths"):
         load_prompt_set(prompts)
+
+
+def test_both_experts_train_in_one_run_and_their_lora_reloads(tmp_path):
+    """Wan 2.2 with model.expert=both: NFT trains on levels of both experts (3 levels: 1000 and 751 on either
+    side of the 900 boundary, and 8.9), the first update moves the LoRA of each, and the checkpoint's LoRA
+    reloads onto both experts of a fresh model."""
+    drawn, images = [], []
+
+    def probe(recipe, step):
+        _recording_calls(recipe.ctx.model, drawn, images)
+        return NFTRecipe.iteration(recipe, step)
+
+    config = _config(
+        "configs/nft/tiny_wan22_i2v.yaml", tmp_path, "train.steps=1", "train.checkpoint_every=1",
+        "model.expert=both", "nft.timesteps_per_sample=3",
+    )  # fmt: skip
+    run_training(config, make_probe(probe, NFTRecipe))
+    trained = {t for call in drawn[3:] for t in call}
+    assert any(t >= 900 for t in trained) and any(t < 900 for t in trained)
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step-*")
+    moved = {
+        k.split(".")[0]
+        for k, v in load_file(str(checkpoint / "trainable.safetensors")).items()
+        if "lora_B" in k and v.abs().sum() > 0
+    }
+    assert moved == {"transformer", "transformer_2"}
+    fresh = load_model("tiny-wan22")
+    fresh.load_lora(checkpoint / "lora")
+    assert fresh.expert == "both" and fresh.has_lora

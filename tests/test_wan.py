@@ -77,13 +77,23 @@ def test_the_low_noise_expert_has_its_own_guidance_and_mixed_batches_split_by_ex
     assert not torch.allclose(model.predict(x[:1], t[1:], cond.select([0]), 5.0), both[:1], atol=1e-3)
 
 
-@pytest.mark.parametrize("variant,expert", [("wan", "high"), ("wan22", "low")])
-def test_a_lora_of_either_expert_loads_in_the_stock_pipeline(variant, expert, tmp_path):
+@pytest.mark.parametrize("variant,expert", [("wan", "high"), ("wan22", "low"), ("wan22", "both")])
+def test_a_lora_of_either_expert_or_both_loads_in_the_stock_pipeline(variant, expert, tmp_path):
+    """A LoRA of one expert, or of both (the high-noise one's in the directory, the low-noise one's in its
+    transformer_2/), reproduces the tuned samples in the stock pipeline and in a fresh flowalign model. The
+    3-step grid crosses the boundary, so both experts run."""
     model = load_model(f"tiny-{variant}", expert=expert)
     model.add_lora(rank=4)
     images, pils = _first_frames(1)
-    trained = model.pipeline.transformer_2 if expert == "low" else model.pipeline.transformer
-    assert model.denoiser is trained and model.trainable_parameters()
+    pipe = model.pipeline
+    if expert == "both":
+        assert {n.split(".")[0] for n, p in model.denoiser.named_parameters() if p.requires_grad} == {
+            "transformer",
+            "transformer_2",
+        }
+    else:
+        assert model.denoiser is (pipe.transformer_2 if expert == "low" else pipe.transformer)
+    assert model.trainable_parameters()
     with torch.no_grad():  # stand-in for training: non-zero LoRA B matrices
         gen = torch.Generator().manual_seed(5)
         for name, param in model.denoiser.named_parameters():
@@ -98,9 +108,12 @@ def test_a_lora_of_either_expert_loads_in_the_stock_pipeline(variant, expert, tm
     model.save_lora(tmp_path)
     stock = tiny_pipeline(variant)
     stock.load_lora_weights(str(tmp_path), **({"load_into_transformer_2": True} if expert == "low" else {}))
+    if expert == "both":
+        stock.load_lora_weights(str(tmp_path / "transformer_2"), load_into_transformer_2=True)
     assert (_stock(stock, pils[0], PROMPTS[0], 0, 3, 1.0, "latent") - tuned.final).abs().max() <= 1e-4
-    again = load_model(f"tiny-{variant}", expert=expert)
+    again = load_model(f"tiny-{variant}")
     again.load_lora(tmp_path)
+    assert again.expert == expert
     reloaded = generate(
         again, PROMPTS[:1], seeded_generators([0], "cpu"), steps=3, guidance=1.0, images=images
     )

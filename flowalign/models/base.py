@@ -182,6 +182,11 @@ class ModelAdapter:
         """The trained network (transformer or UNet)."""
         return getattr(self.pipeline, self.denoiser_name)
 
+    def _adapted(self) -> list[nn.Module]:
+        """The diffusers models that carry the LoRA adapter: the denoiser (both experts of a two-expert
+        model that trains both)."""
+        return [self.denoiser]
+
     @property
     def net(self) -> nn.Module:
         """The module to call for a forward pass: the denoiser, or its distributed wrapper (DDP/FSDP) once
@@ -471,14 +476,15 @@ class ModelAdapter:
             lora_dropout=dropout,
             init_lora_weights=init,
         )
-        self.denoiser.requires_grad_(False)
-        self.denoiser.add_adapter(config)
-        for name, param in self.denoiser.named_parameters():
-            param.requires_grad_("lora_" in name)
+        for module in self._adapted():
+            module.requires_grad_(False)
+            module.add_adapter(config)
+            for name, param in module.named_parameters():
+                param.requires_grad_("lora_" in name)
 
     @property
     def has_lora(self) -> bool:
-        return bool(getattr(self.denoiser, "_hf_peft_config_loaded", False))
+        return all(getattr(module, "_hf_peft_config_loaded", False) for module in self._adapted())
 
     def set_full_finetuning(self) -> None:
         """Make every denoiser parameter trainable (no LoRA)."""
@@ -503,19 +509,22 @@ class ModelAdapter:
         """Save the LoRA in diffusers format (``pytorch_lora_weights.safetensors`` with its config), loadable
         with the stock ``Pipeline.load_lora_weights(directory)``. A sharded (FSDP) denoiser's LoRA is
         gathered first: every process calls this, the one with ``write`` writes."""
-        from peft.utils import get_peft_model_state_dict
-
         if not self.has_lora:
             raise ValueError("this model has no LoRA adapter to save; call add_lora() first.")
+        return self._save_lora_of(self.denoiser, Path(directory), write)
+
+    def _save_lora_of(self, module: nn.Module, directory: Path, write: bool) -> Path:
+        """Write ``module``'s LoRA to ``directory`` in diffusers format (see :meth:`save_lora`)."""
+        from peft.utils import get_peft_model_state_dict
+
         state = {
             k: v.full_tensor() if hasattr(v, "full_tensor") else v
-            for k, v in get_peft_model_state_dict(self.denoiser).items()
+            for k, v in get_peft_model_state_dict(module).items()
         }
-        directory = Path(directory)
         if not write:
             return directory
         directory.mkdir(parents=True, exist_ok=True)
-        config = self.denoiser.peft_config["default"].to_dict()
+        config = module.peft_config["default"].to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         type(self.pipeline).save_lora_weights(
             directory,
@@ -531,7 +540,13 @@ class ModelAdapter:
         """Load a diffusers-format LoRA through the stock pipeline loader. A file that does not read, or whose
         tensors do not all land on this model's denoiser (a LoRA of another model), is a
         :class:`ModelLoadError` naming the file and what it expected, not a warning and the base model."""
-        directory = Path(directory)
+        self._load_lora_into(self.denoiser, Path(directory), self._lora_load_kwargs, self.denoiser_name)
+        for name, param in self.denoiser.named_parameters():
+            param.requires_grad_(trainable and "lora_" in name)
+
+    def _load_lora_into(self, module: nn.Module, directory: Path, kwargs: dict[str, Any], what: str) -> None:
+        """Load the LoRA at ``directory`` with the stock loader (``kwargs``) and check that all of its
+        tensors landed on ``module`` (the component named ``what``)."""
         if not directory.exists():
             raise ModelLoadError(f"LoRA directory {str(directory)!r} does not exist.")
         files = [directory] if directory.is_file() else sorted(directory.glob("*.safetensors"))
@@ -546,21 +561,19 @@ class ModelAdapter:
             raise ModelLoadError(
                 f"LoRA file {str(files[0])!r} cannot be read: {' '.join(str(err).split())}"
             ) from None
-        before = sum(1 for name, _ in self.denoiser.named_parameters() if "lora_" in name)
+        before = sum(1 for name, _ in module.named_parameters() if "lora_" in name)
         try:
-            self.pipeline.load_lora_weights(str(directory), adapter_name="default", **self._lora_load_kwargs)
+            self.pipeline.load_lora_weights(str(directory), adapter_name="default", **kwargs)
         except (ValueError, KeyError, RuntimeError) as err:
             raise ModelLoadError(
                 f"LoRA {str(directory)!r} does not fit this {self.family} model: {' '.join(str(err).split())}"
             ) from None
-        applied = sum(1 for name, _ in self.denoiser.named_parameters() if "lora_" in name) - before
+        applied = sum(1 for name, _ in module.named_parameters() if "lora_" in name) - before
         if applied == 0 or applied < in_file:
             raise ModelLoadError(
                 f"LoRA {str(directory)!r}: {applied} of its {in_file} LoRA tensors apply to this {self.family} "
-                f"model's {self.denoiser_name}; it was trained for another model (check --model / model.path)."
+                f"model's {what}; it was trained for another model (check --model / model.path)."
             )
-        for name, param in self.denoiser.named_parameters():
-            param.requires_grad_(trainable and "lora_" in name)
 
     def load_weights(self, path: str | Path) -> None:
         """Load full fine-tuned denoiser weights: a checkpoint of a ``model.lora_rank: 0`` run
@@ -610,24 +623,28 @@ class ModelAdapter:
                 "a reference prediction needs a LoRA adapter (it disables the adapter); with full fine-tuning "
                 "keep a frozen copy of the base model instead."
             )
-        self.denoiser.disable_adapters()
+        for module in self._adapted():
+            module.disable_adapters()
         try:
             yield self
         finally:
-            self.denoiser.enable_adapters()
+            for module in self._adapted():
+                module.enable_adapters()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Per-block activation checkpointing inside the denoiser (diffusers' own)."""
-        if enabled:
-            self.denoiser.enable_gradient_checkpointing()
-        else:
-            self.denoiser.disable_gradient_checkpointing()
+        for module in self._adapted():
+            if enabled:
+                module.enable_gradient_checkpointing()
+            else:
+                module.disable_gradient_checkpointing()
 
     def set_attention_backend(self, backend: str) -> None:
         """``"sdpa"`` (PyTorch scaled-dot-product attention, the default) or ``"xformers"`` (GPU only)."""
         if backend == "sdpa":
             if getattr(self, "_xformers", False):
-                self.denoiser.disable_xformers_memory_efficient_attention()
+                for module in self._adapted():
+                    module.disable_xformers_memory_efficient_attention()
                 self._xformers = False
             return
         if backend != "xformers":
@@ -640,7 +657,8 @@ class ModelAdapter:
             raise ImportError(
                 "the xformers backend needs the xformers package: pip install 'flowalign[xformers]' (GPU only)."
             )
-        self.denoiser.enable_xformers_memory_efficient_attention()
+        for module in self._adapted():
+            module.enable_xformers_memory_efficient_attention()
         self._xformers = True
 
     def __repr__(self) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flowalign.models.base import FLOW_SCHEDULER_DEFAULTS, Cond, ModelAdapter, ModelLoadError, refuse_options
 from flowalign.samplers.schedules import Schedule, flow_schedule
@@ -71,8 +71,9 @@ class WanAdapter(ModelAdapter):
     Args:
         num_frames: video frames per sample (``4k + 1``); settable later (``model.num_frames = 9``).
         max_sequence_length: text tokens (512 as in the stock pipeline's call).
-        expert: ``"high"`` (``transformer``) or ``"low"`` (``transformer_2``, Wan 2.2 only): the expert that
-            LoRA and full fine-tuning train. Reward backprop through the last steps trains the low-noise one.
+        expert: ``"high"`` (``transformer``), ``"low"`` (``transformer_2``, Wan 2.2 only) or ``"both"`` (Wan 2.2):
+            the expert(s) that LoRA and full fine-tuning train. Reward backprop through the last steps trains the
+            low-noise one. With ``both``, :attr:`denoiser` is a :class:`WanExperts` holding the two.
         guidance_2: the low-noise expert's guidance scale (the stock ``guidance_scale_2``); None: the same
             as ``guidance``.
     """
@@ -125,23 +126,37 @@ class WanAdapter(ModelAdapter):
 
     @property
     def expert(self) -> str:
-        """The expert that LoRA and full fine-tuning train: ``high`` (``transformer``) or ``low``
-        (``transformer_2``); set it before adding a LoRA."""
-        return "low" if self.denoiser_name == "transformer_2" else "high"
+        """The expert(s) that LoRA and full fine-tuning train: ``high`` (``transformer``), ``low``
+        (``transformer_2``) or ``both``; set it before adding a LoRA."""
+        return getattr(self, "_expert", "high")
 
     @expert.setter
     def expert(self, value: str) -> None:
-        if value not in _EXPERTS:
-            raise ValueError(f"expert must be 'high' or 'low', got {value!r}.")
-        if value == "low" and getattr(self.pipeline, "transformer_2", None) is None:
+        if value not in (*_EXPERTS, "both"):
+            raise ValueError(f"expert must be 'high', 'low' or 'both', got {value!r}.")
+        if value != "high" and getattr(self.pipeline, "transformer_2", None) is None:
             raise ValueError(
-                "expert='low' trains transformer_2, which this model lacks (Wan 2.1 has one expert); use 'high'."
+                f"expert={value!r} trains transformer_2, which this model lacks (Wan 2.1 has one expert); use 'high'."
             )
-        if _EXPERTS[value] != self.denoiser_name and self.has_lora:
+        if value != self.expert and self.has_lora:
             raise ValueError(
                 f"the {self.expert} expert already has a LoRA; choose the expert before add_lora()."
             )
-        self.denoiser_name = _EXPERTS[value]
+        self._expert = value
+        self.denoiser_name = _EXPERTS.get(value, "transformer")
+        both = value == "both"
+        self._experts = WanExperts(self.pipeline.transformer, self.pipeline.transformer_2) if both else None
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The trained expert, or a :class:`WanExperts` of both (``expert="both"``)."""
+        experts = getattr(self, "_experts", None)
+        return experts if experts is not None else getattr(self.pipeline, self.denoiser_name)
+
+    def _adapted(self) -> list[nn.Module]:
+        if self.expert == "both":
+            return [self.pipeline.transformer, self.pipeline.transformer_2]
+        return [self.denoiser]
 
     @property
     def latent_frames(self) -> int:
@@ -161,13 +176,13 @@ class WanAdapter(ModelAdapter):
 
     def trains(self, timesteps: Tensor) -> Tensor:
         timesteps = torch.as_tensor(timesteps)
-        if self.boundary is None:
+        if self.boundary is None or self.expert == "both":
             return torch.ones_like(timesteps, dtype=torch.bool)
         low = timesteps < self.boundary
         return low if self.expert == "low" else ~low
 
     def trained_sigmas(self) -> tuple[float, float]:
-        if self.boundary is None:
+        if self.boundary is None or self.expert == "both":
             return 0.0, 1.0
         sigma = self.boundary / self.pipeline.scheduler.config.num_train_timesteps  # model time = 1000 sigma
         return (0.0, sigma) if self.expert == "low" else (sigma, 1.0)
@@ -187,7 +202,7 @@ class WanAdapter(ModelAdapter):
         return ratio * self.pipeline.scheduler.config.num_train_timesteps
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        factor = self.vae_scale_factor * self.denoiser.config.patch_size[1]
+        factor = self.vae_scale_factor * self.pipeline.transformer.config.patch_size[1]
         if height % factor or width % factor:
             raise ValueError(
                 f"height and width must be multiples of {factor} for this model, got {height}x{width}."
@@ -240,7 +255,7 @@ class WanAdapter(ModelAdapter):
             mask = torch.zeros(z.shape[0], pipe.vae_scale_factor_temporal, *z.shape[2:], device=z.device)
             mask[:, :, 0] = 1
             out = {"condition": torch.cat([mask, z], 1)}
-            if self.denoiser.config.get("image_dim") is not None:
+            if self.pipeline.transformer.config.get("image_dim") is not None:
                 from PIL import Image
 
                 pils = [
@@ -283,32 +298,18 @@ class WanAdapter(ModelAdapter):
                 f"{tuple(x.shape[2:])}: encode the images at the video's size and num_frames ({self.num_frames})."
             )
         inputs = torch.cat([x, condition.to(x.dtype)], 1)
-        if self.boundary is None:
-            return self._expert_call("transformer", inputs, timestep, embeds)
-        low = timestep < self.boundary
-        if not low.any() or low.all():
-            return self._expert_call(
-                "transformer_2" if low.all() else "transformer", inputs, timestep, embeds
-            )
-        out = torch.empty(
-            x.shape[0], self.denoiser.config.out_channels, *x.shape[2:], dtype=x.dtype, device=x.device
-        )
-        for mask, name in ((~low, "transformer"), (low, "transformer_2")):
-            index = mask.nonzero().squeeze(1)
-            part = {k: v[index] for k, v in embeds.items()}
-            out[index] = self._expert_call(name, inputs[index], timestep[index], part).to(out.dtype)
-        return out
-
-    def _expert_call(self, name: str, inputs: Tensor, timestep: Tensor, embeds: dict[str, Tensor]) -> Tensor:
-        net = self.net if name == self.denoiser_name else getattr(self.pipeline, name)
         image = embeds.get("image_embeds")
-        return net(
-            hidden_states=inputs,
-            timestep=timestep,
-            encoder_hidden_states=embeds["prompt_embeds"],
-            encoder_hidden_states_image=None if image is None else image.to(inputs.dtype),
-            return_dict=False,
-        )[0]
+        kwargs = {
+            "encoder_hidden_states": embeds["prompt_embeds"],
+            "encoder_hidden_states_image": None if image is None else image.to(inputs.dtype),
+        }
+        if self.expert == "both":  # one call of the (possibly DDP-wrapped) pair of experts, which routes
+            return self.net(inputs, timestep, self.boundary, **kwargs)
+        return route_experts(self._expert_call, inputs, timestep, self.boundary, kwargs)
+
+    def _expert_call(self, name: str, inputs: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        net = self.net if name == self.denoiser_name else getattr(self.pipeline, name)
+        return net(hidden_states=inputs, timestep=timestep, return_dict=False, **kwargs)[0]
 
     # ------------------------------------------------------------------ pixels
 
@@ -336,28 +337,57 @@ class WanAdapter(ModelAdapter):
         latents = posterior.sample(generator) if generator is not None else posterior.mode()
         return self._normalise(latents.float())
 
-    # ------------------------------------------------------------------ LoRA of one expert
+    # ------------------------------------------------------------------ LoRA of one expert or both
 
     def save_lora(self, directory: str | Path, write: bool = True) -> Path:
         """As :meth:`ModelAdapter.save_lora`. The file names the ``transformer`` either way (the stock format);
         a LoRA of ``transformer_2`` loads with ``load_lora_weights(dir, load_into_transformer_2=True)``, which
-        ``lora_expert.txt`` beside it records."""
-        path = super().save_lora(directory, write)
+        ``lora_expert.txt`` beside it records. With both experts trained, ``directory`` holds the high-noise
+        expert's LoRA and ``directory/transformer_2`` the low-noise one's (``lora_expert.txt``: ``both``)."""
+        if self.expert != "both":
+            path = super().save_lora(directory, write)
+            if write:
+                (path / "lora_expert.txt").write_text(self.denoiser_name + "\n")
+            return path
+        if not self.has_lora:
+            raise ValueError("this model has no LoRA adapter to save; call add_lora() first.")
+        directory = Path(directory)
+        self._save_lora_of(self.pipeline.transformer, directory, write)
+        self._save_lora_of(self.pipeline.transformer_2, directory / "transformer_2", write)
         if write:
-            (path / "lora_expert.txt").write_text(self.denoiser_name + "\n")
-        return path
+            (directory / "lora_expert.txt").write_text("both\n")
+            (directory / "transformer_2" / "lora_expert.txt").write_text("transformer_2\n")
+        return directory
 
     def load_lora(self, directory: str | Path, trainable: bool = False) -> None:
-        """As :meth:`ModelAdapter.load_lora`, into the expert that ``lora_expert.txt`` beside the LoRA names
+        """As :meth:`ModelAdapter.load_lora`, into the expert(s) that ``lora_expert.txt`` beside the LoRA names
         (saved by :meth:`save_lora`; without it, the current ``expert``)."""
-        record = Path(directory) / "lora_expert.txt"
+        directory = Path(directory)
+        record = directory / "lora_expert.txt"
         if record.is_file():
             name = record.read_text().strip()
-            expert = {v: k for k, v in _EXPERTS.items()}.get(name)
+            expert = {v: k for k, v in _EXPERTS.items()}.get(name, "both" if name == "both" else None)
             if expert is None:
-                raise ModelLoadError(f"{record}: names {name!r}; expected 'transformer' or 'transformer_2'.")
-            self.expert = expert
-        super().load_lora(directory, trainable)
+                raise ModelLoadError(
+                    f"{record}: names {name!r}; expected 'transformer', 'transformer_2' or 'both'."
+                )
+            try:
+                self.expert = expert
+            except ValueError as err:
+                raise ModelLoadError(f"LoRA {str(directory)!r}: {err}") from None
+        if self.expert != "both":
+            super().load_lora(directory, trainable)
+            return
+        pipe = self.pipeline
+        self._load_lora_into(pipe.transformer, directory, {}, "transformer")
+        self._load_lora_into(
+            pipe.transformer_2,
+            directory / "transformer_2",
+            {"load_into_transformer_2": True},
+            "transformer_2",
+        )
+        for name, param in self.denoiser.named_parameters():
+            param.requires_grad_(trainable and "lora_" in name)
 
     @property
     def _lora_file_name(self) -> str:
@@ -374,6 +404,47 @@ class WanAdapter(ModelAdapter):
         for module in self._modules().values():
             if module.dtype != dtype:
                 module.to(dtype=dtype)
+
+
+def route_experts(
+    call, inputs: Tensor, timestep: Tensor, boundary: float | None, kwargs: dict[str, Any]
+) -> Tensor:
+    """Each sample of ``inputs`` through the expert its model time selects, as the stock pipeline switches:
+    ``transformer`` at ``t >= boundary`` (or always, without one), ``transformer_2`` below.
+    ``call(name, inputs, timestep, kwargs)`` runs one expert on a sub-batch (``kwargs``: per-sample tensors or
+    None); a mixed batch is split and reassembled in order."""
+    if boundary is None:
+        return call("transformer", inputs, timestep, kwargs)
+    low = timestep < boundary
+    if not low.any() or low.all():
+        return call("transformer_2" if low.all() else "transformer", inputs, timestep, kwargs)
+    out = None
+    for mask, name in ((~low, "transformer"), (low, "transformer_2")):
+        index = mask.nonzero().squeeze(1)
+        part = {k: None if v is None else v[index] for k, v in kwargs.items()}
+        y = call(name, inputs[index], timestep[index], part)
+        out = y.new_empty(inputs.shape[0], *y.shape[1:]) if out is None else out
+        out[index] = y
+    return out
+
+
+class WanExperts(nn.Module):
+    """Both experts of a Wan 2.2 model as one trained module (``expert="both"``). Its forward routes each
+    sample to its expert (:func:`route_experts`) inside one call, so that a DDP wrapper sees one forward per
+    backward and, with ``find_unused_parameters`` (set by the training loop), reduces the gradients of an
+    expert that only another process used this step. Parameters are named ``transformer.*`` and
+    ``transformer_2.*`` in checkpoints."""
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+
+    def forward(self, inputs: Tensor, timestep: Tensor, boundary: float | None, **kwargs) -> Tensor:
+        return route_experts(self._call, inputs, timestep, boundary, kwargs)
+
+    def _call(self, name: str, inputs: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        return getattr(self, name)(hidden_states=inputs, timestep=timestep, return_dict=False, **kwargs)[0]
 
 
 def _use_euler(pipeline) -> None:

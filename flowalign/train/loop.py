@@ -315,11 +315,17 @@ def run_training(config: Config, recipe: Recipe, evaluate: Callable | None = Non
     # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu --num_processes N` run N
     # gloo processes on the CPU (accelerate's own `--cpu --num_processes N` starts only one without mpirun).
     _reset_single_process_state(config.train.mixed_precision)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Both Wan experts train: each sample runs the expert of its noise level, so a process may leave one
+    # expert unused in a step that another process used; DDP must then find the unused parameters.
+    routed = config.model.expert == "both"
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
         log_with=trackers or None,
         project_dir=str(output_dir),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if routed else None,
     )
     from flowalign.train.rundir import RunDirError, claim, release
 

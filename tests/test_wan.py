@@ -233,6 +233,8 @@ def test_sample_command_errors_name_the_flag(capsys):
         (["--model", "tiny-wan", "--image", first, "--out", "x.png"], "a video model writes an animated GIF"),
         (["--model", "tiny-wan", "--image", first, "--height", "64"], "--height/--width: a video has its first frame's"),
         (["--model", "tiny-sd3", "--image", first], "--image: the sd3 model is text-to-image"),
+        (["--model", "tiny-wan-t2v", "--image", first], "--image: the wan model is text-to-video and takes no first"),
+        (["--model", "tiny-wan-t2v", "--frames", "4"], "--frames: num_frames: Wan video models make 4k + 1"),
     ]  # fmt: skip
     for extra, message in cases:
         assert main(["sample", "--prompt", "a", "--steps", "1", *extra]) == 2
@@ -250,3 +252,70 @@ def test_a_first_frame_shared_by_several_samples_is_encoded_once_with_the_same_r
     assert calls == [2, 2]  # the two distinct frames, once per encode call
     for key in ("condition", "image_embeds"):
         assert torch.equal(grouped.embeds[key], alone.embeds[key].repeat_interleave(2, 0))
+
+
+def _stock_t2v(pipeline, prompt, seed, guidance, output_type):
+    return pipeline(
+        prompt=prompt, negative_prompt="blurry" if guidance > 1 else None, height=32, width=32, num_frames=5,
+        num_inference_steps=3, guidance_scale=guidance, output_type=output_type,
+        generator=torch.Generator().manual_seed(seed),
+    ).frames  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["wan-t2v", "wan22-t2v"])
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_text_to_video_reproduces_the_stock_pipeline(variant, guidance):
+    """Wan text-to-video (``WanPipeline``; Wan 2.2's two experts switch at 875 on the grid [1000, 751, 8.9]):
+    the same latents and frames as the stock pipeline, with no first frame."""
+    model = load_model(f"tiny-{variant}")
+    assert model.is_video and not model.takes_images
+    out = generate(
+        model, PROMPTS, seeded_generators([0, 1], "cpu"), steps=3, guidance=guidance, resolution=(32, 32),
+        negative_prompts="blurry" if guidance > 1 else None,
+    )  # fmt: skip
+    assert out.final.shape == (2, 16, 2, 4, 4) and out.images.shape == (2, 5, 3, 32, 32)
+    stock = tiny_pipeline(variant)
+    for i in range(2):
+        assert (out.final[i] - _stock_t2v(stock, PROMPTS[i], i, guidance, "latent")[0]).abs().max() <= 1e-4
+        assert (out.images[i] - _stock_t2v(stock, PROMPTS[i], i, guidance, "pt")[0]).abs().max() <= 1e-4
+
+
+def test_a_text_to_video_lora_of_both_experts_loads_in_the_stock_pipeline(tmp_path):
+    model = load_model("tiny-wan22-t2v", expert="both")
+    model.add_lora(rank=4)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for name, param in model.denoiser.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+    tuned = generate(
+        model, PROMPTS[:1], seeded_generators([0], "cpu"), steps=3, guidance=1.0, resolution=(32, 32)
+    )
+    model.save_lora(tmp_path)
+    stock = tiny_pipeline("wan22-t2v")
+    stock.load_lora_weights(str(tmp_path))
+    stock.load_lora_weights(str(tmp_path / "transformer_2"), load_into_transformer_2=True)
+    assert (_stock_t2v(stock, PROMPTS[0], 0, 1.0, "latent") - tuned.final).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="this wan model is text-to-video and takes no conditioning image"):
+        model.encode(PROMPTS[:1], images=_first_frames(1)[0])
+
+
+def test_flowalign_sample_writes_text_to_video(tmp_path):
+    from torchvision.utils import make_grid
+
+    from flowalign.cli import main
+    from flowalign.data.prompts import load_image
+    from flowalign.eval.geneval import image_seed
+
+    out = tmp_path / "v.gif"
+    assert main(["sample", "--model", "tiny-wan-t2v", "--prompt", "a red ball", "--height", "32", "--width", "32",
+                 "--steps", "2", "--frames", "5", "--num-images", "1", "--out", str(out)]) == 0  # fmt: skip
+    model = load_model("tiny-wan-t2v")
+    videos = generate(
+        model, ["a red ball"], seeded_generators([image_seed(0, 0, 0)], "cpu"), steps=2,
+        guidance=model.default_guidance, resolution=(32, 32),
+    ).images  # fmt: skip
+    strip = load_image(tmp_path / "v_frames.png")
+    expected = make_grid(videos.flatten(0, 1), nrow=5, padding=1)
+    assert strip.shape == expected.shape and (strip - expected).abs().max() <= 0.5 / 255 + 1e-6
+    assert Image.open(out).n_frames == 5

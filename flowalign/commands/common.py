@@ -180,7 +180,8 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
 
 def first_frames(args: argparse.Namespace, model) -> torch.Tensor | None:
     """``[P, 3, H, W]``: the first frame of each ``--prompt``'s videos (``--image``, ``--frames``), checked
-    against the model; None for a text-to-image model (which refuses both flags)."""
+    against the model; None for a text-to-image model (which refuses both flags) or a text-to-video model
+    (which refuses ``--image``)."""
     from flowalign.data.prompts import load_image
 
     if not model.is_video:
@@ -188,8 +189,19 @@ def first_frames(args: argparse.Namespace, model) -> torch.Tensor | None:
             if value:
                 raise UsageError(
                     f"{flag}: the {model.family} model is text-to-image; first frames and frame counts are for "
-                    "image-to-video models (families wan and moving_shapes)."
+                    "video models (families wan and moving_shapes)."
                 )
+        return None
+    if not model.takes_images:
+        if args.image:
+            raise UsageError(
+                f"--image: the {model.family} model is text-to-video and takes no first frame; drop --image."
+            )
+        try:
+            if args.frames is not None:
+                model.num_frames = args.frames
+        except ValueError as err:
+            raise UsageError(f"--frames: {err}") from None
         return None
     if not args.image:
         raise UsageError("--image: this image-to-video model needs a first frame: --image first_frame.png.")

@@ -1,9 +1,10 @@
 """Preference pairs: offline pair files and pairs mined online from groups under any reward.
 
 A pair file is jsonl, one pair per line: ``{"prompt": ..., "chosen": "a.png", "rejected": "b.png", ...}``;
-image paths are relative to the file's directory; other keys become metadata. For an image-to-video model the
-pair is two videos (``"chosen": "a.gif"``; GIF, or MP4 and other formats through ``imageio``) generated from one
-conditioning first frame, ``"image": "first.png"`` (:func:`load_pair_file` with ``video=True``). Online pairs take, in each
+image paths are relative to the file's directory; other keys become metadata. For a video model the pair
+is two videos (``"chosen": "a.gif"``; GIF, or MP4 and other formats through ``imageio``); for an image-to-video
+model both were generated from one conditioning first frame, ``"image": "first.png"`` (:func:`load_pair_file`
+with ``first_frame=True``). Online pairs take, in each
 group of samples of one prompt, the best against the worst sample under the reward (or the ``k`` best
 against the ``k`` worst, rank by rank), when their reward gap is at least ``min_gap`` and never when they tie.
 """
@@ -31,8 +32,8 @@ class PairRecord:
     image: Path | None = None  # the conditioning first frame of a video pair
 
 
-def load_pair_file(path: str | Path, video: bool = False) -> list[PairRecord]:
-    """The pairs of a pair file; with ``video=True`` every pair must name its conditioning first frame
+def load_pair_file(path: str | Path, first_frame: bool = False) -> list[PairRecord]:
+    """The pairs of a pair file; with ``first_frame=True`` every pair must name its conditioning first frame
     (``"image"``), which becomes :attr:`PairRecord.image` instead of metadata."""
     path = Path(path)
     if not path.is_file():
@@ -49,7 +50,7 @@ def load_pair_file(path: str | Path, video: bool = False) -> list[PairRecord]:
             if not image.is_file():
                 raise FileNotFoundError(f"{path}:{number}: image {str(image)!r} does not exist.")
         first = None
-        if video:
+        if first_frame:
             if not isinstance(item.get("image"), str):
                 raise ValueError(
                     f"{path}:{number}: a video pair needs the conditioning first frame both videos were generated "
@@ -58,7 +59,9 @@ def load_pair_file(path: str | Path, video: bool = False) -> list[PairRecord]:
             first = path.parent / item["image"]
             if not first.is_file():
                 raise FileNotFoundError(f"{path}:{number}: image {str(first)!r} does not exist.")
-        fields = ("prompt", "chosen", "rejected", "image") if video else ("prompt", "chosen", "rejected")
+        fields = (
+            ("prompt", "chosen", "rejected", "image") if first_frame else ("prompt", "chosen", "rejected")
+        )
         extra = {k: v for k, v in item.items() if k not in fields}
         pairs.append(PairRecord(item["prompt"], chosen, rejected, extra, first))
     if not pairs:
@@ -98,8 +101,8 @@ def load_video(path: Path, num_frames: int, size: tuple[int, int]) -> Tensor:
     height, width = size
     if frames[0].size != (width, height):
         raise ValueError(
-            f"video {str(path)!r} is {frames[0].size[0]}x{frames[0].size[1]}, its first frame (the pair's image) is "
-            f"{width}x{height}; resize one of them."
+            f"video {str(path)!r} is {frames[0].size[0]}x{frames[0].size[1]}, the model trains at {width}x{height} "
+            "(the pair's first frame, or model.resolution); resize it."
         )
     array = np.stack([np.asarray(frame.convert("RGB"), dtype=np.float32) for frame in frames]) / 255.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()

@@ -53,7 +53,8 @@ def load_model(
             ``"shapes"`` for the shipped shapes-world model (``assets/shapes/model``), ``"moving_shapes"`` for the
             moving-shapes world's image-to-video model (``assets/moving_shapes/model``), or
             ``"tiny-<family>"`` for a tiny random pipeline built in code (tests and demos; ``tiny-wan`` is Wan 2.1
-            image-to-video, ``tiny-wan22`` Wan 2.2 with two experts).
+            image-to-video, ``tiny-wan22`` Wan 2.2 with two experts, ``tiny-wan-t2v`` / ``tiny-wan22-t2v`` their
+            text-to-video counterparts).
         family: the adapter to use (``sd3``, ``flux``, ``sd``, ``sdxl``, ``shapes``, ``wan``); read from ``model_index.json``
             when omitted.
     """
@@ -72,7 +73,7 @@ def load_model(
         from flowalign.models.tiny import tiny_pipeline
 
         tiny_family = name.removeprefix("tiny-")
-        known = (*ADAPTERS, "wan22")
+        known = (*ADAPTERS, "wan22", "wan-t2v", "wan22-t2v")
         if tiny_family not in known:
             raise ModelLoadError(
                 f"unknown tiny model {name!r}; choose one of {', '.join('tiny-' + f for f in known)}."
@@ -85,7 +86,8 @@ def load_model(
             build = lambda: tiny_pipeline(tiny_family)  # noqa: E731
         if tiny_family.startswith("wan"):
             kwargs.setdefault("num_frames", 5)
-        return ADAPTERS[tiny_family.removesuffix("22")](build(), device=device, dtype=dtype, **kwargs)
+        adapter = ADAPTERS["wan" if tiny_family.startswith("wan") else tiny_family]
+        return adapter(build(), device=device, dtype=dtype, **kwargs)
     if family is None:
         class_name = pipeline_class_name(Path(name).expanduser())
         if class_name is None:

@@ -241,6 +241,11 @@ class ModelAdapter:
         return False
 
     @property
+    def takes_images(self) -> bool:
+        """Whether :meth:`encode` needs a conditioning first frame per prompt (image-to-video)."""
+        return self.is_video
+
+    @property
     def vae_scale_factor(self) -> int:
         vae = getattr(self.pipeline, "vae", None)
         return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
@@ -321,14 +326,15 @@ class ModelAdapter:
         ``[B, 3, H, W]`` in ``[0, 1]`` at the video's size; the family's :meth:`_condition` tensors join both
         CFG halves (the stock pipelines condition the unconditional half on the image too).
         """
-        if self.is_video and images is None:
+        if self.takes_images and images is None:
             raise ValueError(
                 "this image-to-video model needs a conditioning first frame per prompt: pass images= "
                 "([B, 3, H, W] in [0, 1]; --image on the command line)."
             )
-        if images is not None and not self.is_video:
+        if images is not None and not self.takes_images:
+            what = "text-to-video" if self.is_video else "text-to-image"
             raise ValueError(
-                f"images: this {self.family} model is text-to-image and takes no conditioning image; pass it to an "
+                f"images: this {self.family} model is {what} and takes no conditioning image; pass it to an "
                 "image-to-video model (families wan, moving_shapes) or drop it (--image)."
             )
         if isinstance(prompts, str):

@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["TINY_FAMILIES", "evaluated", "tiny_pipeline", "tiny_tokenizer"]
 
-TINY_FAMILIES = ("sd3", "flux", "sd", "sdxl", "wan", "wan22")
+TINY_FAMILIES = ("sd3", "flux", "sd", "sdxl", "wan", "wan22", "wan-t2v", "wan22-t2v")
 _MAX_TOKENS = 64
 
 
@@ -171,12 +171,12 @@ def _sdxl():
     )  # fmt: skip
 
 
-def _wan_transformer(seed: int, image_dim: int | None):
+def _wan_transformer(seed: int, image_dim: int | None, in_channels: int = 36):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32, image_dim=image_dim, added_kv_proj_dim=None if image_dim is None else 24,
     )  # fmt: skip
@@ -227,10 +227,29 @@ def _wan22():
     )  # fmt: skip
 
 
+def _wan_t2v():
+    """Wan 2.1 T2V style: one expert seeing ``x_t`` alone (16 channels)."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(**_wan_parts(), transformer=_wan_transformer(0, None, in_channels=16))
+
+
+def _wan22_t2v():
+    """Wan 2.2 T2V A14B style: two experts switched at boundary_ratio 0.875 (the A14B T2V checkpoint's)."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(
+        **_wan_parts(), transformer=_wan_transformer(0, None, in_channels=16),
+        transformer_2=_wan_transformer(1, None, in_channels=16), boundary_ratio=0.875,
+    )  # fmt: skip
+
+
 def tiny_pipeline(family: str):
     """A seeded tiny random pipeline of ``family`` (one of :data:`TINY_FAMILIES`), images 32x32 (``wan``: Wan 2.1
-    image-to-video, ``wan22``: Wan 2.2 A14B with two experts)."""
-    builders = {"sd3": _sd3, "flux": _flux, "sd": _sd, "sdxl": _sdxl, "wan": _wan, "wan22": _wan22}
+    image-to-video, ``wan22``: Wan 2.2 A14B with two experts; ``wan-t2v``, ``wan22-t2v``: their text-to-video
+    counterparts)."""
+    builders = {"sd3": _sd3, "flux": _flux, "sd": _sd, "sdxl": _sdxl, "wan": _wan, "wan22": _wan22,
+                "wan-t2v": _wan_t2v, "wan22-t2v": _wan22_t2v}  # fmt: skip
     if family not in builders:
         raise ValueError(f"no tiny pipeline for family {family!r}; choose one of {TINY_FAMILIES}.")
     return evaluated(builders[family]())

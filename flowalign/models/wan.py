@@ -1,6 +1,8 @@
-"""Wan image-to-video: ``WanImageToVideoPipeline`` (Wan 2.1 I2V and Wan 2.2 I2V A14B).
+"""Wan video: ``WanImageToVideoPipeline`` (Wan 2.1 I2V and Wan 2.2 I2V A14B) and ``WanPipeline`` (Wan 2.1
+T2V and Wan 2.2 T2V A14B, text-to-video: no first frame, the transformer sees ``x_t`` alone).
 
-Conditioning and guidance follow the stock pipeline (diffusers 0.42, ``pipelines/wan/pipeline_wan_i2v.py``):
+Conditioning and guidance follow the stock pipelines (diffusers 0.42, ``pipelines/wan/pipeline_wan_i2v.py``
+and ``pipeline_wan.py``):
 
 - text: UMT5 ``last_hidden_state`` trimmed to each prompt's tokens and zero-padded to
   ``max_sequence_length`` (512, which Wan 2.1's image cross-attention hard-codes);
@@ -23,7 +25,7 @@ Deviations, each stated where it happens:
   checkpoint's ``flow_shift`` and says so once (the stock pipeline with that scheduler reproduces it);
 - the CLIP image encoder sees the conditioning image quantised to 8 bits, as the stock pipeline's PIL
   input is (``CLIPImageProcessor`` resizes PIL images and float tensors differently);
-- LoRA trains one expert of a two-expert model (``expert``): its LoRA is saved in diffusers format and
+- LoRA trains one expert of a two-expert model or both (``expert``): a LoRA is saved in diffusers format and
   loads with ``load_lora_weights(dir)`` (``transformer``) or ``load_lora_weights(dir,
   load_into_transformer_2=True)`` (``transformer_2``). Wan 2.2 TI2V (``expand_timesteps``) is refused.
 """
@@ -66,7 +68,7 @@ def check_video_frames(num_frames: Any, where: str = "num_frames") -> int:
 
 
 class WanAdapter(ModelAdapter):
-    """Wan 2.1 / 2.2 image-to-video; see the module docstring.
+    """Wan 2.1 / 2.2 image-to-video and text-to-video; see the module docstring.
 
     Args:
         num_frames: video frames per sample (``4k + 1``); settable later (``model.num_frames = 9``).
@@ -79,7 +81,7 @@ class WanAdapter(ModelAdapter):
     """
 
     family = "wan"
-    pipeline_classes = ("WanImageToVideoPipeline",)
+    pipeline_classes = ("WanImageToVideoPipeline", "WanPipeline")
     denoiser_name = "transformer"
     kind = "flow"
     prediction_type = "flow"
@@ -98,15 +100,15 @@ class WanAdapter(ModelAdapter):
         **kwargs,
     ):
         _use_euler(pipeline)
+        name = type(pipeline).__name__
         if pipeline.config.get("expand_timesteps", False):
             raise ModelLoadError(
-                "this WanImageToVideoPipeline sets expand_timesteps (Wan 2.2 TI2V: per-token timesteps with the "
-                "first frame at t = 0), which flowalign does not implement yet; use a Wan 2.1 or Wan 2.2 A14B I2V model."
+                f"this {name} sets expand_timesteps (Wan 2.2 TI2V: per-token timesteps with the first frame at "
+                "t = 0), which flowalign does not implement yet; use a Wan 2.1 or Wan 2.2 A14B model."
             )
         if pipeline.transformer is None:
-            raise ModelLoadError(
-                "this WanImageToVideoPipeline has no transformer; flowalign needs the high-noise expert."
-            )
+            raise ModelLoadError(f"this {name} has no transformer; flowalign needs the high-noise expert.")
+        self._image_to_video = name != "WanPipeline"
         super().__init__(pipeline, **kwargs)
         self.expert = expert
         self.num_frames = num_frames
@@ -173,6 +175,10 @@ class WanAdapter(ModelAdapter):
     @property
     def is_video(self) -> bool:
         return True
+
+    @property
+    def takes_images(self) -> bool:
+        return self._image_to_video
 
     def trains(self, timesteps: Tensor) -> Tensor:
         timesteps = torch.as_tensor(timesteps)
@@ -289,15 +295,19 @@ class WanAdapter(ModelAdapter):
         return out
 
     def _forward(self, x: Tensor, timestep: Tensor, embeds: dict[str, Tensor], guidance: float) -> Tensor:
-        condition = embeds.get("condition")
-        if condition is None:
-            raise ValueError("cond has no image conditioning; encode with model.encode(prompts, images=...).")
-        if condition.shape[2:] != x.shape[2:]:
-            raise ValueError(
-                f"the conditioning image's latent {tuple(condition.shape[2:])} does not fit the video latent "
-                f"{tuple(x.shape[2:])}: encode the images at the video's size and num_frames ({self.num_frames})."
-            )
-        inputs = torch.cat([x, condition.to(x.dtype)], 1)
+        inputs = x
+        if self.takes_images:
+            condition = embeds.get("condition")
+            if condition is None:
+                raise ValueError(
+                    "cond has no image conditioning; encode with model.encode(prompts, images=...)."
+                )
+            if condition.shape[2:] != x.shape[2:]:
+                raise ValueError(
+                    f"the conditioning image's latent {tuple(condition.shape[2:])} does not fit the video latent "
+                    f"{tuple(x.shape[2:])}: encode the images at the video's size and num_frames ({self.num_frames})."
+                )
+            inputs = torch.cat([x, condition.to(x.dtype)], 1)
         image = embeds.get("image_embeds")
         kwargs = {
             "encoder_hidden_states": embeds["prompt_embeds"],

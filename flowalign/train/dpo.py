@@ -53,22 +53,25 @@ class _OfflinePairs:
     so memory stays bounded whatever the file's size."""
 
     def __init__(self, ctx: TrainContext):
-        self.records: list[PairRecord] = load_pair_file(ctx.config.dpo.pairs, video=ctx.model.is_video)
+        model = ctx.model
+        self.records: list[PairRecord] = load_pair_file(ctx.config.dpo.pairs, first_frame=model.takes_images)
         self.size = ctx.config.model.resolution or ctx.model.default_resolution
         self.capacity = ctx.config.dpo.latent_cache_size
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
 
     def latent(self, ctx: TrainContext, path, first: Tensor | None = None) -> Tensor:
-        """The latent of the image (or, given its first frame ``first``, the video) at ``path``."""
+        """The latent of the image or video at ``path`` (an image-to-video pair's videos have the size of
+        their first frame ``first``)."""
         key = str(path)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key].to(ctx.model.device)
         model = ctx.model
-        if first is None:
+        if not model.is_video:
             pixels = load_image(path, self.size)
         else:
-            pixels = load_video(path, model.num_frames, tuple(first.shape[-2:]))
+            size = tuple(first.shape[-2:]) if first is not None else (self.size, self.size)
+            pixels = load_video(path, model.num_frames, size)
         with torch.no_grad():
             latent = model.encode_images(pixels[None].to(model.device))[0]
         if self.capacity > 0:
@@ -93,7 +96,7 @@ class _OfflinePairs:
         firsts = [load_first_frame(r.image, "dpo.pairs") if r.image else None for r in mine]
         x_w = torch.stack([self.latent(ctx, r.chosen, f) for r, f in zip(mine, firsts)])
         x_l = torch.stack([self.latent(ctx, r.rejected, f) for r, f in zip(mine, firsts)])
-        images = _same_size(firsts) if ctx.model.is_video else None
+        images = _same_size(firsts) if ctx.model.takes_images else None
         return _Pairs(prompts, x_w, x_l, torch.tensor(keys), {}, images)
 
 
@@ -120,7 +123,7 @@ def _online_pairs(ctx: TrainContext, step: int) -> _Pairs | None:
     x_l = torch.stack([final[loser] for _, loser in pairs])
     keys = sampled.batch.group_ids[winners]  # the pair's global group (and rank within it)
     images = None
-    if ctx.model.is_video:  # a group shares its first frame: the winner's conditions both
+    if ctx.model.takes_images:  # a group shares its first frame: the winner's conditions both
         images = condition_images([sampled.batch.metadata[w] for w in winners], "data.train_prompts")
     return _Pairs(prompts, x_w, x_l, keys, metrics, images)
 
@@ -264,7 +267,7 @@ def _dpo_iteration(
         size = ctx.config.model.resolution or model.default_resolution
         prompts, weight, keys = [""], 0.0, torch.tensor([-1])
         x_w = x_l = torch.zeros(1, *model.latent_shape(size, size), device=model.device)
-        images = torch.zeros(1, 3, size, size) if model.is_video else None
+        images = torch.zeros(1, 3, size, size) if model.takes_images else None
     # Every pair's draws come from its own generator (keyed by the pair, not the process), and the
     # levels InPO inverts to are shared, so 1 or N processes train on the same noise.
     gens = ctx.sample_generators(step, "dpo", keys)

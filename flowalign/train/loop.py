@@ -132,7 +132,7 @@ class TrainContext:
     def encode(self, batch: GroupBatch, cfg: bool):
         """The batch's prompts encoded, with their conditioning first frames (the records' ``image`` fields)
         for an image-to-video model."""
-        images = condition_images(batch.metadata, "data.train_prompts") if self.model.is_video else None
+        images = condition_images(batch.metadata, "data.train_prompts") if self.model.takes_images else None
         return self.model.encode(batch.prompts, cfg=cfg, images=images)
 
     @property

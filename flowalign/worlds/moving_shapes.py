@@ -280,7 +280,16 @@ NEGATIVE_KINDS = (
 
 def validation_case(spec: MotionSpec, kind: str, rng: np.random.Generator) -> tuple[Tensor, bool, bool]:
     """A video built to test the judge, with the verdicts a careful person gives it: ``(video, identity,
-    motion)``. ``kind="true"`` is the true video; the :data:`NEGATIVE_KINDS` corrupt it:
+    motion)``, the frames of :func:`validation_scenes` rendered exactly."""
+    scenes, identity, motion = validation_scenes(spec, kind, rng)
+    return torch.stack([render_scene(s) for s in scenes]), identity, motion
+
+
+def validation_scenes(
+    spec: MotionSpec, kind: str, rng: np.random.Generator
+) -> tuple[list[Scene], bool, bool]:
+    """The frame scenes of a video built to test the judge, with the verdicts a careful person gives it:
+    ``(scenes, identity, motion)``. ``kind="true"`` is the true video; the :data:`NEGATIVE_KINDS` corrupt it:
 
     - ``still``: frame 0 repeated (identity kept, no motion); ``reversed``: the mover goes 8 px the other way;
       ``short``: the mover covers 1 px per frame (4 px, under :data:`MIN_TRAVEL`); ``other_moves``: a
@@ -373,7 +382,7 @@ def validation_case(spec: MotionSpec, kind: str, rng: np.random.Generator) -> tu
             raise SceneError("no place for an appearing object in 200 draws")
     else:
         raise ValueError(f"unknown validation kind {kind!r}; use 'true' or one of {NEGATIVE_KINDS}.")
-    return torch.stack([render_scene(s) for s in scenes]), identity, motion
+    return scenes, identity, motion
 
 
 def soften(video: Tensor, rng: np.random.Generator) -> Tensor:
@@ -390,19 +399,58 @@ def soften(video: Tensor, rng: np.random.Generator) -> Tensor:
     return torch.from_numpy(np.stack(frames)).float()
 
 
-def validation_suite(per_kind: int, seed: int = 0) -> list[tuple[str, MotionSpec, Tensor, bool, bool]]:
-    """``per_kind`` cases of ``"true"`` and of each of :data:`NEGATIVE_KINDS`, every video softened by
-    :func:`soften` (negatives too, so that cleanliness is no cue): ``(kind, spec, video, identity, motion)``."""
+def perturb_video(scenes: Sequence[Scene], rng: np.random.Generator) -> Tensor | None:
+    """The frames of ``scenes`` drawn with the imperfections of the shapes judge's calibration suite
+    (:mod:`flowalign.worlds.shapes.calibration`), quantized to 1/255: every object's side scaled by
+    ``U(0.85, 1.15)`` (once per object and video), its centre moved by ``U(-0.5, 0.5)`` px in each frame
+    (sub-pixel placement, anti-aliased), and in each frame 1-6 of Gaussian blur, colour fringes, boundary
+    noise (edge pixels flipped with probability 0.15), colour noise that keeps every channel on its side of
+    128/255, a 3-4 px fragment and speckles. None when a frame's objects leave the canvas or touch."""
+    from flowalign.worlds.shapes.calibration import Figure, _perturb, _valid, render_figures
+
+    scale = {(o.shape, o.color): rng.uniform(0.85, 1.15) for s in scenes for o in s.objects}
+    frames = []
+    for scene in scenes:
+        figures = [
+            Figure(o.shape, o.color, cx=o.x + o.size / 2 + rng.uniform(-0.5, 0.5),
+                   cy=o.y + o.size / 2 + rng.uniform(-0.5, 0.5), side=o.size * scale[(o.shape, o.color)])
+            for o in scene.objects
+        ]  # fmt: skip
+        if not _valid(figures, IMAGE_SIZE, IMAGE_SIZE):
+            return None
+        image, _ = _perturb(render_figures(figures), figures, rng)
+        frames.append(np.round(np.clip(image, 0, 1) * 255) / 255)
+    return torch.from_numpy(np.stack(frames)).float()
+
+
+PERTURBATION_LEVELS = ("soft", "full")
+
+
+def validation_suite(
+    per_kind: int, seed: int = 0, perturbation: str = "soft"
+) -> list[tuple[str, MotionSpec, Tensor, bool, bool]]:
+    """``per_kind`` cases of ``"true"`` and of each of :data:`NEGATIVE_KINDS` (negatives perturbed too, so
+    that cleanliness is no cue): ``(kind, spec, video, identity, motion)``. ``perturbation``: ``"soft"``
+    (:func:`soften`: blur and colour noise on exact renders) or ``"full"`` (:func:`perturb_video`: scale
+    jitter, sub-pixel placement, boundary noise, fringes, fragments, speckles)."""
     from flowalign.worlds.shapes.scene import SceneError
 
+    if perturbation not in PERTURBATION_LEVELS:
+        raise ValueError(f"perturbation must be one of {PERTURBATION_LEVELS}, got {perturbation!r}.")
     rng = np.random.default_rng(seed)
     cases = []
     for kind in ("true", *NEGATIVE_KINDS):
         while sum(c[0] == kind for c in cases) < per_kind:
             spec = sample_spec(rng, n_objects=2 if kind == "other_moves" else None)
             try:
-                video, identity, motion = validation_case(spec, kind, rng)
+                scenes, identity, motion = validation_scenes(spec, kind, rng)
             except SceneError:
                 continue
-            cases.append((kind, spec, soften(video, rng), identity, motion))
+            if perturbation == "soft":
+                video = soften(torch.stack([render_scene(s) for s in scenes]), rng)
+            else:
+                video = perturb_video(scenes, rng)
+                if video is None:
+                    continue
+            cases.append((kind, spec, video, identity, motion))
     return cases

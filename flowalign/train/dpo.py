@@ -153,7 +153,9 @@ def _truncated_levels(
     u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in gens]).double()
     if density == "uniform":
         return (low + (high - low) * u).float()
-    bounds = torch.special.ndtr((torch.logit(torch.tensor([low, high]).double()) - mean) / std)
+    bounds = torch.special.ndtr(
+        (torch.logit(torch.tensor([low, high], dtype=u.dtype, device=u.device)) - mean) / std
+    )
     normal = torch.special.ndtri(bounds[0] + (bounds[1] - bounds[0]) * u)
     return torch.sigmoid(mean + std * normal).clamp(low, high).float()
 

@@ -153,6 +153,28 @@ def test_decode_is_differentiable_and_encode_images_takes_videos():
     assert model.encode_images(video.detach()).shape == (2, 16, 2, 4, 4)
 
 
+def test_the_differentiable_decode_is_checkpointed_per_frame_with_the_stock_values_and_gradients():
+    """checkpointed_decode (each latent frame's decoder call under checkpointing, its feature cache passed in
+    and out) gives the stock AutoencoderKLWan decode's frames and gradients exactly (3 latent frames: the
+    first chunk, and two that read the cache); model.decode uses it under gradient, the stock decode without."""
+    from flowalign.models.wan import checkpointed_decode
+
+    model = load_model("tiny-wan22")
+    vae = model.pipeline.vae
+    z = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    stock = vae.decode(z, return_dict=False)[0]
+    ours = checkpointed_decode(vae, z)
+    assert torch.equal(ours, stock)
+    weights = torch.randn(stock.shape, generator=torch.Generator().manual_seed(1))
+    (expected,) = torch.autograd.grad((stock * weights).sum(), z)
+    (got,) = torch.autograd.grad((ours * weights).sum(), z)
+    assert torch.equal(got, expected) and expected.abs().sum() > 0
+    latents = z.detach().requires_grad_(True)
+    with torch.no_grad():
+        plain = model.decode(latents)
+    assert torch.equal(model.decode(latents), plain)
+
+
 def test_bad_inputs_are_one_clear_error():
     model = load_model("tiny-wan")
     images, _ = _first_frames()

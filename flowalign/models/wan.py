@@ -325,9 +325,15 @@ class WanAdapter(ModelAdapter):
 
     def decode(self, latents: Tensor) -> Tensor:
         """``[B, 16, T, h, w]`` latents to ``[B, F, 3, H, W]`` frames in ``[0, 1]``, differentiable (the stock
-        ``z * latents_std + latents_mean``, the VAE's decode, ``[-1, 1] -> [0, 1]``)."""
+        ``z * latents_std + latents_mean``, the VAE's decode, ``[-1, 1] -> [0, 1]``). With gradient, each latent
+        frame's decoder call is checkpointed (:func:`checkpointed_decode`): the same frames, a fraction of the
+        memory."""
         vae = self.pipeline.vae
-        video = vae.decode(self._normalise(latents.float(), inverse=True).to(vae.dtype), return_dict=False)[0]
+        z = self._normalise(latents.float(), inverse=True).to(vae.dtype)
+        if torch.is_grad_enabled() and z.requires_grad:
+            video = checkpointed_decode(vae, z)
+        else:
+            video = vae.decode(z, return_dict=False)[0]
         return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
     def encode_images(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -414,6 +420,43 @@ class WanAdapter(ModelAdapter):
         for module in self._modules().values():
             if module.dtype != dtype:
                 module.to(dtype=dtype)
+
+
+def checkpointed_decode(vae, z: Tensor) -> Tensor:
+    """diffusers' ``AutoencoderKLWan._decode`` of ``z`` ``[B, 16, T, h, w]`` (the VAE's own latents) to
+    ``[B, 3, F, H, W]`` in ``[-1, 1]``, with each latent frame's decoder call under activation checkpointing.
+
+    The Wan VAE decodes causally, one latent frame at a time, each causal convolution reading the last frames
+    of its input from a feature cache the previous frame wrote. Here every frame's call takes the cache as
+    its inputs and returns the new cache as outputs (a copy, never mutated in place), so a recomputation in
+    backward sees exactly what the forward saw; values and gradients are the stock decode's. What autograd
+    keeps is every frame's cache (the last two frames of each causal convolution's input) and, during
+    backward, one frame's activations at a time, instead of every frame's activations: for 81 frames at
+    624x352 the stock differentiable decode keeps 171.5 GiB (bf16), which no GPU holds
+    (``benchmarks/video/wan_decode_memory.py``). diffusers' ``AutoencoderKLWan`` has no gradient
+    checkpointing of its own (``_supports_gradient_checkpointing = False``). Tiled decoding and patchified
+    VAEs (Wan 2.2 TI2V's) are not covered: they fall back to the stock decode."""
+    from torch.utils.checkpoint import checkpoint
+
+    if vae.use_tiling or vae.config.get("patch_size") is not None:
+        return vae.decode(z, return_dict=False)[0]
+    x = vae.post_quant_conv(z)
+    cache: list = [None] * vae._cached_conv_counts["decoder"]
+    frames = []
+    for i in range(x.shape[2]):
+        out, *cache = checkpoint(
+            _decode_frame, vae.decoder, x[:, :, i : i + 1], i == 0, *cache, use_reentrant=False
+        )
+        frames.append(out)
+    return torch.clamp(torch.cat(frames, 2), min=-1.0, max=1.0)
+
+
+def _decode_frame(decoder, x: Tensor, first_chunk: bool, *cache) -> tuple:
+    """One latent frame through the Wan decoder with the feature cache ``cache`` (read, not mutated): its
+    frames and the cache the next frame reads."""
+    cache = list(cache)
+    out = decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk)
+    return (out, *cache)
 
 
 def route_experts(

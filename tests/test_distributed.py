@@ -26,6 +26,7 @@ CASES = [
     "sft",
     "dmd_fdistill",
     "nft_wan22_both",
+    "grpo_wan22_t2v_both_micro",
     "dpo_wan22_online",
 ]
 FSDP_CASES = ["grpo_kl_fsdp", "nft_fsdp", "sft_full_fsdp", "nft_wan22_low_fsdp"]

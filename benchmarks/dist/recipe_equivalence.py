@@ -64,9 +64,11 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "sft_full_fsdp": ("configs/sft/tiny_shapes.yaml", ["sft.batch_size=4", "model.lora_rank=0", "train.sharding=fsdp",
                                                        "optim.lr=1e-3"]),
     "grpo_fsdp_resume": ("configs/grpo/tiny_sd3.yaml", ["train.steps=2", "train.ema_decay=0.5", "train.sharding=fsdp"]),
-    # Image-to-video (tiny Wan 2.2): both experts trained by NFT (a process may run only one expert in a
-    # step: DDP finds the other's unused parameters), the low-noise expert sharded; online DPO on video.
+    # Video (tiny Wan 2.2): both experts trained by NFT, and by GRPO on text-to-video in micro-batches of one
+    # (a process may run only one expert in a step: DDP finds the other's unused parameters), the low-noise
+    # expert sharded; online DPO on image-to-video.
     "nft_wan22_both": ("configs/nft/tiny_wan22_i2v.yaml", ["model.expert=both"]),
+    "grpo_wan22_t2v_both_micro": ("configs/grpo/tiny_wan22_t2v.yaml", ["train.micro_batch_size=1"]),
     "nft_wan22_low_fsdp": ("configs/nft/tiny_wan22_i2v.yaml", ["train.sharding=fsdp"]),
     "dpo_wan22_online": ("configs/dpo/tiny_wan22_i2v_online.yaml", []),
     # GenEval evaluation split over the processes (5 prompts: one process pads its share), unsharded and sharded.

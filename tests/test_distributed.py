@@ -27,6 +27,7 @@ CASES = [
     "dmd_fdistill",
     "nft_wan22_both",
     "grpo_wan22_t2v_both_micro",
+    "backprop_wan22_both",
     "dpo_wan22_online",
 ]
 FSDP_CASES = ["grpo_kl_fsdp", "nft_fsdp", "sft_full_fsdp", "nft_wan22_low_fsdp"]

@@ -377,3 +377,39 @@ def test_text_to_video_trains_from_prompts_and_from_video_pairs_without_first_fr
     )  # fmt: skip
     config.reward = {}
     assert train(config).last_metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_still_gif_reads_back_with_all_its_frames(tmp_path):
+    """GIF writers store identical consecutive frames once with their durations summed (a still video of 5
+    frames is one stored frame); load_video restores the frames from the durations."""
+    frames = _frames(0)
+    still = frames[:1].expand(5, -1, -1, -1)
+    _save_gif(still, tmp_path / "still.gif")
+    assert Image.open(tmp_path / "still.gif").n_frames == 1
+    assert torch.equal(load_video(tmp_path / "still.gif", 5, (32, 32)), still)
+    mixed = frames[[0, 1, 1, 0, 0]]
+    _save_gif(mixed, tmp_path / "mixed.gif")
+    assert torch.equal(load_video(tmp_path / "mixed.gif", 5, (32, 32)), mixed)
+
+
+def test_weights_and_resumes_go_to_the_expert_the_run_trained(tmp_path):
+    """The two Wan experts' tensors have the same names: a full fine-tune of the low-noise expert loads back
+    into transformer_2 (its run's model.expert), and resuming a run with another model.expert is refused."""
+    run = tmp_path / "full"
+    train(_config("configs/backprop/tiny_wan22_i2v.yaml", run, "train.steps=1", "train.checkpoint_every=1",
+                  "model.lora_rank=0", "backprop.kl_beta=0"))  # fmt: skip
+    (checkpoint,) = (run / "run" / "checkpoints").glob("step-*")
+    model = load_model("tiny-wan22")
+    model.load_weights(checkpoint)
+    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    assert model.expert == "low" and model.denoiser is model.pipeline.transformer_2
+    assert all(torch.equal(model.denoiser.state_dict()[k], v) for k, v in saved.items())
+    assert not torch.equal(
+        model.pipeline.transformer.state_dict()[next(iter(saved))], next(iter(saved.values()))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"train.resume: checkpoint .* trained model.expert=low, this run sets model.expert=high",
+    ):
+        train(_config("configs/backprop/tiny_wan22_i2v.yaml", run, "train.steps=2", "model.lora_rank=0",
+                      "backprop.kl_beta=0", "model.expert=high", "train.resume=latest"))  # fmt: skip

@@ -341,3 +341,27 @@ def test_flowalign_sample_writes_text_to_video(tmp_path):
     expected = make_grid(videos.flatten(0, 1), nrow=5, padding=1)
     assert strip.shape == expected.shape and (strip - expected).abs().max() <= 0.5 / 255 + 1e-6
     assert Image.open(out).n_frames == 5
+
+
+def test_a_mixed_batch_is_reassembled_in_the_inputs_dtype():
+    """route_experts: samples on either side of the boundary go to their expert and come back in order, in
+    the inputs' dtype even when one expert answers in another (float32 under autocast, say)."""
+    from flowalign.models.wan import route_experts
+
+    inputs = torch.arange(4, dtype=torch.float32).view(4, 1)
+    timestep = torch.tensor([950.0, 100.0, 990.0, 10.0])
+
+    def call(name, x, t, kwargs):
+        return (x * (10 if name == "transformer" else -1)).to(
+            torch.float64 if name == "transformer" else torch.float32
+        )
+
+    out = route_experts(call, inputs, timestep, 900.0, {})
+    assert out.dtype == torch.float32 and out.flatten().tolist() == [0.0, -1.0, 20.0, -3.0]
+
+
+def test_the_video_benchmark_refuses_a_text_to_video_model(capsys):
+    from flowalign.cli import main
+
+    assert main(["bench", "video", "--model", "tiny-wan-t2v", "--out", "unused"]) == 2
+    assert "the video benchmark needs an image-to-video model" in capsys.readouterr().err

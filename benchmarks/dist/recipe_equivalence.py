@@ -66,9 +66,11 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "grpo_fsdp_resume": ("configs/grpo/tiny_sd3.yaml", ["train.steps=2", "train.ema_decay=0.5", "train.sharding=fsdp"]),
     # Video (tiny Wan 2.2): both experts trained by NFT, and by GRPO on text-to-video in micro-batches of one
     # (a process may run only one expert in a step: DDP finds the other's unused parameters), the low-noise
-    # expert sharded; online DPO on image-to-video.
+    # expert sharded; online DPO on image-to-video; reward backprop through both experts with per-step
+    # checkpointing (the recomputation in backward runs the bare network, not the DDP wrapper).
     "nft_wan22_both": ("configs/nft/tiny_wan22_i2v.yaml", ["model.expert=both"]),
     "grpo_wan22_t2v_both_micro": ("configs/grpo/tiny_wan22_t2v.yaml", ["train.micro_batch_size=1"]),
+    "backprop_wan22_both": ("configs/backprop/tiny_wan22_i2v.yaml", ["model.expert=both", "backprop.k=3"]),
     "nft_wan22_low_fsdp": ("configs/nft/tiny_wan22_i2v.yaml", ["train.sharding=fsdp"]),
     "dpo_wan22_online": ("configs/dpo/tiny_wan22_i2v_online.yaml", []),
     # GenEval evaluation split over the processes (5 prompts: one process pads its share), unsharded and sharded.

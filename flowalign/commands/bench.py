@@ -133,7 +133,7 @@ def _video(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"flowalign bench video: {err}") from None
     model = load_model_from_args(args)
-    if not model.is_video:
+    if not model.takes_images:
         raise UsageError(
             f"--model {args.model}: the video benchmark needs an image-to-video model (moving_shapes, wan)."
         )

@@ -46,9 +46,9 @@ def load_pair_file(path: str | Path, first_frame: bool = False) -> list[PairReco
                 f"{path}:{number}: each pair needs string fields prompt, chosen, rejected; missing {missing}."
             )
         chosen, rejected = path.parent / item["chosen"], path.parent / item["rejected"]
-        for image in (chosen, rejected):
-            if not image.is_file():
-                raise FileNotFoundError(f"{path}:{number}: image {str(image)!r} does not exist.")
+        for sample in (chosen, rejected):
+            if not sample.is_file():
+                raise FileNotFoundError(f"{path}:{number}: {str(sample)!r} does not exist.")
         first = None
         if first_frame:
             if not isinstance(item.get("image"), str):
@@ -94,6 +94,8 @@ def load_video(path: Path, num_frames: int, size: tuple[int, int]) -> Tensor:
         frames = read_frames(str(path))
     except (ImportError, AttributeError, OSError, ValueError) as err:
         raise ValueError(f"video {str(path)!r} cannot be read: {err}") from None
+    if str(path).lower().endswith(".gif") and len(frames) < num_frames:
+        frames = _unmerged_gif_frames(path, frames, num_frames)
     if len(frames) != num_frames:
         raise ValueError(
             f"video {str(path)!r} has {len(frames)} frames, the model makes {num_frames}; cut or pad it first."
@@ -106,6 +108,24 @@ def load_video(path: Path, num_frames: int, size: tuple[int, int]) -> Tensor:
         )
     array = np.stack([np.asarray(frame.convert("RGB"), dtype=np.float32) for frame in frames]) / 255.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def _unmerged_gif_frames(path: Path, frames: list, num_frames: int) -> list:
+    """A GIF writer (Pillow's among them) stores identical consecutive frames once, with their durations
+    summed: a still video of 5 frames reads back as 1. With the expected frame count, each stored frame
+    stands for ``duration / (total / num_frames)`` frames when that is a whole number for every frame;
+    otherwise the frames are returned as stored (and the count check names the file)."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as gif:
+        durations = [frame.info.get("duration") or 0 for frame in ImageSequence.Iterator(gif)]
+    if len(durations) != len(frames) or min(durations) <= 0:
+        return frames
+    unit = sum(durations) / num_frames
+    counts = [d / unit for d in durations]
+    if any(abs(c - round(c)) > 1e-6 or round(c) < 1 for c in counts):
+        return frames
+    return [frame for frame, c in zip(frames, counts) for _ in range(round(c))]
 
 
 def mine_pairs(

@@ -197,6 +197,19 @@ class ModelAdapter:
         """Route forward passes through ``module`` (the accelerate-prepared denoiser); None undoes it."""
         self._training_module = module
 
+    @contextlib.contextmanager
+    def unwrapped(self) -> Iterator[ModelAdapter]:
+        """Within this context forward passes run the bare denoiser, not its distributed wrapper: for an
+        activation checkpoint's recomputation in backward, where DDP's forward would prepare a second
+        gradient reduction while one is under way (an error with ``find_unused_parameters``). The gradients
+        still reach DDP's hooks, which sit on the parameters."""
+        previous = getattr(self, "_training_module", None)
+        self._training_module = None
+        try:
+            yield self
+        finally:
+            self._training_module = previous
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -502,6 +515,11 @@ class ModelAdapter:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     @property
+    def _trained_name(self) -> str:
+        """The trained network's name in messages."""
+        return self.denoiser_name
+
+    @property
     def _lora_file_name(self) -> str:
         """The component a saved LoRA names (``<name>_lora_layers`` of the pipeline's ``save_lora_weights``)."""
         return self.denoiser_name
@@ -614,7 +632,7 @@ class ModelAdapter:
             if misshapen:
                 what = f"{len(misshapen)} tensors of other shapes (e.g. {misshapen[0]!r})"
             raise ModelLoadError(
-                f"weights {str(file)!r} do not fit this {self.family} model's {self.denoiser_name}: {what}; they "
+                f"weights {str(file)!r} do not fit this {self.family} model's {self._trained_name}: {what}; they "
                 "were trained for another model (check --model / model.path)."
             )
         with torch.no_grad():
@@ -749,6 +767,16 @@ def _load_pipeline(
         raise ModelLoadError(
             f"{str(path)!r} has no model_index.json; it is not a diffusers pipeline directory."
         )
+    if name is None and len(accepted) > 1 and module == "diffusers":  # a hub id: its model_index.json says
+        try:
+            from diffusers import DiffusionPipeline
+
+            name = DiffusionPipeline.load_config(str(path)).get("_class_name")
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"could not read the pipeline class of {str(path)!r}: {err}. Offline? Download it first and pass "
+                "the local directory."
+            ) from None
     cls_name = name or accepted[0]
     if cls_name not in accepted:
         raise ModelLoadError(f"{str(path)!r} holds a {cls_name}; this adapter loads {', '.join(accepted)}.")

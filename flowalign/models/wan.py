@@ -405,6 +405,28 @@ class WanAdapter(ModelAdapter):
         for name, param in self.denoiser.named_parameters():
             param.requires_grad_(trainable and "lora_" in name)
 
+    def load_weights(self, path: str | Path) -> None:
+        """As :meth:`ModelAdapter.load_weights`, into the expert(s) the checkpoint's run trained (its
+        ``state.json`` config's ``model.expert``): the experts' tensors have the same names."""
+        path = Path(path)
+        state = (path if path.is_dir() else path.parent) / "state.json"
+        if state.is_file():
+            import json
+
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.create(json.loads(state.read_text()).get("config") or "{}")
+            expert = OmegaConf.select(config, "model.expert") or "high"
+            try:
+                self.expert = expert
+            except ValueError as err:
+                raise ModelLoadError(f"weights {str(path)!r} (model.expert={expert}): {err}") from None
+        super().load_weights(path)
+
+    @property
+    def _trained_name(self) -> str:
+        return "transformer and transformer_2" if self.expert == "both" else self.denoiser_name
+
     @property
     def _lora_file_name(self) -> str:
         return "transformer"
@@ -476,8 +498,8 @@ def route_experts(
         index = mask.nonzero().squeeze(1)
         part = {k: None if v is None else v[index] for k, v in kwargs.items()}
         y = call(name, inputs[index], timestep[index], part)
-        out = y.new_empty(inputs.shape[0], *y.shape[1:]) if out is None else out
-        out[index] = y
+        out = y.new_empty((inputs.shape[0], *y.shape[1:]), dtype=inputs.dtype) if out is None else out
+        out[index] = y.to(out.dtype)  # one expert may answer in float32 under autocast, the other in bf16
     return out
 
 

@@ -8,6 +8,7 @@ log-prob with :func:`denoise_step` — the very function the rollout used to dra
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -110,7 +111,13 @@ def denoise_step(
     batch = x.shape[0]
     timestep = schedule.timesteps[index].to(x.device).expand(batch)
     if plan.checkpoint[index] and torch.is_grad_enabled():
-        output = activation_checkpoint(model.predict, x, timestep, cond, guidance, use_reentrant=False)
+        # The recomputation in backward runs the bare network (ModelAdapter.unwrapped): a DDP wrapper's forward
+        # would prepare a second gradient reduction inside the one under way.
+        bare = getattr(model, "unwrapped", contextlib.nullcontext)
+        output = activation_checkpoint(
+            model.predict, x, timestep, cond, guidance, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), bare()),
+        )  # fmt: skip
     else:
         output = model.predict(x, timestep, cond, guidance)
     out = _apply_step(model, output, x, index, schedule, plan, noise, generator, prev_sample)

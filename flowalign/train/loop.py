@@ -281,6 +281,20 @@ def _setup_video(config: Config, model: ModelAdapter) -> None:
         )
 
 
+def _check_same_expert(checkpoint: Path, config: Config) -> None:
+    """A resumed run trains the expert(s) its checkpoint trained: two Wan experts' weights have the same
+    names, so a checkpoint of one would load into the other without complaint."""
+    from omegaconf import OmegaConf
+
+    saved = json.loads((checkpoint / "state.json").read_text()).get("config") or "{}"
+    before = OmegaConf.select(OmegaConf.create(saved), "model.expert")
+    if before != config.model.expert:
+        raise ValueError(
+            f"train.resume: checkpoint {checkpoint} trained model.expert={before}, this run sets model.expert="
+            f"{config.model.expert}; set model.expert={before} to resume it."
+        )
+
+
 def _trackers(config: Config) -> list[str]:
     import importlib.util
 
@@ -402,10 +416,17 @@ def _run(
     named = _named_trainable(model)
     start = 0
     if config.train.resume:
+        checkpoint = find_checkpoint(output_dir, config.train.resume)
+        _check_same_expert(checkpoint, config)
         state = load_checkpoint(
-            find_checkpoint(output_dir, config.train.resume), named, optimizer, scheduler, ema, recipe,
+            checkpoint,
+            named,
+            optimizer,
+            scheduler,
+            ema,
+            recipe,
             sharded_module=model.denoiser if sharded else None,
-        )  # fmt: skip
+        )
         start = state["step"]
         if accelerator.is_main_process:
             from flowalign.train.rundir import trim_metrics

@@ -1,7 +1,9 @@
 """Per-GPU memory of a training config at real size, without the weights: ``flowalign plan CONFIG``.
 
-The real architectures (SD3.5-Medium, FLUX.1-dev, SDXL, SD1.5) are built on the ``meta`` device from their
-published configs (no weights, no memory), so parameter counts are exact. Per process:
+The real architectures (SD3.5-Medium, FLUX.1-dev, SDXL, SD1.5, and Wan 2.2 I2V A14B for the ``wan`` family)
+are built on the ``meta`` device from their published configs (no weights, no memory), so parameter counts are
+exact. Videos (``wan``) have ``model.num_frames`` frames (default 81) of ``model.resolution`` squared (default
+480, about the area of Wan's 832x480). Per process:
 
 - **weights**: every pipeline component in ``model.dtype`` (the denoiser, its text encoders and the VAE;
   text-encoder and VAE sizes are the published checkpoints' parameter counts, :data:`ARCHITECTURES`);
@@ -11,7 +13,9 @@ published configs (no weights, no memory), so parameter counts are exact. Per pr
   float32 copy per kept policy (the evaluation EMA, NFT's old policy, DPO's reference snapshot). Sharded by
   FSDP.
 - **VAE decode**: decoding the micro-batch: the decoder's saved activations under reward backprop,
-  otherwise its transient peak (largest layer input + output) where it exceeds the training activations.
+  otherwise its transient peak (largest layer input + output) where it exceeds the training activations
+  (Wan: under reward backprop, :func:`flowalign.models.wan.checkpointed_decode`'s peak: every frame's
+  feature cache plus one frame's activations).
 - **activations**: the bytes autograd saves for backward in one training forward of the denoiser on one
   micro-batch at the config's resolution, measured by running the meta model under
   ``torch.autograd.graph.saved_tensors_hooks`` (classifier-free guidance doubles GRPO's batch; reward
@@ -77,6 +81,17 @@ def _sdxl_unet():
     )  # fmt: skip
 
 
+def _wan22_a14b():
+    """One expert of Wan 2.2 I2V A14B (``Wan-AI/Wan2.2-I2V-A14B-Diffusers``' transformer config)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+    )  # fmt: skip
+
+
 def _sd15_unet():
     from diffusers import UNet2DConditionModel
 
@@ -96,6 +111,7 @@ class Architecture:
     text_dim: int
     pooled_dim: int
     lora_targets: tuple[str, ...]
+    resolution: int = 1024  # the default of model.resolution
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -137,6 +153,19 @@ ARCHITECTURES: dict[str, Architecture] = {
         1280,
         ("to_q", "to_k", "to_v", "to_out.0"),
     ),  # fmt: skip
+    # Wan-AI/Wan2.2-I2V-A14B-Diffusers: two 14.29B experts (the other one is a frozen component), UMT5-XXL
+    # encoder 5680.9M, Wan VAE 126.9M. The transformer's input: 16 latent + 4 mask + 16 first-frame channels.
+    "wan": Architecture(
+        _wan22_a14b,
+        {"transformer_2": 14_288_901_184, "text_encoder": 5_680_910_336, "vae": 126_892_531},
+        36,
+        8,
+        512,
+        4096,
+        0,
+        ("to_q", "to_k", "to_v", "to_out.0"),
+        480,
+    ),  # fmt: skip
     # stable-diffusion-v1-5: CLIP-L 123.1M, VAE 83.7M.
     "sd": Architecture(
         _sd15_unet,
@@ -156,13 +185,17 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def _forward(
-    family: str, net: nn.Module, batch: int, resolution: int, dtype: torch.dtype, device: str = "meta"
-) -> Callable[[], Any]:
+    family: str, net: nn.Module, batch: int, resolution: int, dtype: torch.dtype, device: str = "meta",
+    frames: int = 1,
+) -> Callable[[], Any]:  # fmt: skip
     arch = ARCHITECTURES[family]
     side = resolution // arch.vae_factor
     kw = {"device": device, "dtype": dtype}
     text = torch.randn(batch, arch.text_tokens, arch.text_dim, **kw)
     t = torch.ones(batch, device=device, dtype=dtype)
+    if family == "wan":  # [B, 36, T, h, w] with T = (frames - 1) / 4 + 1 latent frames
+        x = torch.randn(batch, arch.latent_channels, (frames - 1) // 4 + 1, side, side, **kw)
+        return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     if family == "sd3":
         x = torch.randn(batch, arch.latent_channels, side, side, **kw)
         return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text,
@@ -238,6 +271,7 @@ def activation_bytes(
     dtype: torch.dtype,
     checkpointing: bool,
     device: str = "meta",
+    frames: int = 1,
 ) -> int:
     """Bytes saved for backward by one training forward of ``net`` (meta, with its trainable parameters
     marked) on ``batch`` samples: the storages autograd keeps alive, each counted once, other than the
@@ -263,7 +297,7 @@ def activation_bytes(
     try:
         fused = _FusedAttentionMode() if device == "meta" else contextlib.nullcontext()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused:
-            _forward(family, net, batch, resolution, dtype, device)()
+            _forward(family, net, batch, resolution, dtype, device, frames)()
     finally:
         for h in handles:
             h.remove()
@@ -284,9 +318,68 @@ def _vae(latent_channels: int) -> nn.Module:
     )  # fmt: skip
 
 
-def decode_bytes(family: str, batch: int, resolution: int, dtype: torch.dtype, grad: bool) -> int:
+def wan_decode_bytes(
+    frames: int, height: int, width: int, dtype: torch.dtype, grad: bool, checkpointed: bool = True
+) -> dict[str, int]:
+    """The Wan VAE decoding one ``frames``-frame video of ``height x width`` (meta device, real architecture):
+    ``stock`` (with ``grad``: the bytes the stock decode saves for backward), and with ``checkpointed``
+    (:func:`flowalign.models.wan.checkpointed_decode`) ``held`` (every frame's feature cache and the clamp's
+    input, alive until backward) and ``frame`` (the largest frame's activations while recomputed); without
+    ``grad``, ``peak``: the largest input + output of any decoder layer."""
+    from diffusers import AutoencoderKLWan
+
+    from flowalign.models.wan import _decode_frame
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan().to(dtype).requires_grad_(False)
+    weights = {t.untyped_storage()._cdata for t in vae.parameters()}
+    z = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="meta", dtype=dtype)
+    if not grad:
+        peak = [0]
+
+        def layer(module, args, output):
+            tensors = [a for a in (*args, output) if isinstance(a, torch.Tensor)]
+            peak[0] = max(peak[0], sum(t.numel() * t.element_size() for t in tensors))
+
+        handles = [m.register_forward_hook(layer) for m in vae.decoder.modules() if not list(m.children())]
+        try:
+            with torch.no_grad(), _FusedAttentionMode():
+                vae.decode(z)
+        finally:
+            for h in handles:
+                h.remove()
+        return {"peak": peak[0]}
+    z.requires_grad_(True)
+    out = {}
+    if not checkpointed:
+        total = [0]
+        with torch.autograd.graph.saved_tensors_hooks(_storage_counter(set(weights), total), lambda t: t):
+            with _FusedAttentionMode():
+                vae.decode(z)
+        out["stock"] = total[0]
+        return out
+    x = vae.post_quant_conv(z)
+    cache: list = [None] * vae._cached_conv_counts["decoder"]
+    held, frame = 3 * frames * height * width * _bytes(dtype), 0
+    for i in range(x.shape[2]):
+        held += sum(t.numel() * t.element_size() for t in cache if isinstance(t, torch.Tensor))
+        one = [0]
+        with torch.autograd.graph.saved_tensors_hooks(_storage_counter(set(weights), one), lambda t: t):
+            with _FusedAttentionMode():
+                _, *cache = _decode_frame(vae.decoder, x[:, :, i : i + 1], i == 0, *cache)
+        frame = max(frame, one[0])
+    return {"held": held, "frame": frame}
+
+
+def decode_bytes(
+    family: str, batch: int, resolution: int, dtype: torch.dtype, grad: bool, frames: int = 1
+) -> int:
     """VAE decoding of ``batch`` latents at ``resolution``: with ``grad`` (reward backprop) the bytes saved
-    for backward; without, the largest input + output of any single layer (the transient peak)."""
+    for backward; without, the largest input + output of any single layer (the transient peak). Wan
+    videos (``frames``): :func:`wan_decode_bytes`, checkpointed under ``grad``, the samples one after another."""
+    if family == "wan":
+        counts = wan_decode_bytes(frames, resolution, resolution, dtype, grad)
+        return counts["held"] * batch + counts["frame"] if grad else counts["peak"]
     arch = ARCHITECTURES[family]
     with torch.device("meta"):
         vae = _vae(arch.latent_channels).to(dtype).requires_grad_(False)
@@ -366,8 +459,11 @@ def estimate(
     size = _bytes(dtype)
     copies = int(t.ema_decay is not None) + int(t.algorithm == "nft")
     copies += int(t.algorithm == "dpo" and (config.dpo.ref_refresh_every > 0 or not m.lora_rank))
-    resolution = m.resolution or 1024
+    resolution = m.resolution or arch.resolution
+    frames = (m.num_frames or 81) if family == "wan" else 1
     batch = micro_batch * (2 if t.algorithm == "grpo" and config.sampling.guidance > 1 else 1)
+    experts = 2 if m.expert == "both" else 1  # Wan 2.2: both experts train (the same architecture)
+    trainable *= experts
     net.requires_grad_(False)
     for name, p in net.named_parameters():
         trained = not m.lora_rank or any(
@@ -375,22 +471,26 @@ def estimate(
         )
         p.requires_grad_(trained)
     net.to(dtype)
-    act = activation_bytes(family, net, batch, resolution, dtype, m.gradient_checkpointing)
+    act = activation_bytes(family, net, batch, resolution, dtype, m.gradient_checkpointing, frames=frames)
     if t.algorithm == "backprop" and not config.backprop.checkpoint:
         act *= max(1, config.backprop.k)  # every differentiated step's activations stay alive
     # (with backprop.checkpoint each step keeps only its input latent and is recomputed alone: one step's)
     # Decoding: with reward backprop the decoder's activations live next to the rollout's; otherwise decoding
     # happens before the training forward and only its excess over the training activations adds up.
     backprop = t.algorithm == "backprop"
-    decode = decode_bytes(family, micro_batch, resolution, dtype, grad=backprop)
+    decode = decode_bytes(family, micro_batch, resolution, dtype, grad=backprop, frames=frames)
+    others = dict(arch.other_params)
+    second = others.pop("transformer_2", 0)  # Wan 2.2's other expert: frozen, or trained too (experts == 2)
     parts = {
-        "denoiser weights": denoiser * size / shard / GB,
-        "text encoders + VAE": sum(arch.other_params.values()) * size / GB,
+        "denoiser weights": denoiser * experts * size / shard / GB,
+        "text encoders + VAE": sum(others.values()) * size / GB,
         "trainable (fp32) + grads + AdamW": trainable * 4 * 4 / shard / GB,
         "policy copies (EMA, old, reference)": trainable * 4 * copies / shard / GB,
         "activations": act / GB,
         "VAE decode": (decode if backprop else max(0, decode - act)) / GB,
     }
+    if second:
+        parts["other expert weights"] = second * size / GB if experts == 1 else 0.0
     if not m.lora_rank:  # the trainable float32 weights replace the dtype copy of the denoiser
         parts["denoiser weights"] = 0.0
     return MemoryEstimate(family, micro_batch, processes, parts, trainable, denoiser)

@@ -18,7 +18,13 @@ SD35 = ROOT / "configs/grpo/sd35m_geneval.yaml"
 
 @pytest.mark.parametrize(
     "family,published",
-    [("sd3", 2_243_171_520), ("flux", 11_901_408_320), ("sdxl", 2_567_463_684), ("sd", 859_520_964)],
+    [
+        ("sd3", 2_243_171_520),
+        ("flux", 11_901_408_320),
+        ("sdxl", 2_567_463_684),
+        ("sd", 859_520_964),
+        ("wan", 14_288_901_184),
+    ],  # fmt: skip
 )
 def test_real_architectures_have_the_published_parameter_counts(family, published):
     with torch.device("meta"):
@@ -61,3 +67,22 @@ def test_plan_prints_the_largest_micro_batch_and_refuses_what_cannot_fit(capsys)
         main(["plan", str(SD35), "--gpu-memory", "10"])
     assert main(["plan", str(ROOT / "configs/grpo/shapes.yaml")]) == 2
     assert "no real-size architecture" in capsys.readouterr().err
+
+
+def test_wan_plan_counts_both_experts_and_the_checkpointed_decode():
+    """The IPRO config on Wan 2.2 A14B: the frozen high-noise expert's weights next to the trained low-noise
+    one's; with both experts trained, their LoRA doubles and no expert is frozen; the differentiable decode is
+    checkpointed per latent frame, a fraction of the stock decode's saved activations."""
+    from flowalign.memory import GB, wan_decode_bytes
+
+    ipro = ROOT / "configs/backprop/wan22_i2v_ipro.yaml"
+    low = estimate(load_config(ipro), 1)
+    expert = 14_288_901_184 * 2 / GB  # bf16
+    assert low.parts["denoiser weights"] == low.parts["other expert weights"] == pytest.approx(expert)
+    both = estimate(load_config(ipro, ["model.expert=both"]), 1)
+    assert both.trainable_params == 2 * low.trainable_params and both.parts["other expert weights"] == 0.0
+    assert both.parts["denoiser weights"] == pytest.approx(2 * expert)
+    stock = wan_decode_bytes(9, 64, 64, torch.bfloat16, grad=True, checkpointed=False)["stock"]
+    counts = wan_decode_bytes(9, 64, 64, torch.bfloat16, grad=True)
+    assert counts["held"] + counts["frame"] < stock / 2
+    assert 100 < low.total < 141  # fits an H200-class card, not an 80 GB one (118.7 GiB at 480x480)

@@ -22,37 +22,12 @@ import torch
 
 
 def measure(frames: int, height: int, width: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
-    from diffusers import AutoencoderKLWan
+    from flowalign.memory import GB, wan_decode_bytes
 
-    from flowalign.memory import GB, _FusedAttentionMode, _storage_counter
-    from flowalign.models.wan import _decode_frame
-
-    with torch.device("meta"):
-        vae = AutoencoderKLWan().to(dtype).requires_grad_(False)
-    weights = {t.untyped_storage()._cdata for t in vae.parameters()}
-    latent = (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
-    z = torch.randn(latent, device="meta", dtype=dtype, requires_grad=True)
-
-    total = [0]
-    with torch.autograd.graph.saved_tensors_hooks(_storage_counter(set(weights), total), lambda t: t):
-        with _FusedAttentionMode():
-            vae.decode(z)
-    stock = total[0]
-
-    # Checkpointed: run the frames as checkpointed_decode does, keeping each frame's cache (its inputs).
-    x = vae.post_quant_conv(z)
-    cache: list = [None] * vae._cached_conv_counts["decoder"]
-    held, peak = 0, 0
-    for i in range(x.shape[2]):
-        held += sum(t.numel() * t.element_size() for t in cache if isinstance(t, torch.Tensor))
-        one = [0]
-        with torch.autograd.graph.saved_tensors_hooks(_storage_counter(set(weights), one), lambda t: t):
-            with _FusedAttentionMode():
-                _, *cache = _decode_frame(vae.decoder, x[:, :, i : i + 1], i == 0, *cache)
-        peak = max(peak, one[0])
-    video = 3 * frames * height * width * torch.empty((), dtype=dtype).element_size()  # clamp's saved input
-    return {"stock_gib": stock / GB, "held_gib": (held + video) / GB, "peak_frame_gib": peak / GB,
-            "checkpointed_gib": (held + video + peak) / GB}  # fmt: skip
+    stock = wan_decode_bytes(frames, height, width, dtype, grad=True, checkpointed=False)["stock"]
+    counts = wan_decode_bytes(frames, height, width, dtype, grad=True)
+    return {"stock_gib": stock / GB, "held_gib": counts["held"] / GB, "peak_frame_gib": counts["frame"] / GB,
+            "checkpointed_gib": (counts["held"] + counts["frame"]) / GB}  # fmt: skip
 
 
 def main() -> None:

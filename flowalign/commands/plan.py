@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from flowalign.commands.common import check_float, check_int
     from flowalign.config import load_config
-    from flowalign.memory import MARGIN, largest_micro_batch
+    from flowalign.memory import ARCHITECTURES, MARGIN, largest_micro_batch
 
     check_float("--gpu-memory", args.gpu_memory, greater=0)
     check_int("--processes", args.processes)
@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     first = rows[0]
     print(
         f"{args.config}: {m.family} denoiser {first.denoiser_params / 1e9:.2f}B parameters, "
-        f"{first.trainable_params / 1e6:.1f}M trainable, {m.dtype}, {m.resolution or 1024}px, gradient "
+        f"{first.trainable_params / 1e6:.1f}M trainable, {m.dtype}, {m.resolution or ARCHITECTURES[m.family].resolution}px"
+        f"{f' x {m.num_frames or 81} frames' if m.family == 'wan' else ''}, gradient "
         f"checkpointing {'on' if m.gradient_checkpointing else 'off'}, sharding {config.train.sharding}, "
         f"{args.processes} processes"
     )

@@ -70,7 +70,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     # checkpointing (the recomputation in backward runs the bare network, not the DDP wrapper).
     "nft_wan22_both": ("configs/nft/tiny_wan22_i2v.yaml", ["model.expert=both"]),
     "grpo_wan22_t2v_both_micro": ("configs/grpo/tiny_wan22_t2v.yaml", ["train.micro_batch_size=1"]),
-    "backprop_wan22_both": ("configs/backprop/tiny_wan22_i2v.yaml", ["model.expert=both", "backprop.k=3"]),
+    "backprop_wan22_both": ("configs/backprop/tiny_wan22_i2v.yaml", ["model.expert=both", "backprop.k=3", "optim.lr=1000"]),
     "nft_wan22_low_fsdp": ("configs/nft/tiny_wan22_i2v.yaml", ["train.sharding=fsdp"]),
     "dpo_wan22_online": ("configs/dpo/tiny_wan22_i2v_online.yaml", []),
     # GenEval evaluation split over the processes (5 prompts: one process pads its share), unsharded and sharded.

@@ -1,6 +1,6 @@
 """Memory per GPU of every shipped full-size config at real size, and a check of the activation count.
 
-For each config under configs/ with a real model family (SD3.5-Medium, FLUX.1-dev, SDXL, SD1.5), prints
+For each config under configs/ with a real model family (SD3.5-Medium, FLUX.1-dev, SDXL, SD1.5, Wan), prints
 and writes (``--out``) the estimate of :mod:`flowalign.memory` per micro-batch on ``--processes`` GPUs of
 ``--gpu-memory`` GiB and the largest micro-batch that fits (``flowalign plan`` per config).
 
@@ -91,7 +91,11 @@ def main() -> None:
         best, rows = largest_micro_batch(config, args.gpu_memory, args.processes)
         one = rows[0]
         name = str(path.relative_to(ROOT / "configs"))
-        weights = one.parts["denoiser weights"] + one.parts["text encoders + VAE"]
+        weights = (
+            one.parts["denoiser weights"]
+            + one.parts["text encoders + VAE"]
+            + one.parts.get("other expert weights", 0.0)
+        )
         state = (
             one.parts["trainable (fp32) + grads + AdamW"] + one.parts["policy copies (EMA, old, reference)"]
         )

@@ -53,6 +53,8 @@ class ModelConfig:
     ``num_frames`` (video models): frames per video (Wan: ``4k + 1``); None: the model's default.
     ``expert`` (Wan 2.2's two experts): ``high``, ``low`` or ``both``, the expert(s) that train (reward
     backprop through the last steps trains ``low``); None: ``high``.
+    ``cpu_offload`` (Wan): keep the text encoder and the expert that does not train on the CPU while they
+    idle (moved to the GPU when they run; values unchanged): -37 GiB per GPU on Wan 2.2 A14B.
     """
 
     path: str = "shapes"
@@ -66,6 +68,7 @@ class ModelConfig:
     resolution: int | None = None
     num_frames: int | None = None
     expert: str | None = None
+    cpu_offload: bool = False
 
 
 @dataclass

@@ -15,7 +15,9 @@ exact. Videos (``wan``) have ``model.num_frames`` frames (default 81) of ``model
 - **VAE decode**: decoding the micro-batch: the decoder's saved activations under reward backprop,
   otherwise its transient peak (largest layer input + output) where it exceeds the training activations
   (Wan: under reward backprop, :func:`flowalign.models.wan.checkpointed_decode`'s peak: every frame's
-  feature cache plus one frame's activations).
+  feature cache plus one frame's activations). With ``model.cpu_offload`` (Wan) the text encoder and the
+  frozen expert wait on the CPU and are not counted (they visit the GPU one at a time, outside the backward
+  pass, when the trained expert's activations are not alive).
 - **activations**: the bytes autograd saves for backward in one training forward of the denoiser on one
   micro-batch at the config's resolution, measured by running the meta model under
   ``torch.autograd.graph.saved_tensors_hooks`` (classifier-free guidance doubles GRPO's batch; reward
@@ -481,6 +483,11 @@ def estimate(
     decode = decode_bytes(family, micro_batch, resolution, dtype, grad=backprop, frames=frames)
     others = dict(arch.other_params)
     second = others.pop("transformer_2", 0)  # Wan 2.2's other expert: frozen, or trained too (experts == 2)
+    if m.cpu_offload:  # the idle frozen modules wait on the CPU (WanAdapter.cpu_offload)
+        if family != "wan":
+            raise ValueError(f"flowalign plan: model.cpu_offload is for the wan family, not {family!r}.")
+        others.pop("text_encoder")
+        second = 0
     parts = {
         "denoiser weights": denoiser * experts * size / shard / GB,
         "text encoders + VAE": sum(others.values()) * size / GB,

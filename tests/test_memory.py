@@ -72,17 +72,24 @@ def test_plan_prints_the_largest_micro_batch_and_refuses_what_cannot_fit(capsys)
 def test_wan_plan_counts_both_experts_and_the_checkpointed_decode():
     """The IPRO config on Wan 2.2 A14B: the frozen high-noise expert's weights next to the trained low-noise
     one's; with both experts trained, their LoRA doubles and no expert is frozen; the differentiable decode is
-    checkpointed per latent frame, a fraction of the stock decode's saved activations."""
+    checkpointed per latent frame, a fraction of the stock decode's saved activations; with model.cpu_offload
+    (the config's setting) the frozen expert and UMT5 are not on the GPU and it fits 80 GiB."""
     from flowalign.memory import GB, wan_decode_bytes
 
     ipro = ROOT / "configs/backprop/wan22_i2v_ipro.yaml"
-    low = estimate(load_config(ipro), 1)
+    low = estimate(load_config(ipro, ["model.cpu_offload=false"]), 1)
     expert = 14_288_901_184 * 2 / GB  # bf16
     assert low.parts["denoiser weights"] == low.parts["other expert weights"] == pytest.approx(expert)
-    both = estimate(load_config(ipro, ["model.expert=both"]), 1)
+    both = estimate(load_config(ipro, ["model.expert=both", "model.cpu_offload=false"]), 1)
     assert both.trainable_params == 2 * low.trainable_params and both.parts["other expert weights"] == 0.0
     assert both.parts["denoiser weights"] == pytest.approx(2 * expert)
     stock = wan_decode_bytes(9, 64, 64, torch.bfloat16, grad=True, checkpointed=False)["stock"]
     counts = wan_decode_bytes(9, 64, 64, torch.bfloat16, grad=True)
     assert counts["held"] + counts["frame"] < stock / 2
     assert 100 < low.total < 141  # fits an H200-class card, not an 80 GB one (118.7 GiB at 480x480)
+    offloaded = estimate(load_config(ipro), 1)  # the config's own setting: model.cpu_offload
+    assert "other expert weights" not in offloaded.parts
+    assert low.total - offloaded.total == pytest.approx((expert + 5_680_910_336 * 2 / GB) * 1.1)
+    assert offloaded.total < 80
+    with pytest.raises(ValueError, match="model.cpu_offload is for the wan family"):
+        estimate(load_config(SD35, ["model.cpu_offload=true"]), 1)

@@ -143,6 +143,8 @@ def test_bad_video_settings_are_one_line(tmp_path):
         _config("configs/nft/tiny_wan22_i2v.yaml", tmp_path / "g", "model.expert=both", "train.sharding=fsdp")
     with pytest.raises(ValueError, match="model.expert: expert must be 'high', 'low' or 'both', got 'all'"):
         train(_config("configs/nft/tiny_wan22_i2v.yaml", tmp_path / "h", "model.expert=all"))
+    with pytest.raises(ValueError, match="model.cpu_offload=True: the sd3 model has no such option"):
+        train(_config("configs/grpo/tiny_sd3.yaml", tmp_path / "i", "model.cpu_offload=true"))
     with pytest.raises(ValueError, match="train.algorithm=sft does not train video models yet"):
         train(
             _config(

@@ -175,6 +175,30 @@ def test_the_differentiable_decode_is_checkpointed_per_frame_with_the_stock_valu
     assert torch.equal(model.decode(latents), plain)
 
 
+def test_cpu_offload_keeps_the_samples_and_offloads_each_idle_module_once_done():
+    """model.cpu_offload on Wan 2.2 (the low-noise expert trains): the same latents as without; the text
+    encoder goes back to the CPU once the prompts are encoded and the frozen high-noise expert once the
+    trained expert takes over (3 steps: one high, two low); the expert is fixed from then on."""
+    images, _ = _first_frames()
+    plain = generate(
+        load_model("tiny-wan22", expert="low"), PROMPTS, seeded_generators([0, 1], "cpu"), steps=3, guidance=1.0,
+        images=images,
+    ).final  # fmt: skip
+    model = load_model("tiny-wan22", expert="low")
+    model.cpu_offload = True
+    offloaded = []
+    for name, hook in model._offload_hooks.items():
+        hook.offload = lambda name=name, offload=hook.offload: (offloaded.append(name), offload())[1]
+    out = generate(model, PROMPTS, seeded_generators([0, 1], "cpu"), steps=3, guidance=1.0, images=images)
+    assert torch.equal(out.final, plain)
+    assert offloaded == ["text_encoder", "transformer", "transformer"]
+    with pytest.raises(ValueError, match="choose the expert before cpu_offload"):
+        model.expert = "high"
+    both = load_model("tiny-wan22", expert="both")
+    both.cpu_offload = True
+    assert list(both._offload_hooks) == ["text_encoder"]  # no expert idles
+
+
 def test_bad_inputs_are_one_clear_error():
     model = load_model("tiny-wan")
     images, _ = _first_frames()

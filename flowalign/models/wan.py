@@ -140,6 +140,8 @@ class WanAdapter(ModelAdapter):
             raise ValueError(
                 f"expert={value!r} trains transformer_2, which this model lacks (Wan 2.1 has one expert); use 'high'."
             )
+        if value != self.expert and self.cpu_offload:
+            raise ValueError("choose the expert before cpu_offload: the frozen expert is the offloaded one.")
         if value != self.expert and self.has_lora:
             raise ValueError(
                 f"the {self.expert} expert already has a LoRA; choose the expert before add_lora()."
@@ -241,7 +243,40 @@ class WanAdapter(ModelAdapter):
             prompt=prompts, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             device=self.device,
         )  # fmt: skip
+        self._offload("text_encoder")
         return {"prompt_embeds": embeds}
+
+    # ------------------------------------------------------------------ CPU offload of idle frozen modules
+
+    @property
+    def cpu_offload(self) -> bool:
+        """Whether the frozen modules that idle most of an iteration -- the text encoder (UMT5-XXL, 5.7B) and
+        the expert that does not train (14.3B in Wan 2.2 A14B) -- wait on the CPU: accelerate's
+        ``cpu_offload_with_hook`` moves one to the compute device when it runs, and flowalign moves it back
+        once the text is encoded / when the trained expert runs. Values are unchanged; each iteration moves
+        them over once each way. Set after ``expert``."""
+        return bool(getattr(self, "_offload_hooks", None))
+
+    @cpu_offload.setter
+    def cpu_offload(self, value: bool) -> None:
+        if value == self.cpu_offload:
+            return
+        if not value:
+            raise ValueError("cpu_offload cannot be turned off once on; load the model again.")
+        from accelerate import cpu_offload_with_hook
+
+        idle = ["text_encoder"]
+        if self.expert != "both" and getattr(self.pipeline, "transformer_2", None) is not None:
+            idle.append("transformer_2" if self.denoiser_name == "transformer" else "transformer")
+        self._offload_hooks = {
+            name: cpu_offload_with_hook(getattr(self.pipeline, name), execution_device=self.device)[1]
+            for name in idle
+        }
+
+    def _offload(self, name: str) -> None:
+        hook = getattr(self, "_offload_hooks", {}).get(name)
+        if hook is not None:
+            hook.offload()
 
     def _condition(self, images: Tensor) -> dict[str, Tensor]:
         """The stock pipeline's image conditioning of ``images`` ``[B, 3, H, W]`` in ``[0, 1]``: ``condition``
@@ -318,6 +353,8 @@ class WanAdapter(ModelAdapter):
         return route_experts(self._expert_call, inputs, timestep, self.boundary, kwargs)
 
     def _expert_call(self, name: str, inputs: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        if name == self.denoiser_name:  # the frozen expert, if offloaded, is done for this rollout
+            self._offload({"transformer": "transformer_2", "transformer_2": "transformer"}[name])
         net = self.net if name == self.denoiser_name else getattr(self.pipeline, name)
         return net(hidden_states=inputs, timestep=timestep, return_dict=False, **kwargs)[0]
 

@@ -257,11 +257,11 @@ def _setup_video(config: Config, model: ModelAdapter) -> None:
     """Apply ``model.num_frames`` / ``model.expert`` to a video model; refuse them for an image model, and
     the recipes that do not train video models yet."""
     m = config.model
-    for key in ("num_frames", "expert"):
+    for key in ("num_frames", "expert", "cpu_offload"):
         value = getattr(m, key)
-        if value is None:
+        if value is None or value is False:
             continue
-        if not model.is_video or (key == "expert" and not hasattr(model, "expert")):
+        if not model.is_video or (key != "num_frames" and not hasattr(model, key)):
             raise ValueError(
                 f"model.{key}={value!r}: the {model.family} model has no such option; remove it."
             )

@@ -457,6 +457,17 @@ def _is_string_field(merged, key: str) -> bool:
     return isinstance(container._get_node(leaf), StringNode)
 
 
+def saved_setting(checkpoint: str | Path, key: str) -> Any:
+    """The value of the dotted ``key`` (e.g. ``model.expert``) in the config a training checkpoint was written
+    with (its ``state.json``), or None when the key, or the checkpoint's ``state.json``, is absent."""
+    import json
+
+    state = Path(checkpoint) / "state.json"
+    if not state.is_file():
+        return None
+    return OmegaConf.select(OmegaConf.create(json.loads(state.read_text()).get("config") or "{}"), key)
+
+
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 

@@ -192,16 +192,16 @@ def first_frames(args: argparse.Namespace, model) -> torch.Tensor | None:
                     "video models (families wan and moving_shapes)."
                 )
         return None
+    if args.frames is not None:
+        try:
+            model.num_frames = args.frames
+        except ValueError as err:
+            raise UsageError(f"--frames: {err}") from None
     if not model.takes_images:
         if args.image:
             raise UsageError(
                 f"--image: the {model.family} model is text-to-video and takes no first frame; drop --image."
             )
-        try:
-            if args.frames is not None:
-                model.num_frames = args.frames
-        except ValueError as err:
-            raise UsageError(f"--frames: {err}") from None
         return None
     if not args.image:
         raise UsageError("--image: this image-to-video model needs a first frame: --image first_frame.png.")
@@ -217,11 +217,8 @@ def first_frames(args: argparse.Namespace, model) -> torch.Tensor | None:
             f"--image: the first frames have different sizes {[tuple(f.shape[1:]) for f in frames]}."
         )
     try:
-        if args.frames is not None:
-            model.num_frames = args.frames
         model.latent_shape(*frames[0].shape[1:])
     except ValueError as err:
-        flag = "--frames" if "frames" in str(err) else "--image"
-        raise UsageError(f"{flag}: {err}") from None
+        raise UsageError(f"--image: {err}") from None
     images = torch.stack(frames)
     return images.expand(len(args.prompt), -1, -1, -1) if len(frames) == 1 else images

@@ -135,7 +135,7 @@ def condition_images(metadata: Sequence[Mapping[str, Any]], where: str = "data.t
                 f"{where}: an image-to-video model needs a conditioning first frame per prompt: give every record of "
                 'the prompt file an "image" field (a PNG path relative to the file).'
             )
-        images.append(_cached_image(meta["image"], where))
+        images.append(_cached_image(meta["image"], where, *_version(meta["image"])))
     sizes = {tuple(i.shape) for i in images}
     if len(sizes) > 1:
         raise ValueError(
@@ -144,8 +144,19 @@ def condition_images(metadata: Sequence[Mapping[str, Any]], where: str = "data.t
     return torch.stack(images)
 
 
+def _version(path: str) -> tuple[int, int]:
+    """What tells a rewritten file from the one cached: modification time and size (0, 0 when missing, which
+    :func:`load_image` then reports)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return 0, 0
+    return stat.st_mtime_ns, stat.st_size
+
+
 @functools.lru_cache(maxsize=256)
-def _cached_image(path: str, where: str) -> Tensor:
+def _cached_image(path: str, where: str, mtime_ns: int = 0, size: int = 0) -> Tensor:
+    """:func:`load_image`, cached by path and file version (a rewritten file is read again)."""
     return load_image(path, where)
 
 

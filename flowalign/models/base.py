@@ -395,7 +395,9 @@ class ModelAdapter:
 
     def _condition(self, images: Tensor) -> dict[str, Tensor]:
         """Image-to-video families: the conditioning tensors of checked first frames ``[B, 3, H, W]``."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} sets takes_images but does not define _condition (its conditioning tensors)."
+        )
 
     def _cached_rows(self, texts: list[str]) -> list[dict[str, Tensor]]:
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))

@@ -445,15 +445,12 @@ class WanAdapter(ModelAdapter):
     def load_weights(self, path: str | Path) -> None:
         """As :meth:`ModelAdapter.load_weights`, into the expert(s) the checkpoint's run trained (its
         ``state.json`` config's ``model.expert``): the experts' tensors have the same names."""
+        from flowalign.config import saved_setting
+
         path = Path(path)
-        state = (path if path.is_dir() else path.parent) / "state.json"
-        if state.is_file():
-            import json
-
-            from omegaconf import OmegaConf
-
-            config = OmegaConf.create(json.loads(state.read_text()).get("config") or "{}")
-            expert = OmegaConf.select(config, "model.expert") or "high"
+        checkpoint = path if path.is_dir() else path.parent
+        if (checkpoint / "state.json").is_file():
+            expert = saved_setting(checkpoint, "model.expert") or "high"
             try:
                 self.expert = expert
             except ValueError as err:

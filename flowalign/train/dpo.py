@@ -19,7 +19,6 @@ from torch import Tensor
 from flowalign.algorithms.dpo import denoising_error, dpo_loss
 from flowalign.data.pairs import PairRecord, load_image, load_pair_file, load_video, mine_pairs
 from flowalign.data.prompts import condition_images
-from flowalign.data.prompts import load_image as load_first_frame
 from flowalign.samplers import chunks
 from flowalign.samplers.inversion import invert
 from flowalign.samplers.steps import randn
@@ -59,9 +58,9 @@ class _OfflinePairs:
         self.capacity = ctx.config.dpo.latent_cache_size
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
 
-    def latent(self, ctx: TrainContext, path, first: Tensor | None = None) -> Tensor:
-        """The latent of the image or video at ``path`` (an image-to-video pair's videos have the size of
-        their first frame ``first``)."""
+    def latent(self, ctx: TrainContext, path, size: tuple[int, int] | None = None) -> Tensor:
+        """The latent of the image or video at ``path`` (an image-to-video pair's videos have their first
+        frame's ``size``; other videos ``model.resolution``)."""
         key = str(path)
         if key in self.cache:
             self.cache.move_to_end(key)
@@ -70,8 +69,7 @@ class _OfflinePairs:
         if not model.is_video:
             pixels = load_image(path, self.size)
         else:
-            size = tuple(first.shape[-2:]) if first is not None else (self.size, self.size)
-            pixels = load_video(path, model.num_frames, size)
+            pixels = load_video(path, model.num_frames, size or (self.size, self.size))
         with torch.no_grad():
             latent = model.encode_images(pixels[None].to(model.device))[0]
         if self.capacity > 0:
@@ -93,18 +91,13 @@ class _OfflinePairs:
             return _no_pairs({})
         mine = [chosen[i] for i in keys]
         prompts = [r.prompt for r in mine]
-        firsts = [load_first_frame(r.image, "dpo.pairs") if r.image else None for r in mine]
-        x_w = torch.stack([self.latent(ctx, r.chosen, f) for r, f in zip(mine, firsts)])
-        x_l = torch.stack([self.latent(ctx, r.rejected, f) for r, f in zip(mine, firsts)])
-        images = _same_size(firsts) if ctx.model.takes_images else None
+        images = None
+        if ctx.model.takes_images:  # one size for all, checked as a prompt file's first frames are
+            images = condition_images([{"image": str(r.image)} for r in mine], "dpo.pairs")
+        size = None if images is None else tuple(images.shape[-2:])
+        x_w = torch.stack([self.latent(ctx, r.chosen, size) for r in mine])
+        x_l = torch.stack([self.latent(ctx, r.rejected, size) for r in mine])
         return _Pairs(prompts, x_w, x_l, torch.tensor(keys), {}, images)
-
-
-def _same_size(images: list[Tensor]) -> Tensor:
-    sizes = {tuple(i.shape) for i in images}
-    if len(sizes) > 1:
-        raise ValueError(f"dpo.pairs: the first frames have different sizes {sorted(sizes)}; use one size.")
-    return torch.stack(images)
 
 
 def _online_pairs(ctx: TrainContext, step: int) -> _Pairs | None:

@@ -284,10 +284,9 @@ def _setup_video(config: Config, model: ModelAdapter) -> None:
 def _check_same_expert(checkpoint: Path, config: Config) -> None:
     """A resumed run trains the expert(s) its checkpoint trained: two Wan experts' weights have the same
     names, so a checkpoint of one would load into the other without complaint."""
-    from omegaconf import OmegaConf
+    from flowalign.config import saved_setting
 
-    saved = json.loads((checkpoint / "state.json").read_text()).get("config") or "{}"
-    before = OmegaConf.select(OmegaConf.create(saved), "model.expert")
+    before = saved_setting(checkpoint, "model.expert")
     if before != config.model.expert:
         raise ValueError(
             f"train.resume: checkpoint {checkpoint} trained model.expert={before}, this run sets model.expert="

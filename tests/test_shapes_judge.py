@@ -104,6 +104,30 @@ def test_blur_keeps_the_evidence_that_thresholding_loses():
     assert (d.class_name, d.confidence) == ("square", 1.0)
 
 
+def test_a_colour_fringe_of_another_code_still_shows_the_object():
+    """A 7.7-px white diamond whose blue channel is blurred more than the others: its edge pixels
+    threshold to yellow, a component of another colour, but their values still show the diamond. The
+    third judge read them as 0 and scored this diamond 0.0694 (too small for the world); the value model
+    now reads every pixel near a component except another object of the same colour."""
+    image = render_figures([Figure("diamond", "white", 16.3, 15.8, 7.7)])
+    image = np.round(np.stack([ndimage.gaussian_filter(c, s, mode="constant")
+                               for c, s in zip(image, (0.2, 0.2, 0.7))]) * 255) / 255  # fmt: skip
+    on = image * 255 >= 128
+    assert (on[0] & on[1] & ~on[2]).any()  # a fringe pixel that thresholds to yellow
+    found = [d for d in detect(torch.from_numpy(image).float(), 0.0) if d.pixel_count > 4]
+    assert [(d.class_name, d.color, d.confidence) for d in found] == [("diamond", "white", 1.0)]
+
+
+def test_another_object_of_the_same_colour_nearby_reads_as_nothing():
+    """A same-coloured object two pixels away is another object, not this one's evidence: each object's
+    detection is exactly what it is alone."""
+    left, right = Figure("triangle", "green", 8.3, 15.6, 8.1), Figure("square", "green", 18.5, 15.5, 9.0)
+    alone = [detect(torch.from_numpy(render_figures([f])).float())[0] for f in (left, right)]
+    image = render_figures([left, right])
+    assert (image[1, :, 12] > 0).any() and (image[1, :, 13] == 0).all() and (image[1, 11:20, 14] == 1).all()
+    together = detect(torch.from_numpy(image).float())
+    assert sorted(together, key=lambda d: d.bbox) == sorted(alone, key=lambda d: d.bbox)
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_figures_outside_the_worlds_sizes_are_no_objects(shape):
     """The world's objects have sides 7.65-12.65 px: a whole figure of side 5.5 (a triangle cut off a

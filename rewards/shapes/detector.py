@@ -11,9 +11,11 @@ For images ``[3, H, W]`` (or batches ``[B, 3, H, W]``) of floats in ``[0, 1]``:
    thresholded mask). A pixel's *membership* in the component's colour (:func:`membership`) is the
    smallest over the channels of the value (channels the colour has on) or one minus it (channels it has
    off): 1 for the pure colour, 0 for black or another colour, in between on soft edges. The model reads
-   the component's pixels and those within :data:`REGION_MARGIN` px of it (other components' pixels read
-   as 0). Each shape's figure (the disc, square, triangle and diamond of
-   :func:`rewards.shapes.sprites.shape_mask`) is considered at every side of :data:`SIDES` (the sprite
+   the component's pixels and those within :data:`REGION_MARGIN` px of it, whatever their colour code:
+   a colour fringe's pixels may threshold to another code (a white object's edge with the blue channel
+   more blurred reads yellow) and still show the object to a degree. Only another object-sized component
+   of the same colour reads as 0 (it is another object). Each shape's figure (the disc, square,
+   triangle and diamond of :func:`rewards.shapes.sprites.shape_mask`) is considered at every side of :data:`SIDES` (the sprite
    sides 9 and 11 scaled by +-15%), of :data:`SMALL_SIDES` (too small for an object of the world) and of
    :data:`LARGE_SIDES` (too large), at half-pixel phases and at placements within ~1.5 px of the
    component's box centre. Under a figure, a pixel whose centre lies ``d`` px inside its edge
@@ -431,7 +433,11 @@ def detect_batch(images: Tensor, min_confidence: float = MIN_CONFIDENCE) -> list
     areas = np.bincount(labels.ravel(), minlength=n_components + 1)[1:].astype(np.float64)
     # Specks: a component with less than a third of the smallest figure's area misfits every figure by
     # more than MISFIT_ZERO (at least 2/3 of the figure's pixels are missing, most of them far inside it).
-    possible = areas >= _SMALLEST_AREA / 3 if min_confidence > 0 else np.ones(n_components, dtype=bool)
+    object_sized = areas >= _SMALLEST_AREA / 3
+    possible = object_sized if min_confidence > 0 else np.ones(n_components, dtype=bool)
+    # By label (0: background): the colour code, and whether the component may be an object itself.
+    label_code = np.array(component_code)
+    label_object = np.concatenate([[False], object_sized])
     candidates = np.flatnonzero(possible)
     if candidates.size == 0:
         return results
@@ -447,7 +453,11 @@ def detect_batch(images: Tensor, min_confidence: float = MIN_CONFIDENCE) -> list
         region = (slice(sy.start, sy.stop + 2 * m), slice(sx.start, sx.stop + 2 * m))
         grown_labels = padded_labels[b][region]
         component = grown_labels == label
-        near = ndimage.binary_dilation(component, grow) & ((grown_labels == 0) | component)
+        # Another object of the same colour reads as 0; every other pixel near the component reads as its
+        # membership (another colour's pure pixels are 0 anyway, this object's fringe pixels are not).
+        other_objects = label_object & (label_code == component_code[label])
+        other_objects[label] = False
+        near = ndimage.binary_dilation(component, grow) & ~other_objects[grown_labels]
         colour = membership(padded_images[b][(slice(None), *region)], component_code[label])
         values = np.where(near, colour, 0.0)
         fit = fit_shape(component[m:-m, m:-m], values)

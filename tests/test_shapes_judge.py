@@ -128,6 +128,7 @@ def test_another_object_of_the_same_colour_nearby_reads_as_nothing():
     together = detect(torch.from_numpy(image).float())
     assert sorted(together, key=lambda d: d.bbox) == sorted(alone, key=lambda d: d.bbox)
 
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_figures_outside_the_worlds_sizes_are_no_objects(shape):
     """The world's objects have sides 7.65-12.65 px: a whole figure of side 5.5 (a triangle cut off a

@@ -104,3 +104,89 @@ class MixtureEpsModel:
 
     def decode(self, latents):
         return latents
+
+
+class MixtureDistillation:
+    """A one-step generator distilled onto a 2-D ``mixture`` by DMD2 against the mixture's exact velocity.
+
+    The generator is an MLP from 2-D noise; with ``policy_std > 0`` a sample is its output plus Gaussian noise
+    of that sd, so that it has a log-prob (RTDMD's policy path). The fake score is an MLP of ``(x_t, t)``
+    trained online on the generator's detached samples, ``fake_steps`` per generator step; noise levels are
+    U(0.02, 0.98) on the flow path. ``start`` places the untrained generator's output (its last bias).
+    """
+
+    def __init__(self, mixture: GaussianMixture, *, start=(0.0, 3.0), batch: int = 256, policy_std: float = 0.0,
+                 fake_steps: int = 5, lr: float = 1e-3):  # fmt: skip
+        from flowalign.algorithms.dmd import dmd_loss, fake_score_loss
+        from flowalign.algorithms.grpo import grpo_loss
+
+        self._dmd_loss, self._fake_score_loss, self._grpo_loss = dmd_loss, fake_score_loss, grpo_loss
+        self.mixture, self.batch, self.policy_std, self.fake_steps = mixture, batch, policy_std, fake_steps
+        self.student, self.fake = self._mlp(2, 128), self._mlp(3, 256)
+        with torch.no_grad():
+            self.student[-1].bias.copy_(torch.tensor(start))
+        self.opt_student = torch.optim.Adam(self.student.parameters(), lr=lr)
+        self.opt_fake = torch.optim.Adam(self.fake.parameters(), lr=lr)
+
+    @staticmethod
+    def _mlp(inputs: int, width: int) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(inputs, width), torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, 2),
+        )  # fmt: skip
+
+    def sample(self, n: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(x, mean)``: samples and the generator's outputs they are drawn around."""
+        mean = self.student(torch.randn(n or self.batch, 2))
+        if self.policy_std == 0:
+            return mean, mean
+        return mean + self.policy_std * torch.randn_like(mean), mean
+
+    def _noised(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t, noise = torch.rand(self.batch, 1) * 0.96 + 0.02, torch.randn(self.batch, 2)
+        return (1 - t) * x + t * noise, t, noise
+
+    def fake_step(self) -> None:
+        with torch.no_grad():
+            x, _ = self.sample()
+        x_t, t, noise = self._noised(x)
+        loss = self._fake_score_loss(self.fake(torch.cat([x_t, t], 1)), x, noise)
+        self.opt_fake.zero_grad()
+        loss.backward()
+        self.opt_fake.step()
+
+    def generator_step(self, policy_weight: float = 0.0, reward=None, normalize_advantages: bool = True,
+                       kl_units: bool = False) -> None:  # fmt: skip
+        """``fake_steps`` fake-score steps, then one generator step on DMD2's loss plus ``policy_weight`` x
+        Flow-GRPO's loss of ``reward(x)`` (advantages ``r - mean``, divided by their std when
+        ``normalize_advantages``; one update per rollout, so the ratio is 1). ``kl_units``: the raw DMD
+        direction weighted by ``(1 - t)^2 / t^2``, the reverse KL's own gradient, instead of DMD2's
+        normalised one."""
+        for _ in range(self.fake_steps):
+            self.fake_step()
+        x, mean = self.sample()
+        x_t, t, _ = self._noised(x)
+        with torch.no_grad():
+            real_x0 = x_t - t * self.mixture.velocity(x_t.double(), t[:, 0].double()).float()
+            fake_x0 = x_t - t * self.fake(torch.cat([x_t, t], 1))
+        if kl_units:
+            loss = self._dmd_loss(x, real_x0, fake_x0, weight=((1 - t) ** 2 / t**2)[:, 0], normalize=False)
+        else:
+            loss = self._dmd_loss(x, real_x0, fake_x0)
+        if policy_weight:
+            rewards = reward(x.detach())
+            advantages = rewards - rewards.mean()
+            if normalize_advantages:
+                advantages = advantages / (rewards.std() + 1e-4)
+            log_prob = -((x.detach() - mean) ** 2).sum(1) / (2 * self.policy_std**2)
+            policy, _ = self._grpo_loss(
+                log_prob, log_prob.detach(), advantages, clip_range=1.0, adv_clip=None
+            )
+            loss = loss + policy_weight * policy
+        self.opt_student.zero_grad()
+        loss.backward()
+        self.opt_student.step()
+
+    def mode_weights(self, n: int = 20000) -> Tensor:
+        with torch.no_grad():
+            return self.mixture.mode_weights(self.student(torch.randn(n, 2)).double())

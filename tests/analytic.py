@@ -187,6 +187,14 @@ class MixtureDistillation:
         loss.backward()
         self.opt_student.step()
 
+    def distil(self, warmup: int = 200, steps: int = 600) -> MixtureDistillation:
+        """``warmup`` fake-score steps, then ``steps`` DMD2 generator steps; returns ``self``."""
+        for _ in range(warmup):
+            self.fake_step()
+        for _ in range(steps):
+            self.generator_step()
+        return self
+
     def mode_weights(self, n: int = 20000) -> Tensor:
         with torch.no_grad():
             return self.mixture.mode_weights(self.student(torch.randn(n, 2)).double())

@@ -140,10 +140,7 @@ def test_dmd_training_moves_a_misplaced_student_onto_a_gaussian_mixture():
     with torch.no_grad():
         before = toy.student(torch.randn(4096, 2))
     assert before[:, 1].mean() > 2.5  # nowhere near the mixture
-    for _ in range(200):
-        toy.fake_step()
-    for _ in range(600):
-        toy.generator_step()
+    toy.distil()
     with torch.no_grad():
         samples = toy.student(torch.randn(20000, 2)).double()
     mean, cov = mixture.moments()
@@ -172,10 +169,7 @@ def test_rtdmds_policy_term_moves_mode_weight_toward_the_rewarded_mode():
     torch.manual_seed(0)
     mixture = GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.3, 0.3])
     toy = MixtureDistillation(mixture, policy_std=0.1)
-    for _ in range(200):
-        toy.fake_step()
-    for _ in range(600):
-        toy.generator_step()
+    toy.distil()
     start = toy.mode_weights()
     assert abs(start[1] - 0.5) < 0.04
     reached = {}

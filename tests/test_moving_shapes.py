@@ -78,15 +78,16 @@ def test_the_judge_agrees_with_the_built_verdicts_on_every_case():
 def test_the_judge_under_the_calibration_perturbations():
     """With every frame drawn as the shapes judge's calibration suite draws images (scale jitter, sub-pixel
     placement, boundary noise, fringes, fragments, speckles), the built verdicts are kept and the judge agrees
-    on 52 of these 54 videos (its card: 886 / 900 and 880 / 900 on two draws of 100 per kind; the misses are
-    single-frame drop-outs of small diamonds and triangles, the image judge's weak spot)."""
+    on 53 of these 54 videos (its card: 892 / 900 and 887 / 900 on two draws of 100 per kind; the misses are
+    single-frame drop-outs of small diamonds and triangles, the image judge's weak spot; the image judge's
+    third version agreed on 52)."""
     cases = validation_suite(6, seed=3, perturbation="full")
     assert {c[0] for c in cases} == {"true", *NEGATIVE_KINDS} and len(cases) == 54
     video = cases[0][2]
     assert ((video * 255) % 255 != 0).float().mean() > 0.1  # anti-aliased and noisy, not an exact render
     verdicts = [judge_video(v, spec) for _, spec, v, _, _ in cases]
     agree = [(v.identity, v.motion) == (c[3], c[4]) for v, c in zip(verdicts, cases)]
-    assert sum(agree) == 52
+    assert sum(agree) == 53
     with pytest.raises(ValueError, match="perturbation must be one of"):
         validation_suite(1, perturbation="harsh")
 

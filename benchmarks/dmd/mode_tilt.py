@@ -37,10 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
     mixture = GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.3, 0.3])
     toy = MixtureDistillation(mixture, policy_std=0.1)
-    for _ in range(200):
-        toy.fake_step()
-    for _ in range(600):
-        toy.generator_step()
+    toy.distil()
     print(f"distilled: rewarded-mode weight {toy.mode_weights()[1]:.3f} (teacher 0.500)")
     print("| form | policy weight | beta | rewarded-mode weight after | tilted target |")
     print("|---|---|---|---|---|")

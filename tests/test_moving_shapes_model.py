@@ -141,6 +141,10 @@ def test_bench_compare_pairs_two_video_runs(tmp_path, capsys):
     for metric in ("correct", "identity", "motion"):
         d = comparison["metrics"][metric]["difference"]
         assert (d["estimate"], d["low"], d["high"], d["excludes_zero"]) == (0.0, 0.0, 0.0, False)
+        # Each run's accuracy carries its own interval, the one its benchmark reported.
+        own = json.loads((tmp_path / "a" / "results.json").read_text())["stats"][metric]["overall"]
+        row = comparison["metrics"][metric]
+        assert row["a_interval"] == row["b_interval"] == [own["low"], own["high"]]
     assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "they differ in steps (2 vs 3)" in capsys.readouterr().err
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distill_evidence import SPLITS, diversity, scene_statistics, total_variation  # noqa: E402
+from distill_evidence import SPLITS, diversity, diversity_cell, scene_statistics, total_variation  # noqa: E402
 
 from flowalign.eval.geneval import (  # noqa: E402
     balanced_images_per_prompt,
@@ -113,7 +113,7 @@ def main() -> None:
         lines += [
             f"## {split} ({len(prompts)} prompts, {sum(counts)} images per model)",
             "",
-            f"| model | steps | overall [95%] | minus teacher [95%] | minus {args.baseline} [95%] | diversity | TV objects / colour / shape / cell |",
+            f"| model | steps | overall [95%] | minus teacher [95%] | minus {args.baseline} [95%] | diversity [95%] | TV objects / colour / shape / cell |",
             "|---|---|---|---|---|---|---|",
         ]
         for name, r in rows.items():
@@ -121,7 +121,7 @@ def main() -> None:
             tv = r["tv_to_teacher"]
             lines.append(
                 f"| {name} | {r['steps']} | {r['overall']:.3f} [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] "
-                f"| {cell(r.get('minus_teacher'))} | {cell(r.get('minus_baseline'))} | {r['diversity'][0]:.4f} "
+                f"| {cell(r.get('minus_teacher'))} | {cell(r.get('minus_baseline'))} | {diversity_cell(r['diversity'])} "
                 f"| {tv['objects']:.3f} / {tv['color']:.3f} / {tv['shape']:.3f} / {tv['cell']:.3f} |"
             )
         lines.append("")

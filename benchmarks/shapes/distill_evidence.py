@@ -89,6 +89,11 @@ def diversity(report, rng: np.random.Generator, resamples: int = 2000) -> tuple[
     return float(values.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
+def diversity_cell(diversity) -> str:
+    """``estimate [low, high]`` of :func:`diversity`'s bootstrap, for a markdown table."""
+    return f"{diversity[0]:.4f} [{diversity[1]:.4f}, {diversity[2]:.4f}]"
+
+
 def seconds_per_image(model, prompts, steps, guidance, context, repeats, batch=64):
     """Wall seconds per image of ``repeats`` sampling calls of ``batch`` images within ``context()``."""
     times = []
@@ -197,7 +202,7 @@ def main() -> None:
             tv = r["tv_to_teacher"]
             lines.append(
                 f"| {name} | {steps} | {guidance} | {r['overall']:.3f} [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] "
-                f"| {minus_text} | {r['diversity'][0]:.4f} [{r['diversity'][1]:.4f}, {r['diversity'][2]:.4f}] "
+                f"| {minus_text} | {diversity_cell(r['diversity'])} "
                 f"| {tv['objects']:.3f} / {tv['color']:.3f} / {tv['shape']:.3f} / {tv['cell']:.3f} |"
             )
         lines.append("")

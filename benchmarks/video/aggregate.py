@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flowalign.eval.stats import Verdicts, pooled_gain
+from flowalign.eval.stats import Verdicts, benchmark_stats, pooled_gain
 from flowalign.eval.video import METRICS
 
 
@@ -36,21 +36,25 @@ def main() -> None:
     minutes = ", ".join(f"{s['train_minutes']:.1f}" for s in summaries)
     lines = [
         f"# {summaries[0]['config']}: {len(args.runs)} seeds ({seeds}), {minutes} train minutes\n",
-        "| metric | base | pooled gain [95% CI] | excludes 0 | per seed |",
+        "| metric | base [95% CI] | pooled gain [95% CI] | excludes 0 | per seed [95% CI] |",
         "|---|---|---|---|---|",
     ]
     for metric in METRICS:
         pairs = [(verdicts(run / "before", metric), verdicts(run / "after", metric)) for run in args.runs]
         gain = pooled_gain(pairs)
-        base = summaries[0]["metrics"][metric]["a"]
+        base = benchmark_stats(pairs[0][0]).overall
+        seeds = [s["metrics"][metric]["difference"] for s in summaries]
         pooled[metric] = {
-            "base": base,
+            "base": base.estimate,
+            "base_interval": [base.low, base.high],
             "gain": gain.overall.as_json(difference=True),
             "per_seed": list(gain.per_seed),
         }
+        per_seed = ", ".join(f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in seeds)
         lines.append(
-            f"| {metric} | {base:.3f} | {gain.overall.estimate:+.3f} [{gain.overall.low:+.3f}, {gain.overall.high:+.3f}] | "
-            f"{'yes' if gain.overall.excludes_zero else 'no'} | {', '.join(f'{g:+.3f}' for g in gain.per_seed)} |"
+            f"| {metric} | {base.estimate:.3f} [{base.low:.3f}, {base.high:.3f}] | {gain.overall.estimate:+.3f} "
+            f"[{gain.overall.low:+.3f}, {gain.overall.high:+.3f}] | {'yes' if gain.overall.excludes_zero else 'no'} "
+            f"| {per_seed} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pooled.json").write_text(

@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from flowalign.eval.video import comparison_rows  # noqa: E402
 
 
 def _flowalign(*args: str | Path) -> None:
@@ -42,11 +45,15 @@ def _flowalign(*args: str | Path) -> None:
 
 
 def measure(out: Path, base: Path, lora: Path, run: dict) -> None:
-    """Benchmark ``lora`` into ``out/after``, compare with ``base``, write ``out/results.json`` / ``.md``
-    (``run``: config, overrides, seed, train_minutes, checkpoint)."""
-    after = out / "after"
-    _flowalign("bench", "video", "--no-progress", "--lora", lora, "--out", after)
-    _flowalign("bench", "compare", base, after, "--out", out / "compare")
+    """Benchmark ``lora`` into ``out/after``, then :func:`summarize`."""
+    _flowalign("bench", "video", "--no-progress", "--lora", lora, "--out", out / "after")
+    summarize(out, base, run)
+
+
+def summarize(out: Path, base: Path, run: dict) -> None:
+    """Compare ``out/after`` with ``base``, write ``out/results.json`` / ``.md`` (``run``: config, overrides,
+    seed, train_minutes, checkpoint)."""
+    _flowalign("bench", "compare", base, out / "after", "--out", out / "compare")
     comparison = json.loads((out / "compare" / "comparison.json").read_text())
     minutes = run["train_minutes"]
     summary = run | {
@@ -58,15 +65,10 @@ def measure(out: Path, base: Path, lora: Path, run: dict) -> None:
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = [
         f"# {Path(run['config']).name}, seed {run['seed']}, {minutes:.1f} train minutes ({run['checkpoint']})\n",
-        "| metric | base | tuned | gain [95% CI] | excludes 0 |",
+        "| metric | base [95% CI] | tuned [95% CI] | gain [95% CI] | excludes 0 |",
         "|---|---|---|---|---|",
+        *comparison_rows(comparison),
     ]
-    for metric, row in comparison["metrics"].items():
-        d = row["difference"]
-        lines.append(
-            f"| {metric} | {row['a']:.3f} | {row['b']:.3f} | {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | "
-            f"{'yes' if d['excludes_zero'] else 'no'} |"
-        )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -193,9 +193,12 @@ def compare_video_runs(a_dir: str | Path, b_dir: str | Path, *, seed: int = 0) -
                 )
             )
         diff = paired_comparison(verdicts[0], verdicts[1], seed=seed)
+        a, b = (benchmark_stats(v).overall for v in verdicts)
         out["metrics"][metric] = {
-            "a": benchmark_stats(verdicts[0]).overall.estimate,
-            "b": benchmark_stats(verdicts[1]).overall.estimate,
+            "a": a.estimate,
+            "b": b.estimate,
+            "a_interval": [a.low, a.high],
+            "b_interval": [b.low, b.high],
             "difference": diff.overall.as_json(difference=True),
             "tasks": {
                 tag: {**t.difference.as_json(difference=True), "mcnemar_p": t.mcnemar_p}
@@ -205,16 +208,22 @@ def compare_video_runs(a_dir: str | Path, b_dir: str | Path, *, seed: int = 0) -
     return out
 
 
-def comparison_text(comparison: dict[str, Any]) -> str:
-    lines = ["| metric | A | B | B - A [95% CI] | excludes 0 |", "|---|---|---|---|---|"]
+def comparison_rows(comparison: dict[str, Any]) -> list[str]:
+    """One markdown row per metric: ``| metric | A [95%] | B [95%] | B - A [95%] | excludes 0 |``."""
+    rows = []
     for metric, row in comparison["metrics"].items():
         d = row["difference"]
-        lines.append(
-            f"| {metric} | {row['a']:.3f} | {row['b']:.3f} | {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | "
-            f"{'yes' if d['excludes_zero'] else 'no'} |"
+        a, b = row["a_interval"], row["b_interval"]
+        rows.append(
+            f"| {metric} | {row['a']:.3f} [{a[0]:.3f}, {a[1]:.3f}] | {row['b']:.3f} [{b[0]:.3f}, {b[1]:.3f}] | "
+            f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {'yes' if d['excludes_zero'] else 'no'} |"
         )
+    return rows
+
+
+def comparison_text(comparison: dict[str, Any]) -> str:
+    lines = ["| metric | A [95% CI] | B [95% CI] | B - A [95% CI] | excludes 0 |", "|---|---|---|---|---|"]
     return (
-        f"A = {comparison['a']}, B = {comparison['b']} (paired stratified bootstrap)\n\n"
-        + "\n".join(lines)
-        + "\n"
+        f"A = {comparison['a']}, B = {comparison['b']} (A, B: stratified bootstrap; B - A: paired stratified "
+        "bootstrap)\n\n" + "\n".join(lines + comparison_rows(comparison)) + "\n"
     )

@@ -438,9 +438,12 @@ def detect_batch(images: Tensor, min_confidence: float = MIN_CONFIDENCE) -> list
     # more than MISFIT_ZERO (at least 2/3 of the figure's pixels are missing, most of them far inside it).
     object_sized = areas >= _SMALLEST_AREA / 3
     possible = object_sized if min_confidence > 0 else np.ones(n_components, dtype=bool)
-    # By label (0: background): the colour code, and whether the component may be an object itself.
+    # Per colour code, by label (0: background): whether the label is an object-sized component of that code.
     label_code = np.array(component_code)
-    label_object = np.concatenate([[False], object_sized])
+    object_of_code = {
+        code: np.concatenate([[False], object_sized]) & (label_code == code)
+        for code in set(component_code[1:])
+    }
     candidates = np.flatnonzero(possible)
     if candidates.size == 0:
         return results
@@ -458,9 +461,8 @@ def detect_batch(images: Tensor, min_confidence: float = MIN_CONFIDENCE) -> list
         component = grown_labels == label
         # Another object of the same colour reads as 0; every other pixel near the component reads as its
         # membership (another colour's pure pixels are 0 anyway, this object's fringe pixels are not).
-        other_objects = label_object & (label_code == component_code[label])
-        other_objects[label] = False
-        near = ndimage.binary_dilation(component, grow) & ~other_objects[grown_labels]
+        other_objects = object_of_code[component_code[label]][grown_labels] & ~component
+        near = ndimage.binary_dilation(component, grow) & ~other_objects
         colour = membership(padded_images[b][(slice(None), *region)], component_code[label])
         values = np.where(near, colour, 0.0)
         fit = fit_shape(component[m:-m, m:-m], values)

@@ -269,6 +269,9 @@ class DMDConfig:
     with the configured rewards, which must be differentiable; ``beta`` is relative to DMD2's normalised
     loss (RTDMD's weights amount to about 0.1). 0: no tilt, and no reward is needed (a ``reward`` section
     then only scores the evaluation of prompts without GenEval metadata).
+    ``reward_margin``: RTDMD's backprop hinge in place of the linear tilt: ``beta * mean(max(0, margin -
+    reward))`` (RTDMD: margin 3 on PickScore + CLIPScore + HPSv2, weight 1e-4 against DMD's 1e-3, i.e.
+    ``reward_beta`` 0.1): a sample whose reward clears the margin is no longer pushed. None: the linear term.
     ``policy_weight``: RTDMD's path for any reward, differentiable or not (the GenEval judge): each generator
     step also draws SDE rollouts of the student (``sampling.dynamics``, RTDMD: ``cps`` with ``noise_level``
     0.9) in groups of ``data.group_size`` (RTDMD: 24), scores them, and adds ``policy_weight`` times Flow-GRPO's
@@ -302,6 +305,7 @@ class DMDConfig:
     regression_pairs: int = 1024
     teacher_steps: int | None = None
     reward_beta: float = 0.0
+    reward_margin: float | None = None
     policy_weight: float = 0.0
     init: str | None = None
     gan_weight: float = 0.0
@@ -785,6 +789,14 @@ def _check_dmd(config: Config, fail) -> None:
         )
     if not (math.isfinite(k.reward_beta) and k.reward_beta >= 0):
         fail("dmd.reward_beta", f"must be a finite number >= 0 (0: no reward tilt), got {k.reward_beta}")
+    if k.reward_margin is not None and not math.isfinite(k.reward_margin):
+        fail("dmd.reward_margin", f"must be a finite number or null (no hinge), got {k.reward_margin}")
+    if k.reward_margin is not None and k.reward_beta == 0:
+        fail(
+            "dmd.reward_margin",
+            "is the hinge of the reward tilt, which dmd.reward_beta=0 turns off: set dmd.reward_beta > 0 (RTDMD: 0.1) "
+            "or remove dmd.reward_margin",
+        )
     if not (math.isfinite(k.policy_weight) and k.policy_weight >= 0):
         fail(
             "dmd.policy_weight",
@@ -826,12 +838,6 @@ def _check_dmd(config: Config, fail) -> None:
         span = getattr(k, key)
         if len(span) != 2 or not (0 <= span[0] < span[1] <= 1):
             fail(f"dmd.{key}", f"must be [low, high] with 0 <= low < high <= 1, got {list(span)}")
-    if t.sharding == "fsdp":
-        fail(
-            "train.sharding",
-            "dmd keeps a fake-score copy of the denoiser next to the trained one, which FSDP sharding does not "
-            "cover yet; use train.sharding=ddp",
-        )
     if t.mixed_precision == "fp16":
         fail(
             "train.mixed_precision",

@@ -12,6 +12,9 @@ exact. Videos (``wan``) have ``model.num_frames`` frames (default 81) of ``model
   model, or the whole denoiser) in float32, their gradients (float32) and AdamW's two moments; plus one
   float32 copy per kept policy (the evaluation EMA, NFT's old policy, DPO's reference snapshot). Sharded by
   FSDP.
+- **DMD** (``train.algorithm: dmd``): the fake score's trainable state, as large as the student's; with
+  ``lora_rank: 0`` also the teacher, a frozen float32 copy of the denoiser; a LoRA fake score shares the
+  student's frozen base, except under FSDP, where it holds a second set of shards.
 - **VAE decode**: decoding the micro-batch: the decoder's saved activations under reward backprop,
   otherwise its transient peak (largest layer input + output) where it exceeds the training activations
   (Wan: under reward backprop, :func:`flowalign.models.wan.checkpointed_decode`'s peak: every frame's
@@ -496,6 +499,15 @@ def estimate(
         "activations": act / GB,
         "VAE decode": (decode if backprop else max(0, decode - act)) / GB,
     }
+    if (
+        t.algorithm == "dmd"
+    ):  # DMD's fake score trains like the student; a full-weight teacher is a frozen copy
+        dmd = trainable * 4 * 4 / shard
+        if not m.lora_rank:
+            dmd += denoiser * 4 / shard
+        elif shard > 1:  # the fake score's frozen base: shared unsharded, a second set of shards under FSDP
+            dmd += denoiser * size / shard
+        parts["DMD fake score (+ teacher copy)"] = dmd / GB
     if second:
         parts["other expert weights"] = second * size / GB if experts == 1 else 0.0
     if not m.lora_rank:  # the trainable float32 weights replace the dtype copy of the denoiser

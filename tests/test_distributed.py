@@ -30,7 +30,14 @@ CASES = [
     "backprop_wan22_both",
     "dpo_wan22_online",
 ]
-FSDP_CASES = ["grpo_kl_fsdp", "nft_fsdp", "sft_full_fsdp", "nft_wan22_low_fsdp"]
+FSDP_CASES = [
+    "grpo_kl_fsdp",
+    "nft_fsdp",
+    "sft_full_fsdp",
+    "nft_wan22_low_fsdp",
+    "dmd_fsdp_resume",
+    "dmd_full_fsdp",
+]
 EVAL_CASES = ["grpo_eval", "grpo_eval_fsdp"]
 NOT_COMPARED = {"step_time", "model_time_share"}
 
@@ -90,26 +97,52 @@ def test_a_process_without_pairs_trains_a_zero_weight_stand_in(runs):
     assert rows and all(row["pairs"] == 1.0 and "skipped_no_pairs" not in row for row in rows)
 
 
-@pytest.mark.parametrize("case,state", [("grpo_kl_fsdp", "ema_ema"), ("nft_fsdp", "recipe")])
+@pytest.mark.parametrize(
+    "case,state",
+    [
+        ("grpo_kl_fsdp", "ema_ema"),
+        ("nft_fsdp", "recipe"),
+        ("dmd_fsdp_resume", "recipe"),
+        ("dmd_full_fsdp", "recipe"),
+    ],
+)
 def test_sharded_ema_and_policy_copies_match_one_process(runs, case, state):
+    """The sharded copies a recipe keeps (the EMA, NFT's old policy, DMD's fake score with its discriminator
+    head and their Adam moments) equal one unsharded process's."""
     one, two = _weights(runs / "one" / case, state), _weights(runs / "two" / case, state)
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
 
 
-def test_sharded_checkpoints_hold_whole_tensors_and_resume_exactly(runs):
+@pytest.mark.parametrize("case", ["grpo_fsdp_resume", "dmd_fsdp_resume"])
+def test_sharded_checkpoints_hold_whole_tensors_and_resume_exactly(runs, case):
     """FSDP2 on two processes: the checkpoint holds unsharded tensors (the shapes of one process's), a
     saved LoRA loads like any other, and 1 step + resume + 1 step equals 2 steps straight (to float32
     rounding: the largest difference measured is 7e-11, on weights of size 0.25; unsharded resume is
-    bitwise, tests/test_train.py)."""
-    two, one = runs / "two" / "grpo_fsdp_resume", runs / "one" / "grpo_fsdp_resume"
+    bitwise, tests/test_train.py), for the trained weights and for a recipe's sharded state (DMD's fake
+    score and its optimizer moments)."""
+    two, one = runs / "two" / case, runs / "one" / case
     assert {k: v.shape for k, v in _weights(two).items()} == {k: v.shape for k, v in _weights(one).items()}
-    straight, resumed = _weights(two), _weights(runs / "two" / "grpo_fsdp_resume_resumed")
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-9, msg=key)
+    for name in ("trainable", "recipe") if case.startswith("dmd") else ("trainable",):
+        straight, resumed = _weights(two, name), _weights(runs / "two" / f"{case}_resumed", name)
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-9, msg=key)
+    straight = _weights(two)
     lora = sorted((two / "checkpoints").glob("step-*"))[-1] / "lora" / "pytorch_lora_weights.safetensors"
     assert lora.is_file() and len(load_file(str(lora))) == sum("lora" in k for k in straight)
+
+
+def test_sharded_full_weight_student_moves_like_one_process(runs):
+    """The full-weight DMD student (teacher and fake score sharded copies) moved from the base by far more
+    than the 1e-5 to which two processes equal one (test_two_processes_train_like_one)."""
+    from flowalign.models import load_model
+
+    base = load_model("tiny-sd", device="cpu").denoiser.state_dict()
+    student = _weights(runs / "two" / "dmd_full_fsdp")
+    assert student.keys() <= base.keys()
+    assert max(float((student[k] - base[k]).abs().max()) for k in student) > 1e-2
 
 
 @pytest.mark.parametrize("case", EVAL_CASES)

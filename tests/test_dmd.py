@@ -183,6 +183,28 @@ def test_rtdmds_policy_term_moves_mode_weight_toward_the_rewarded_mode():
     assert reached[1.0] > 0.56 and reached[1.0] > reached[0.0] + 0.04, reached
 
 
+def test_reward_hinge_pushes_only_the_samples_below_the_margin():
+    """RTDMD's backprop hinge: beta * mean(max(0, margin - r)) in place of -beta * mean(r). On hand-built
+    rewards [0.5, 2.0] with margin 1 and beta 0.1 it adds 0.1 * (0.5 + 0) / 2 = 0.025 to the DMD loss, and the
+    reward's gradient is -beta / B for the sample below the margin and 0 for the one above it (the linear
+    term gives -beta / B to both)."""
+    from flowalign.algorithms.dmd import dmd_loss, reward_tilted_dmd_loss
+
+    torch.manual_seed(0)
+    x, real, fake = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    plain = dmd_loss(x, real, fake)
+    rewards = torch.tensor([0.5, 2.0], requires_grad=True)
+    hinge = reward_tilted_dmd_loss(x, real, fake, rewards, 0.1, margin=1.0)
+    assert hinge.item() == pytest.approx(plain.item() + 0.025, abs=1e-7)
+    (grad,) = torch.autograd.grad(hinge, rewards)
+    assert grad.tolist() == pytest.approx([-0.05, 0.0])
+    linear = reward_tilted_dmd_loss(x, real, fake, rewards, 0.1)
+    assert linear.item() == pytest.approx(plain.item() - 0.1 * 1.25, abs=1e-7)
+    assert torch.autograd.grad(linear, rewards)[0].tolist() == pytest.approx([-0.05, -0.05])
+    with pytest.raises(ValueError, match="margin must be finite"):
+        reward_tilted_dmd_loss(x, real, fake, rewards, 0.1, margin=float("nan"))
+
+
 def test_reward_tilted_dmd_reaches_the_tilted_gaussian():
     """Student N(m, s^2 I) against teacher N(mu, s^2 I) with the exact x0-predictions of both at flow level t
     (their difference is (m - mu) t^2 / v_t, v_t = (1 - t)^2 s^2 + t^2, whatever x_t), and the linear reward

@@ -150,8 +150,8 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
             "sampling.steps",
         ),
         (["dmd.policy_weight=1000", "data.group_size=4", "sampling.steps=2"], "reward"),
-        (["train.sharding=fsdp"], "train.sharding"),
         (["train.mixed_precision=fp16"], "train.mixed_precision"),
+        (["dmd.reward_margin=0.9"], "dmd.reward_margin"),
     ],
 )
 def test_bad_dmd_settings_name_their_key(overrides, key):
@@ -379,6 +379,35 @@ def test_a_reward_tilt_moves_the_student_toward_higher_reward(tmp_path):
     assert tilted > 0 and tilted > 5 * abs(plain)
 
 
+def test_the_reward_hinge_is_plain_dmd_above_its_margin_and_the_linear_tilt_below_it(tmp_path):
+    """``dmd.reward_margin`` (RTDMD's backprop hinge) in the recipe: with the margin below every reward
+    (blueness is in [0, 1]) one generator step trains exactly the weights of plain DMD; with it above every
+    reward, exactly those of the linear tilt with the same beta."""
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    _register_blueness()
+
+    def weights(out: Path, *overrides: str) -> list[torch.Tensor]:
+        common = [
+            "train.steps=1",
+            "dmd.fake_updates=1",
+            "optim.lr=0.05",
+            "reward={blueness_for_dmd_test: {weight: 1.0}}",
+        ]
+        recipe = DMDRecipe()
+        run_training(_config("configs/dmd/tiny_sd3.yaml", out, *common, *overrides), recipe)
+        return [p.detach().clone() for p in recipe.ctx.model.trainable_parameters()]
+
+    plain = weights(tmp_path / "plain", "dmd.reward_beta=0")
+    cleared = weights(tmp_path / "cleared", "dmd.reward_beta=100", "dmd.reward_margin=-1")
+    linear = weights(tmp_path / "linear", "dmd.reward_beta=100")
+    below = weights(tmp_path / "below", "dmd.reward_beta=100", "dmd.reward_margin=2")
+    assert all(torch.equal(a, b) for a, b in zip(plain, cleared, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(linear, below, strict=True))
+    assert max((a - b).abs().max().item() for a, b in zip(plain, linear, strict=True)) > 1e-4
+
+
 def test_rtdmds_policy_term_is_flow_grpos_gradient_scaled_and_micro_batching_leaves_it(tmp_path):
     """RTDMD's path for rewards without gradients (``dmd.policy_weight``): CPS rollouts of the 2-step
     student in groups of 4, a reward declared non-differentiable, group advantages. The gradient the term
@@ -580,21 +609,34 @@ def test_micro_batching_leaves_the_update_unchanged(tmp_path):
             assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), (name, key)
 
 
-def test_the_gradient_pass_redraws_the_samples_the_first_pass_scored(tmp_path):
+def test_the_gradient_pass_redoes_only_the_last_step_of_the_samples_the_first_pass_scored(tmp_path):
+    """The generator's second pass (with gradient) gives exactly the samples the first pass scored, from the
+    stored state of their last student step: one denoiser call per micro-batch, not the k steps before it."""
     from flowalign.train.dmd import DMDRecipe
     from flowalign.train.loop import run_training
 
-    drawn = {True: [], False: []}
+    drawn, calls = {"scored": [], "trained": []}, []
 
     class Recording(DMDRecipe):
-        def _student(self, step, purpose, cond, gens, grad):
-            x = super()._student(step, purpose, cond, gens, grad)
+        def _rollout(self, step, purpose, cond, gens, grad):
+            traj = super()._rollout(step, purpose, cond, gens, grad)
             if purpose == "student" and not isinstance(gens, torch.Tensor):  # the generator's samples
-                drawn[grad].append(x.detach().clone())
+                drawn["scored"].append(traj.final.detach().clone())
+            return traj
+
+        def _last_step_again(self, state, cond):
+            predict = self.ctx.model.predict
+            self.ctx.model.predict = lambda *a, **k: calls.append(1) or predict(*a, **k)
+            try:
+                x = super()._last_step_again(state, cond)
+            finally:
+                del self.ctx.model.predict
+            drawn["trained"].append(x.detach().clone())
+            assert x.requires_grad
             return x
 
     run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path, "train.steps=1", "train.micro_batch_size=1"),
                  Recording())  # fmt: skip
-    assert len(drawn[True]) == len(drawn[False]) == 2
-    for scored, trained in zip(drawn[False], drawn[True]):
+    assert len(drawn["scored"]) == len(drawn["trained"]) == len(calls) == 2
+    for scored, trained in zip(drawn["scored"], drawn["trained"]):
         assert torch.equal(scored, trained)

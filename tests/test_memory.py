@@ -93,3 +93,17 @@ def test_wan_plan_counts_both_experts_and_the_checkpointed_decode():
     assert offloaded.total < 80
     with pytest.raises(ValueError, match="model.cpu_offload is for the wan family"):
         estimate(load_config(SD35, ["model.cpu_offload=true"]), 1)
+
+
+def test_dmd_counts_its_fake_score_and_teachers_copies():
+    """DMD's fake score trains like the student (the same trainable state); a full-weight teacher is a frozen
+    float32 copy; under FSDP a LoRA fake score holds its own shards of the frozen base."""
+    sdxl = ROOT / "configs/dmd/sdxl_4step.yaml"
+    lora = estimate(load_config(sdxl), 1)
+    fake = "DMD fake score (+ teacher copy)"
+    assert lora.parts[fake] == pytest.approx(lora.parts["trainable (fp32) + grads + AdamW"])
+    sharded = estimate(load_config(sdxl, ["train.sharding=fsdp"]), 1, processes=8)
+    assert sharded.parts[fake] == pytest.approx(lora.parts[fake] / 8 + sharded.parts["denoiser weights"])
+    full = estimate(load_config(sdxl, ["model.lora_rank=0", "model.dtype=float32"]), 1)
+    assert full.parts[fake] == pytest.approx(full.parts["trainable (fp32) + grads + AdamW"] * 5 / 4)
+    assert "DMD fake score (+ teacher copy)" not in estimate(load_config(SD35), 1).parts

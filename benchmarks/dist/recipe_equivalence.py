@@ -64,6 +64,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "sft_full_fsdp": ("configs/sft/tiny_shapes.yaml", ["sft.batch_size=4", "model.lora_rank=0", "train.sharding=fsdp",
                                                        "optim.lr=1e-3"]),
     "grpo_fsdp_resume": ("configs/grpo/tiny_sd3.yaml", ["train.steps=2", "train.ema_decay=0.5", "train.sharding=fsdp"]),
+    # DMD sharded: the LoRA student with its fake-score copy and discriminator head (f-distill, GAN, regression),
+    # resumed; the full-weight UNet student with its teacher and fake-score copies.
+    "dmd_fsdp_resume": ("configs/dmd/tiny_sd3_fdistill.yaml", ["data.groups_per_step=4", "dmd.regression_weight=0.5",
+                                                               "dmd.fake_lr=1e-3", "train.sharding=fsdp"]),
+    "dmd_full_fsdp": ("configs/dmd/tiny_sd.yaml", ["data.groups_per_step=4", "optim.lr=100", "dmd.fake_lr=1e-3",
+                                                   "train.steps=1", "train.sharding=fsdp"]),
     # Video (tiny Wan 2.2): both experts trained by NFT, and by GRPO on text-to-video in micro-batches of one
     # (a process may run only one expert in a step: DDP finds the other's unused parameters), the low-noise
     # expert sharded; online DPO on image-to-video; reward backprop through both experts with per-step

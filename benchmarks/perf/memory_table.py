@@ -76,7 +76,8 @@ def main() -> None:
         f"{args.processes} processes, {args.gpu_memory:g} GiB per GPU, GiB per process (weights in model.dtype; "
         f"trainable weights, gradients and AdamW in float32; activations counted on the meta device; total "
         f"includes a {MARGIN:.0%} margin). Reward models are not counted. Micro-batches are tried in powers "
-        "of two up to 256 (256: the largest tried fits).",
+        "of two up to 256 (256: the largest tried fits). Trainable state includes the kept policy copies and, for "
+        "dmd, the fake score (and a full-weight student's teacher copy).",
         "",
         "| config | family | LoRA rank | resolution | checkpointing | weights | trainable state | activations / sample | VAE decode / sample | total at micro-batch 1 | largest micro-batch |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -97,7 +98,9 @@ def main() -> None:
             + one.parts.get("other expert weights", 0.0)
         )
         state = (
-            one.parts["trainable (fp32) + grads + AdamW"] + one.parts["policy copies (EMA, old, reference)"]
+            one.parts["trainable (fp32) + grads + AdamW"]
+            + one.parts["policy copies (EMA, old, reference)"]
+            + one.parts.get("DMD fake score (+ teacher copy)", 0.0)
         )
         per_sample = one.parts["activations"]
         m = config.model

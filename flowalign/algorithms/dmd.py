@@ -174,6 +174,7 @@ def reward_tilted_dmd_loss(
     dmd_scale: float = 1.0,
     weight: Tensor | None = None,
     normalize: bool = True,
+    margin: float | None = None,
 ) -> Tensor:
     """``dmd_scale * dmd_loss(x, real_x0, fake_x0) - beta * mean(rewards)``: DMD toward the reward-tilted
     teacher ``p exp(beta r) / Z`` for a reward ``rewards [B]`` differentiable in ``x`` (see the module
@@ -183,7 +184,12 @@ def reward_tilted_dmd_loss(
     ``grad KL(q_t || p_t) - beta grad E[r]`` per sample, whose fixed point tends to the tilted target as
     ``t -> 0``. RTDMD itself states no ``beta``: it adds ``1e-3`` x DMD2's normalised loss and ``1e-4`` x a
     hinge on the rewards (``Harahan/RTDMD`` ``bp_mixin.py``, ``ac_dmd_mixin.py``), i.e. ``beta`` about
-    0.1 relative to the normalised DMD term, which is what ``dmd_scale = 1`` (the recipe's) means here."""
+    0.1 relative to the normalised DMD term, which is what ``dmd_scale = 1`` (the recipe's) means here.
+
+    ``margin``: RTDMD's backprop hinge instead of the linear term, ``+ beta * mean(max(0, margin - rewards))``
+    (``bp_mixin.py`` ``_compute_bp_loss``: ``relu(bp_reward_margin - reward)``, margin 3 on the sum of
+    PickScore, CLIPScore and HPSv2): the same gradient for a sample whose reward is below ``margin``, none
+    for one above it, so samples stop being pushed once they clear it."""
     if rewards.shape != x.shape[:1]:
         raise ValueError(
             f"reward_tilted_dmd_loss: rewards must have shape [{x.shape[0]}], got {tuple(rewards.shape)}."
@@ -192,7 +198,11 @@ def reward_tilted_dmd_loss(
         raise ValueError(
             f"reward_tilted_dmd_loss: beta and dmd_scale must be finite, got {beta}, {dmd_scale}."
         )
+    if margin is not None and not math.isfinite(margin):
+        raise ValueError(f"reward_tilted_dmd_loss: margin must be finite or None, got {margin}.")
     distribution = dmd_loss(x, real_x0, fake_x0, weight=weight, normalize=normalize)
+    if margin is not None:
+        return dmd_scale * distribution + beta * F.relu(margin - rewards.float()).mean()
     return dmd_scale * distribution - beta * rewards.float().mean()
 
 

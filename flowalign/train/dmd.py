@@ -61,11 +61,12 @@ from flowalign.algorithms.dmd import (
     reward_tilted_dmd_loss,
 )
 from flowalign.models import ModelAdapter
-from flowalign.samplers import SamplingPlan, chunks, generate, seeded_generators
+from flowalign.samplers import Rollout, SamplingPlan, chunks, denoise_step, generate, seeded_generators
 from flowalign.samplers.steps import randn
 from flowalign.train.loop import TrainContext, mean_metrics
 from flowalign.train.online import _grpo_loss_at, _trained_steps, sample_and_score
 from flowalign.train.recipe import Recipe, register_recipe
+from flowalign.train.sharding import copy_full_, shard_denoiser, shard_like
 
 __all__ = ["DMDRecipe", "noise_levels", "shared_copy"]
 
@@ -127,9 +128,31 @@ def tokens(features) -> Tensor:
     return features.float()
 
 
+class DiscriminatorHead(nn.Module):
+    """DMD2's classifier on the fake score's features: ``[B, N, C]`` tokens -> ``[B]`` logits (a per-token
+    MLP, averaged over the tokens)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1)
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features).mean(dim=(1, 2))
+
+
 @register_recipe("dmd")
 class DMDRecipe(Recipe):
     """DMD2 distillation: the student (trained weights), the teacher and the fake score (recipe state)."""
+
+    def copy_models(self, model: ModelAdapter) -> None:
+        """The fake score, and with full fine-tuning the teacher, as copies of the loaded denoiser (before the
+        loop shards it: a sharded module cannot be copied)."""
+        base = model.denoiser
+        # Full fine-tuning has no adapter to disable: the teacher is a frozen copy of the untrained weights.
+        self.teacher = None if model.has_lora else copy.deepcopy(base).requires_grad_(False)
+        self.fake = shared_copy(base) if model.has_lora else copy.deepcopy(base)
 
     def setup(self, ctx: TrainContext) -> None:
         if ctx.config.dmd.reward_beta > 0 and not ctx.reward.differentiable:
@@ -141,35 +164,40 @@ class DMDRecipe(Recipe):
         if ctx.config.dmd.policy_weight > 0:
             ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
         super().setup(ctx)
-        model, config = ctx.model, ctx.config
-        base = model.denoiser
-        # Full fine-tuning has no adapter to disable: the teacher is a frozen copy of the untrained weights.
-        self.teacher = None if model.has_lora else copy.deepcopy(base).requires_grad_(False)
-        fake = shared_copy(base) if model.has_lora else copy.deepcopy(base)
+        model, config, acc = ctx.model, ctx.config, ctx.accelerator
         d = config.dmd
+        # FSDP: the copies are sharded like the student, each holding its own shards (with a LoRA student the
+        # fake score's frozen base is a second set of shards, 1/N of the base per process).
+        self.sharded = config.train.sharding == "fsdp"
+        shard = (lambda m: shard_denoiser(m, model.device.type, acc.num_processes)) if self.sharded else None
+        for copied in (self.teacher, self.fake) if self.sharded else ():
+            if copied is not None:
+                shard(copied)
+        fake = self.fake
         self.discriminating = d.gan_weight > 0 or d.divergence != "rkl"
         self.head, self._seen = None, {}
         if self.discriminating:  # DMD2's classifier: a head on the fake score's features
             fake.get_submodule(d.gan_layer or feature_layer(fake)).register_forward_hook(
                 lambda module, args, output: self._seen.__setitem__("features", output)
             )
-        self.fake = fake
         self.pairs = self._regression_pairs() if d.regression_weight > 0 or self.discriminating else None
         if self.discriminating:
             width = self._feature_width()
-            self.head = nn.Sequential(
-                nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1)
-            ).to(model.device)
+            self.head = DiscriminatorHead(width).to(model.device)
+            if self.sharded:
+                shard(self.head)
         self.fake_params = [p for p in fake.parameters() if p.requires_grad]
         self.fake_params += list(self.head.parameters()) if self.head is not None else []
         o = config.optim
         optimizer = torch.optim.AdamW(
             self.fake_params, lr=d.fake_lr or o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
         )  # fmt: skip
-        if self.head is not None:
-            self.fake, self.head, self.fake_optimizer = ctx.accelerator.prepare(fake, self.head, optimizer)
+        if self.sharded:  # FSDP2 is the copies' parallelism: accelerate wraps only the optimizer
+            self.fake_optimizer = acc.prepare(optimizer)
+        elif self.head is not None:
+            self.fake, self.head, self.fake_optimizer = acc.prepare(fake, self.head, optimizer)
         else:
-            self.fake, self.fake_optimizer = ctx.accelerator.prepare(fake, optimizer)
+            self.fake, self.fake_optimizer = acc.prepare(fake, optimizer)
         if d.init is not None:
             self._start_from(Path(d.init))
 
@@ -195,9 +223,8 @@ class DMDRecipe(Recipe):
                 "model.lora_rank, "
                 "dmd.gan_weight / dmd.divergence (the discriminator) or train.algorithm settings."
             )
-        with torch.no_grad():
-            for name, param in named.items():
-                param.copy_(weights[name])
+        for name, param in named.items():
+            copy_full_(param, weights[name])
         self.load_state_dict(fake)
         if ctx.ema is not None:  # in place: the loop holds this EMA object too
             with torch.no_grad():
@@ -215,7 +242,7 @@ class DMDRecipe(Recipe):
 
     def _logits(self) -> Tensor:
         """``[B]`` discriminator logits of the fake score's last forward (its features at the hooked layer)."""
-        return self.head(tokens(self._seen["features"])).mean(dim=(1, 2))
+        return self.head(tokens(self._seen["features"]))
 
     @contextmanager
     def _teaching(self) -> Iterator[ModelAdapter]:
@@ -275,6 +302,11 @@ class DMDRecipe(Recipe):
         """Student samples by backward simulation: the ``x0`` prediction at step ``k ~ U{0..K-1}`` (one ``k``
         per call, the same on every process), with gradient through that step's model call when ``grad``.
         ``gens``: one generator per sample (its initial noise), or the initial noise itself."""
+        return self._rollout(step, purpose, cond, gens, grad).final
+
+    def _rollout(self, step: int, purpose: str, cond, gens, grad: bool) -> Rollout:
+        """The backward simulation of :meth:`_student` as a rollout: its ``final`` is the sample, and
+        :meth:`_last_step_again` redoes its last step from its stored state."""
         s = self.ctx.config.sampling
         gen = self.ctx.shared_generator(step, purpose + "_k")
         k = int(torch.randint(0, s.steps, (1,), generator=gen, device=gen.device))
@@ -285,11 +317,21 @@ class DMDRecipe(Recipe):
             stop_after=k,
         )
         with self.ctx.clock("forward"):
-            out = generate(
+            return generate(
                 self.ctx.model, None, gens, cond=cond, steps=s.steps, guidance=s.guidance,
                 resolution=self.ctx.config.model.resolution, plan=plan, decode=False, levels=self.ctx.levels,
             )  # fmt: skip
-        return out.final
+
+    def _last_step_again(self, state: tuple, cond) -> Tensor:
+        """The ``x0`` prediction of a :meth:`_rollout`'s last step from its stored ``state = (x_k, schedule,
+        plan)``, now with gradient: the same model call and step function as inside the rollout, so the same
+        sample, without repeating the ``k`` steps before it."""
+        x, schedule, plan = state
+        with self.ctx.clock("forward"):
+            out = denoise_step(
+                self.ctx.model, x, plan.stop_after, cond, schedule, plan, self.ctx.config.sampling.guidance
+            )
+        return out.x0
 
     # ------------------------------------------------------------------ updates
 
@@ -329,17 +371,27 @@ class DMDRecipe(Recipe):
                 loss = loss + d.gan_disc_weight * gan
                 disc += gan.item() * (part.stop - part.start) / n
             share = (part.stop - part.start) / n
-            sync = m == len(micro) - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.fake), ctx.clock("backward"):
+            with self._gradient_sync(m == len(micro) - 1), ctx.clock("backward"):
                 acc.backward(loss * share)
             total += loss.item() * share
         norm = acc.clip_grad_norm_(self.fake_params, ctx.config.optim.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         self.fake_optimizer.step()
         self.fake_optimizer.zero_grad(set_to_none=True)
         metrics = {"loss_fake": total, "fake_grad_norm": float(norm)}
         if self.discriminating:
             metrics["loss_gan_disc"] = disc
         return metrics
+
+    def _gradient_sync(self, sync: bool):
+        """The context of a fake-score backward: without ``sync`` (a micro-batch before the last) the
+        gradients are not averaged over processes yet (DDP's ``no_sync``; FSDP2's reduce-scatter skipped)."""
+        if self.sharded:
+            for module in (self.fake, self.head):
+                if module is not None:
+                    module.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.ctx.accelerator.no_sync(self.fake)
 
     def _pool_draw(self, step: int, purpose: str, group_ids: Tensor) -> Tensor:
         """One index into the teacher pool per sample, from that sample's generator (the same draw on 1 or N
@@ -376,12 +428,15 @@ class DMDRecipe(Recipe):
         micro = chunks(n, ctx.config.train.micro_batch_size)
         # First pass, no gradient: the student's samples re-noised, the teacher's and the fake score's
         # x0-predictions there and the discriminator's logits (f-distill normalises its weights over the
-        # whole batch). The second pass redraws each micro-batch's samples with gradient (the same samples).
-        eps, real, fake, logits = [], [], [], []
+        # whole batch). The second pass redoes each micro-batch's last student step from its stored state, with
+        # gradient (the same samples).
+        eps, real, fake, logits, states = [], [], [], [], []
         with torch.no_grad():
             for part in micro:
                 sub = cond.select(part)
-                x = self._student(step, "student", sub, gens[part], grad=False)
+                traj = self._rollout(step, "student", sub, gens[part], grad=False)
+                x = traj.final
+                states.append((traj.latents[:, traj.plan.stop_after].clone(), traj.schedule, traj.plan))
                 eps.append(randn(x.shape, eps_gens[part], x.device))
                 x_t = model.path.noised(x, level[part], eps[-1])
                 real.append(self._x0("teacher", x_t, timestep[part], level[part], sub, d.real_guidance))
@@ -393,11 +448,10 @@ class DMDRecipe(Recipe):
             self._pool_draw(step, "regression_pair", batch.group_ids) if d.regression_weight > 0 else None
         )
         losses, regressions, rewards, gans = [], [], [], []
-        gens = ctx.sample_generators(step, "student", batch.group_ids)  # fresh: the same initial noise again
         for m, part in enumerate(micro):
             sub = cond.select(part)
             share = (part.stop - part.start) / n
-            x = self._student(step, "student", sub, gens[part], grad=True)
+            x = self._last_step_again(states[m], sub)  # the same samples, now with gradient
             weight = None if weights is None else weights[part]
             if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
                 index = list(range(n))[part]
@@ -406,7 +460,8 @@ class DMDRecipe(Recipe):
                     batch.group_ids[part],
                 )  # fmt: skip
                 loss = reward_tilted_dmd_loss(
-                    x, real[m], fake[m], scored.scores, d.reward_beta, weight=weight, normalize=d.normalize
+                    x, real[m], fake[m], scored.scores, d.reward_beta, weight=weight, normalize=d.normalize,
+                    margin=d.reward_margin,
                 )  # fmt: skip
                 rewards.append(scored.scores.detach())
             else:
@@ -493,17 +548,17 @@ class DMDRecipe(Recipe):
                 f"the checkpoint's dmd state holds {len(params)} fake-score tensors, this model's fake score has "
                 f"{len(self.fake_params)}; was it written with another model.lora_rank or train.algorithm?"
             )
-        with torch.no_grad():
-            for i, p in enumerate(self.fake_params):
-                p.copy_(state[f"fake.{i}"])
-                # Adam's moments live with the parameter; its step count stays on the CPU (torch's default).
-                moments = {
-                    k.rsplit(".", 1)[1]: v if k.endswith(".step") else v.to(p.device)
-                    for k, v in state.items()
-                    if k.startswith(f"fake_adam.{i}.")
-                }
-                if moments:
-                    self._adam_state[p] = moments
+        for i, p in enumerate(self.fake_params):
+            copy_full_(p, state[f"fake.{i}"])
+            # Adam's moments live with the parameter (as its shard under FSDP); its step count stays on the
+            # CPU (torch's default).
+            moments = {
+                k.rsplit(".", 1)[1]: v if k.endswith(".step") else shard_like(v, p)
+                for k, v in state.items()
+                if k.startswith(f"fake_adam.{i}.")
+            }
+            if moments:
+                self._adam_state[p] = moments
 
     @property
     def _adam_state(self):

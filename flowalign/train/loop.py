@@ -370,6 +370,7 @@ def _run(
 
     set_seed(config.train.seed, device_specific=True)
     model = _setup_model(config, accelerator.device)
+    recipe.copy_models(model)
     sharded = config.train.sharding == "fsdp"
     if sharded:
         from flowalign.train.sharding import shard_denoiser

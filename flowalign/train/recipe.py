@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from flowalign.models import ModelAdapter
     from flowalign.train.loop import TrainContext
 
 __all__ = ["RECIPES", "Recipe", "prefixed", "recipe_class", "register_recipe", "unprefixed"]
@@ -60,6 +61,13 @@ class Recipe(abc.ABC):
 
     name: ClassVar[str] = ""
     ctx: TrainContext
+
+    def copy_models(self, model: ModelAdapter) -> None:
+        """Called once with the model as loaded and adapted, before the loop shards it (``train.sharding:
+        fsdp``) or wraps it, and before :meth:`setup`: copies of the denoiser a recipe keeps (DMD's teacher
+        and fake score) are made here, since a sharded module cannot be copied. A recipe shards its copies
+        itself in :meth:`setup` (:func:`flowalign.train.sharding.shard_denoiser`). Default: none."""
+        return None
 
     def setup(self, ctx: TrainContext) -> None:
         """Called once before the first iteration (and before a resume loads the state)."""

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["blocks", "copy_full_", "full_tensor", "is_sharded", "shard_denoiser"]
+__all__ = ["blocks", "copy_full_", "full_tensor", "is_sharded", "shard_denoiser", "shard_like"]
 
 
 def shard_denoiser(denoiser: nn.Module, device_type: str, num_processes: int) -> None:
@@ -55,13 +55,17 @@ def full_tensor(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
+def shard_like(source: Tensor, like: Tensor) -> Tensor:
+    """The whole tensor ``source`` as ``like`` holds it: this process's shard when ``like`` is sharded (the
+    same placements), else ``source`` on ``like``'s device."""
+    if is_sharded(like):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(source.to(like.device), like.device_mesh, like.placements)
+    return source.to(like.device)
+
+
 @torch.no_grad()
 def copy_full_(destination: Tensor, source: Tensor) -> None:
     """``destination.copy_(source)`` where ``destination`` may be a shard and ``source`` the whole tensor."""
-    if is_sharded(destination):
-        from torch.distributed.tensor import distribute_tensor
-
-        source = distribute_tensor(
-            source.to(destination.device, destination.dtype), destination.device_mesh, destination.placements
-        )
-    destination.copy_(source)
+    destination.copy_(shard_like(source.to(dtype=destination.dtype), destination))

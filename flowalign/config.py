@@ -293,6 +293,12 @@ class DMDConfig:
     2025); anything but ``rkl`` trains the discriminator even with ``gan_weight: 0``. ``ratio_bins``: the
     density ratio is divided by its batch mean within this many equal bins of ``t_range`` (f-distill's
     per-noise-level normalisation; a sample alone in its bin gets ratio 1).
+    ``ambient``: AC-DMD (RTDMD's ambient-consistent DMD; flow models, students of >= 2 steps): match the state
+    each backward-simulation step reaches, at its noise level, to the teacher's marginal there, instead of
+    the step's x0-prediction: the state is re-noised to a level above its own (within ``t_range``), the
+    teacher's and the fake score's predictions are moved back to its level, and the fake score learns from
+    the noisy states by RTDMD's ambient target. After the student's last step the state is its sample (plain
+    DMD).
     """
 
     real_guidance: float = 1.5
@@ -313,6 +319,7 @@ class DMDConfig:
     divergence: str = "rkl"
     ratio_bins: int = 10
     gan_layer: str | None = None
+    ambient: bool = False
 
 
 @dataclass
@@ -789,6 +796,12 @@ def _check_dmd(config: Config, fail) -> None:
         )
     if not (math.isfinite(k.reward_beta) and k.reward_beta >= 0):
         fail("dmd.reward_beta", f"must be a finite number >= 0 (0: no reward tilt), got {k.reward_beta}")
+    if k.ambient and config.sampling.steps < 2:
+        fail(
+            "dmd.ambient",
+            "matches the states between a multi-step student's steps; a one-step student's only state is its "
+            "sample (plain DMD): use sampling.steps >= 2 or remove dmd.ambient",
+        )
     if k.reward_margin is not None and not math.isfinite(k.reward_margin):
         fail("dmd.reward_margin", f"must be a finite number or null (no hinge), got {k.reward_margin}")
     if k.reward_margin is not None and k.reward_beta == 0:

@@ -242,3 +242,77 @@ def test_reward_tilted_dmd_reaches_the_tilted_gaussian():
     assert torch.allclose(m.detach(), tilted, rtol=1e-3)
     with pytest.raises(ValueError, match="rewards must have shape"):
         reward_tilted_dmd_loss(x, x, x, torch.zeros(3), beta)
+
+
+def _gaussian_conditional_mean(y: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    """For jointly Gaussian y and x given as coefficients over [1, z_1, ..., z_n] (independent standard
+    normals), E[y | x] = intercept + slope * x: returns (intercept, slope)."""
+    covariance, variance = float(y[1:] @ x[1:]), float(x[1:] @ x[1:])
+    slope = covariance / variance
+    return float(y[0]) - slope * float(x[0]), slope
+
+
+@pytest.mark.parametrize("sigma_s,sigma_e", [(0.0, 0.6), (0.25, 0.3), (0.5, 0.9), (0.75, 0.98)])
+def test_the_ambient_target_regresses_to_the_velocity_of_the_marginal(sigma_s, sigma_e):
+    """AC-DMD's fake score sees only noisy states x_s = (1 - s) x0 + s eps0 of a Gaussian x0 ~ N(mu, s0^2). Its
+    target at x_e = ambient_noised(x_s, s, e, eps) has, given x_e, exactly the mean of the true velocity
+    (x_e - x0) / e of the marginal at e (slope and intercept to 1e-12; everything is jointly Gaussian, so
+    the conditional means are linear and computed from coefficients over [1, z0, eps0, eps])."""
+    from flowalign.algorithms.dmd import ambient_noised, ambient_velocity_target
+
+    mu, s0 = 0.7, 1.3
+    x0 = torch.tensor([[mu, s0, 0.0, 0.0]], dtype=torch.float64)
+    x_s = (1 - sigma_s) * x0 + sigma_s * torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    eps = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    x_e = ambient_noised(x_s, sigma_s, sigma_e, eps)[0]
+    assert float(x_e[1:] @ x_e[1:]) == pytest.approx((1 - sigma_e) ** 2 * s0**2 + sigma_e**2, abs=1e-12)
+    target = ambient_velocity_target(x_s, sigma_s, sigma_e, eps)[0]
+    velocity = (x_e - x0[0]) / sigma_e
+    assert _gaussian_conditional_mean(target, x_e) == pytest.approx(
+        _gaussian_conditional_mean(velocity, x_e), abs=1e-12
+    )
+    if sigma_s == 0:  # plain flow noising and target
+        assert torch.allclose(x_e, ((1 - sigma_e) * x_s + sigma_e * eps)[0])
+        assert torch.allclose(target, (eps - x_s)[0])
+
+
+def test_flow_step_to_moves_along_the_prediction():
+    from flowalign.algorithms.dmd import flow_step_to
+
+    x_t, x0 = torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5, 0.5]])
+    assert torch.equal(flow_step_to(x_t, x0, 0.8, 0.0), x0)
+    assert torch.allclose(flow_step_to(x_t, x0, 0.8, 0.8), x_t)
+    # Euler with velocity (x_t - x0) / 0.8 from 0.8 to 0.2
+    assert torch.allclose(flow_step_to(x_t, x0, 0.8, 0.2), x_t + (0.2 - 0.8) * (x_t - x0) / 0.8)
+
+
+def test_ac_dmd_moves_a_misplaced_state_onto_the_teachers_marginal_at_its_level():
+    """A student state x_s ~ N(m, c^2 I) at level s = 0.5 (c^2 = (1 - s)^2 s0^2 + s^2, the right spread)
+    against a teacher N(mu, s0^2 I), with the exact x0-predictions of the teacher and of the fake score (the
+    student's marginal, which the ambient target regresses to) at the re-noised x_e, both moved back to s.
+    Gradient descent on dmd_loss at x_s converges to m = (1 - s) mu, the teacher's marginal at s (to 1e-6),
+    not to mu, where matching x_s as a clean sample would take it."""
+    from flowalign.algorithms.dmd import ambient_noised, dmd_loss, flow_step_to
+
+    torch.manual_seed(0)
+    dim, s0, s = 3, 0.6, 0.5
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    c = ((1 - s) ** 2 * s0**2 + s**2) ** 0.5
+    m = torch.zeros(dim, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([m], lr=0.5)
+    for _ in range(300):
+        e = s + 0.01 + (0.98 - s - 0.01) * torch.rand(256, 1, dtype=torch.float64)
+        x_s = m + c * torch.randn(256, dim, dtype=torch.float64)
+        x_e = ambient_noised(x_s.detach(), s, e[:, 0], torch.randn(256, dim, dtype=torch.float64))
+        v_e = (1 - e) ** 2 * s0**2 + e**2
+
+        def x0(center, x_e=x_e, e=e, v_e=v_e):  # E[x0 | x_e] for x0 ~ N(center, s0^2)
+            return center + (1 - e) * s0**2 / v_e * (x_e - (1 - e) * center)
+
+        real = flow_step_to(x_e, x0(mu), e[:, 0], s)
+        fake = flow_step_to(x_e, x0(m.detach() / (1 - s)), e[:, 0], s)
+        loss = dmd_loss(x_s, real, fake, normalize=False) * x_s.numel() / 256
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.allclose(m.detach(), (1 - s) * mu, atol=1e-6)

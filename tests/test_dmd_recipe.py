@@ -3,6 +3,7 @@ its config checks, and a student that samples with the stock step count."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,7 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
         (["dmd.policy_weight=1000", "data.group_size=4", "sampling.steps=2"], "reward"),
         (["train.mixed_precision=fp16"], "train.mixed_precision"),
         (["dmd.reward_margin=0.9"], "dmd.reward_margin"),
+        (["dmd.ambient=true"], "dmd.ambient"),
     ],
 )
 def test_bad_dmd_settings_name_their_key(overrides, key):
@@ -640,3 +642,67 @@ def test_the_gradient_pass_redoes_only_the_last_step_of_the_samples_the_first_pa
     assert len(drawn["scored"]) == len(drawn["trained"]) == len(calls) == 2
     for scored, trained in zip(drawn["scored"], drawn["trained"]):
         assert torch.equal(scored, trained)
+
+
+def test_ac_dmd_matches_each_state_at_its_level_and_needs_a_flow_model(tmp_path):
+    """``dmd.ambient`` in the recipe: every backward-simulation state it matches is the rollout's state after
+    step k at the schedule's level sigma_{k+1} (the sample itself, at 0, after the last step), re-noised to a
+    level above its own within ``t_range``; the gradient pass redoes that state exactly; the fake score's
+    target is the ambient one. A diffusion model is refused with a line naming the key."""
+    from flowalign.algorithms.dmd import ambient_velocity_target
+    from flowalign.train import dmd as dmd_module
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    seen, redone, targets = [], [], []
+
+    class Recording(DMDRecipe):
+        def _matched(self, traj):
+            x, level = super()._matched(traj)
+            k = traj.plan.stop_after
+            assert torch.equal(x, traj.latents[:, k + 1])
+            assert torch.equal(level, torch.full_like(level, float(traj.schedule.sigmas[k + 1])))
+            seen.append((k, level[0].item(), x.clone()))
+            return x, level
+
+        def _last_step_again(self, state, cond):
+            x, x0 = super()._last_step_again(state, cond)
+            redone.append(x.detach().clone())
+            return x, x0
+
+    levels_of = dmd_module.noise_levels
+
+    def recording_levels(model, gens, span, floor=None):
+        level, timestep = levels_of(model, gens, span, floor)
+        assert floor is not None and bool(
+            (level >= torch.clamp(floor + 0.01, min=span[0], max=span[1]) - 1e-6).all()
+        )
+        assert bool((level <= span[1] + 1e-6).all())
+        return level, timestep
+
+    def recording_target(x_s, sigma_s, sigma_e, noise):
+        targets.append(float(sigma_s.max()))
+        return ambient_velocity_target(x_s, sigma_s, sigma_e, noise)
+
+    overrides = ["train.steps=3", "dmd.ambient=true", "dmd.fake_updates=1", "train.micro_batch_size=1"]
+    patch = pytest.MonkeyPatch()
+    patch.setattr(dmd_module, "noise_levels", recording_levels)
+    patch.setattr(dmd_module, "ambient_velocity_target", recording_target)
+    try:
+        result = run_training(
+            _config("configs/dmd/tiny_sd3.yaml", tmp_path / "flow", *overrides), Recording()
+        )
+    finally:
+        patch.undo()
+    assert all(math.isfinite(v) for v in result.last_metrics.values())
+    assert {k for k, _, _ in seen} == {0, 1}, "both steps of the 2-step student were drawn"
+    assert any(level > 0 for _, level, _ in seen) and any(level == 0 for _, level, _ in seen)
+    # per iteration: the fake update's states, then the generator's two micro-batches, then those redone
+    assert len(seen) == 3 * 3 and len(redone) == 3 * 2 and len(targets) == 3
+    for i in range(3):
+        assert torch.equal(seen[3 * i + 1][2], redone[2 * i]) and torch.equal(
+            seen[3 * i + 2][2], redone[2 * i + 1]
+        )
+    with pytest.raises(ValueError, match="dmd.ambient.*diffusion"):
+        run_training(_config("configs/dmd/tiny_sd.yaml", tmp_path / "sd", "sampling.steps=2", "dmd.ambient=true"),
+                     DMDRecipe())  # fmt: skip

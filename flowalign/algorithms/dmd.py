@@ -27,6 +27,15 @@ Reward-tilted DMD (RTDMD, "Reinforcing Few-step Generators via Reward-Tilted Dis
 since ``KL(q || p~) = KL(q || p) - beta E_q[r] + log Z``, its gradient is the DMD gradient minus ``beta``
 times the gradient of the expected reward (:func:`reward_tilted_dmd_loss`, for differentiable rewards).
 
+AC-DMD (RTDMD's "ambient-consistent" DMD; ``Harahan/RTDMD`` ``ac_dmd_trainer.py``, ``ac_dmd_utils.py``)
+matches the student's *states* rather than its samples: a multi-step student's state ``x_s`` after a step,
+still noisy at level ``s``, should be distributed as the teacher's marginal at ``s``. ``x_s`` is re-noised to
+a level ``e > s`` (:func:`ambient_noised`), the teacher and the fake score predict there, both predictions
+are moved back to level ``s`` (:func:`flow_step_to`) and their difference is the DMD direction at ``x_s``.
+The fake score learns the student's marginal at ``e`` from noisy data by the ambient velocity target
+(:func:`ambient_velocity_target`), whose regression gives the velocity of the marginal at ``e`` exactly. At
+``s = 0`` all three reduce to plain DMD.
+
 The discriminator of DMD2's GAN term is trained with the non-saturating losses
 :func:`gan_discriminator_loss` / :func:`gan_generator_loss` (DMD2 ``sd_guidance.py``: ``softplus``).
 """
@@ -42,10 +51,13 @@ from torch import Tensor
 
 __all__ = [
     "F_DIVERGENCES",
+    "ambient_noised",
+    "ambient_velocity_target",
     "dmd_gradient",
     "dmd_loss",
     "f_divergence_weight",
     "fake_score_loss",
+    "flow_step_to",
     "gan_discriminator_loss",
     "gan_generator_loss",
     "reward_tilted_dmd_loss",
@@ -94,6 +106,52 @@ def dmd_loss(
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     target = (x.detach().double() - grad).to(dtype)
     return 0.5 * F.mse_loss(x.to(dtype), target, reduction="mean")
+
+
+def _level(sigma: Tensor | float, like: Tensor) -> Tensor:
+    """A scalar or ``[B]`` level as a float tensor broadcastable to ``like``."""
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    return sigma.reshape(-1, *([1] * (like.ndim - 1))) if sigma.ndim else sigma
+
+
+def _ambient_scale(sigma_s: Tensor, sigma_e: Tensor) -> tuple[Tensor, Tensor]:
+    """``a = (1 - e) / (1 - s)`` and ``sigma_ts = sqrt(e^2 - a^2 s^2)``: the flow path from level ``s`` to ``e``."""
+    a = (1 - sigma_e) / (1 - sigma_s)
+    return a, torch.sqrt(torch.clamp(sigma_e**2 - a**2 * sigma_s**2, min=1e-12))
+
+
+def ambient_noised(x_s: Tensor, sigma_s: Tensor | float, sigma_e: Tensor | float, noise: Tensor) -> Tensor:
+    """A state ``x_s`` at flow level ``s`` noised further to level ``e > s``: ``a x_s + sigma_ts noise`` with
+    ``a = (1 - e) / (1 - s)``, ``sigma_ts^2 = e^2 - a^2 s^2``, so that ``x_s = (1 - s) x0 + s eps'`` becomes
+    ``(1 - e) x0 + e eps''`` (RTDMD ``flow_forward_v2``). At ``s = 0``: the flow noising ``(1 - e) x + e noise``."""
+    s, e = _level(sigma_s, x_s), _level(sigma_e, x_s)
+    a, sigma_ts = _ambient_scale(s, e)
+    return a * x_s + sigma_ts * noise
+
+
+def ambient_velocity_target(
+    x_s: Tensor, sigma_s: Tensor | float, sigma_e: Tensor | float, noise: Tensor
+) -> Tensor:
+    """The fake score's regression target at ``ambient_noised(x_s, s, e, noise)`` when only the noisy state
+    ``x_s`` (level ``s``) is known, not its clean sample (RTDMD ``flow_forward_target_v2``, the paper's form):
+
+        target = -x_s / (1 - s) + (e + (1 - e) s^2 / (1 - s)^2) / sigma_ts * noise
+
+    Its mean given the noised point is the velocity ``E[eps - x0 | x_e]`` of the marginal at ``e`` (tested
+    exactly on Gaussians), so a network regressed on it learns the same field as one trained on clean
+    samples. At ``s = 0`` it is the flow target ``noise - x_s``."""
+    s, e = _level(sigma_s, x_s), _level(sigma_e, x_s)
+    _, sigma_ts = _ambient_scale(s, e)
+    return -x_s / (1 - s) + (e + (1 - e) * s**2 / (1 - s) ** 2) / sigma_ts * noise
+
+
+def flow_step_to(x_t: Tensor, x0: Tensor, sigma_t: Tensor | float, sigma_to: Tensor | float) -> Tensor:
+    """The deterministic flow move (Euler / DDIM, velocity ``(x_t - x0) / sigma_t``) of ``x_t`` at level
+    ``sigma_t`` to level ``sigma_to`` along the prediction ``x0``: ``x0 + (sigma_to / sigma_t) (x_t - x0)``.
+    AC-DMD's map of the teacher's and the fake score's predictions back to the student's level (RTDMD maps
+    with its CPS sampler, here deterministic like the student's own steps); at ``sigma_to = 0`` it is ``x0``."""
+    t, to = _level(sigma_t, x_t), _level(sigma_to, x_t)
+    return x0 + (to / t) * (x_t - x0)
 
 
 def fake_score_loss(velocity: Tensor, x0: Tensor, noise: Tensor) -> Tensor:

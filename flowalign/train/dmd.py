@@ -54,8 +54,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flowalign.algorithms.dmd import (
+    ambient_noised,
+    ambient_velocity_target,
     dmd_loss,
     f_divergence_weight,
+    flow_step_to,
     gan_discriminator_loss,
     gan_generator_loss,
     reward_tilted_dmd_loss,
@@ -90,12 +93,22 @@ def routed(model: ModelAdapter, module: nn.Module) -> Iterator[ModelAdapter]:
         model.set_training_module(previous)
 
 
-def noise_levels(model: ModelAdapter, gens: list[torch.Generator], span) -> tuple[Tensor, Tensor]:
+AMBIENT_GAP = 0.01
+"""AC-DMD re-noises a state at level ``s`` to a level of at least ``s + AMBIENT_GAP`` (RTDMD: 10 of 1000
+timesteps)."""
+
+
+def noise_levels(
+    model: ModelAdapter, gens: list[torch.Generator], span, floor: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One noise level per sample, uniform in ``span`` (fractions of the training horizon), each from its
     sample's generator: ``(level, model timestep)``. Flow: ``sigma`` and ``1000 sigma``; diffusion:
-    ``alphas_cumprod[t]`` and the integer ``t``."""
+    ``alphas_cumprod[t]`` and the integer ``t``. ``floor [B]`` (AC-DMD, flow): each sample's level is drawn
+    above its state's level instead, uniform in ``[max(low, floor + AMBIENT_GAP), high]``."""
     low, high = span
     u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in gens])
+    if floor is not None:
+        low = torch.clamp(torch.clamp(floor.to(u) + AMBIENT_GAP, min=low), max=high)
     u = low + (high - low) * u
     path = model.path
     if model.kind == "flow":
@@ -160,6 +173,11 @@ class DMDRecipe(Recipe):
                 "dmd.reward_beta tilts the teacher by differentiable rewards; "
                 f"{[name for name, (r, _) in ctx.reward.parts.items() if not r.differentiable]} are not: set "
                 "dmd.reward_beta=0 and use dmd.policy_weight (RTDMD's policy gradient) for them."
+            )
+        if ctx.config.dmd.ambient and ctx.model.kind != "flow":
+            raise ValueError(
+                f"dmd.ambient (AC-DMD) moves states along a flow path; the {ctx.model.family} model is a "
+                f"{ctx.model.kind} model: remove dmd.ambient."
             )
         if ctx.config.dmd.policy_weight > 0:
             ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
@@ -288,15 +306,34 @@ class DMDRecipe(Recipe):
 
     # ------------------------------------------------------------------ predictions
 
-    def _x0(
-        self, network: str, x_t: Tensor, timestep: Tensor, level: Tensor, cond, guidance: float
+    def _predicted(
+        self, network: str, x_t: Tensor, timestep: Tensor, level: Tensor, cond, guidance: float, to: Tensor
     ) -> Tensor:
-        """The ``teacher``'s or the ``fake`` score's x0-prediction at ``x_t`` (no gradient)."""
+        """The ``teacher``'s or the ``fake`` score's prediction at ``x_t`` (no gradient) of what the student
+        is matched on: its x0-prediction, or with ``dmd.ambient`` that prediction's deterministic move back to
+        the student state's level ``to`` (AC-DMD)."""
         model = self.ctx.model
         network_context = routed(model, self.fake) if network == "fake" else self._teaching()
         with torch.no_grad(), self.ctx.clock("forward"), network_context:
             out = model.predict(x_t, timestep, cond, guidance)
-        return model.path.x0_from_output(out, x_t, level)
+        x0 = model.path.x0_from_output(out, x_t, level)
+        return flow_step_to(x_t, x0, level, to) if self.ctx.config.dmd.ambient else x0
+
+    def _noised(self, x: Tensor, state_level: Tensor, level: Tensor, eps: Tensor) -> Tensor:
+        """``x`` (a sample, or with ``dmd.ambient`` a state at ``state_level``) re-noised to ``level``."""
+        if self.ctx.config.dmd.ambient:
+            return ambient_noised(x, state_level, level, eps)
+        return self.ctx.model.path.noised(x, level, eps)
+
+    def _matched(self, traj: Rollout) -> tuple[Tensor, Tensor]:
+        """What distribution matching compares of a backward-simulation rollout, with its level ``[B]``: the
+        x0-prediction of its last step (level 0), or with ``dmd.ambient`` (AC-DMD) the state that step reached
+        (RTDMD's ``next_sigma``: the level after step ``k``; 0 after the student's last step)."""
+        n = traj.final.shape[0]
+        if not self.ctx.config.dmd.ambient:
+            return traj.final, traj.final.new_zeros(n)
+        k = traj.plan.stop_after
+        return traj.latents[:, k + 1], traj.final.new_full((n,), float(traj.schedule.sigmas[k + 1]))
 
     def _student(self, step: int, purpose: str, cond, gens, grad: bool) -> Tensor:
         """Student samples by backward simulation: the ``x0`` prediction at step ``k ~ U{0..K-1}`` (one ``k``
@@ -322,16 +359,18 @@ class DMDRecipe(Recipe):
                 resolution=self.ctx.config.model.resolution, plan=plan, decode=False, levels=self.ctx.levels,
             )  # fmt: skip
 
-    def _last_step_again(self, state: tuple, cond) -> Tensor:
-        """The ``x0`` prediction of a :meth:`_rollout`'s last step from its stored ``state = (x_k, schedule,
-        plan)``, now with gradient: the same model call and step function as inside the rollout, so the same
-        sample, without repeating the ``k`` steps before it."""
+    def _last_step_again(self, state: tuple, cond) -> tuple[Tensor, Tensor]:
+        """A :meth:`_rollout`'s last step again from its stored ``state = (x_k, schedule, plan)``, now with
+        gradient: the same model call and step function as inside the rollout, so the same sample, without
+        repeating the ``k`` steps before it. Returns ``(matched, x0)``: what :meth:`_matched` took of the
+        rollout (the x0-prediction, or with ``dmd.ambient`` the state the step reached) and the x0-prediction
+        (what a reward scores)."""
         x, schedule, plan = state
         with self.ctx.clock("forward"):
             out = denoise_step(
                 self.ctx.model, x, plan.stop_after, cond, schedule, plan, self.ctx.config.sampling.guidance
             )
-        return out.x0
+        return (out.prev_sample if self.ctx.config.dmd.ambient else out.x0), out.x0
 
     # ------------------------------------------------------------------ updates
 
@@ -346,13 +385,17 @@ class DMDRecipe(Recipe):
         cond = model.encode(batch.prompts, cfg=ctx.config.sampling.guidance > 1)
         gens = ctx.sample_generators(step, purpose, batch.group_ids)
         with torch.no_grad():
-            x0 = self._student(step, purpose, cond, gens, grad=False)
+            x0, state_level = self._matched(self._rollout(step, purpose, cond, gens, grad=False))
         level, timestep = noise_levels(
-            model, ctx.sample_generators(step, purpose + "_t", batch.group_ids), d.fake_t_range
-        )
+            model, ctx.sample_generators(step, purpose + "_t", batch.group_ids), d.fake_t_range,
+            floor=state_level if d.ambient else None,
+        )  # fmt: skip
         eps = randn(x0.shape, ctx.sample_generators(step, purpose + "_eps", batch.group_ids), x0.device)
-        x_t = model.path.noised(x0, level, eps)
-        target = model.path.target(x0, eps, level)
+        x_t = self._noised(x0, state_level, level, eps)
+        if d.ambient:  # the state is noisy: the target whose regression is the marginal's velocity at `level`
+            target = ambient_velocity_target(x0, state_level, level, eps)
+        else:
+            target = model.path.target(x0, eps, level)
         if self.discriminating:  # the teacher's samples, noised at the same levels: the "real" side
             real_index = self._pool_draw(step, purpose + "_real", batch.group_ids)
             real_cond = model.encode([self.pairs[0][i] for i in real_index.tolist()], cfg=False)
@@ -421,28 +464,33 @@ class DMDRecipe(Recipe):
         n = len(batch.prompts)
         cond = model.encode(batch.prompts, cfg=d.real_guidance > 1 or ctx.config.sampling.guidance > 1)
         gens = ctx.sample_generators(step, "student", batch.group_ids)
-        level, timestep = noise_levels(
-            model, ctx.sample_generators(step, "dmd_t", batch.group_ids), d.t_range
-        )
+        t_gens = ctx.sample_generators(step, "dmd_t", batch.group_ids)
         eps_gens = ctx.sample_generators(step, "dmd_eps", batch.group_ids)
         micro = chunks(n, ctx.config.train.micro_batch_size)
         # First pass, no gradient: the student's samples re-noised, the teacher's and the fake score's
         # x0-predictions there and the discriminator's logits (f-distill normalises its weights over the
         # whole batch). The second pass redoes each micro-batch's last student step from its stored state, with
         # gradient (the same samples).
-        eps, real, fake, logits, states = [], [], [], [], []
+        eps, real, fake, logits, states, levels = [], [], [], [], [], []
         with torch.no_grad():
             for part in micro:
                 sub = cond.select(part)
                 traj = self._rollout(step, "student", sub, gens[part], grad=False)
-                x = traj.final
+                x, state_level = self._matched(traj)
                 states.append((traj.latents[:, traj.plan.stop_after].clone(), traj.schedule, traj.plan))
+                level, timestep = noise_levels(
+                    model, t_gens[part], d.t_range, floor=state_level if d.ambient else None
+                )
+                levels.append((state_level, level, timestep))
                 eps.append(randn(x.shape, eps_gens[part], x.device))
-                x_t = model.path.noised(x, level[part], eps[-1])
-                real.append(self._x0("teacher", x_t, timestep[part], level[part], sub, d.real_guidance))
-                fake.append(self._x0("fake", x_t, timestep[part], level[part], sub, 1.0))
+                x_t = self._noised(x, state_level, level, eps[-1])
+                real.append(
+                    self._predicted("teacher", x_t, timestep, level, sub, d.real_guidance, state_level)
+                )
+                fake.append(self._predicted("fake", x_t, timestep, level, sub, 1.0, state_level))
                 if d.divergence != "rkl":  # the ratio the discriminator reads at this x_t
                     logits.append(self._logits())
+            level = torch.cat([lv for _, lv, _ in levels])
             weights = self._f_weights(torch.cat(logits), level) if logits else None
         pair_index = (
             self._pool_draw(step, "regression_pair", batch.group_ids) if d.regression_weight > 0 else None
@@ -451,12 +499,13 @@ class DMDRecipe(Recipe):
         for m, part in enumerate(micro):
             sub = cond.select(part)
             share = (part.stop - part.start) / n
-            x = self._last_step_again(states[m], sub)  # the same samples, now with gradient
+            x, x0 = self._last_step_again(states[m], sub)  # the same samples, now with gradient
+            state_level, level, timestep = levels[m]
             weight = None if weights is None else weights[part]
             if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
                 index = list(range(n))[part]
                 scored = ctx.reward(
-                    model.decode(x), [batch.prompts[i] for i in index], [batch.metadata[i] for i in index],
+                    model.decode(x0), [batch.prompts[i] for i in index], [batch.metadata[i] for i in index],
                     batch.group_ids[part],
                 )  # fmt: skip
                 loss = reward_tilted_dmd_loss(
@@ -468,7 +517,7 @@ class DMDRecipe(Recipe):
                 loss = dmd_loss(x, real[m], fake[m], weight=weight, normalize=d.normalize)
             if d.gan_weight > 0:  # DMD2's GAN term: the noised sample, gradient through the fake score
                 with routed(model, self.fake), ctx.clock("forward"):
-                    model.predict(model.path.noised(x, level[part], eps[m]), timestep[part], sub, 1.0)
+                    model.predict(self._noised(x, state_level, level, eps[m]), timestep, sub, 1.0)
                 gan = gan_generator_loss(self._logits())
                 loss = loss + d.gan_weight * gan
                 gans.append(gan.detach() * share)

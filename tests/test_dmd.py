@@ -276,6 +276,16 @@ def test_the_ambient_target_regresses_to_the_velocity_of_the_marginal(sigma_s, s
         assert torch.allclose(target, (eps - x_s)[0])
 
 
+def test_the_ambient_loss_weight_is_rtdmds_clamped_scale():
+    """min(1, 10 sigma_ts^2): RTDMD's clamp(1 / s^2, max=10) (s v - s target)^2 written on (v - target)^2."""
+    from flowalign.algorithms.dmd import ambient_loss_weight
+
+    s, e = torch.tensor([0.0, 0.75, 0.75]), torch.tensor([0.3, 0.76, 0.9])
+    sigma_ts2 = e**2 - ((1 - e) / (1 - s)) ** 2 * s**2  # 0.09, 0.0592, 0.8064
+    assert ambient_loss_weight(s, e).tolist() == pytest.approx([0.9, 0.592, 1.0], abs=1e-6)
+    assert torch.allclose(ambient_loss_weight(s, e), torch.clamp(10 * sigma_ts2, max=1))
+
+
 def test_flow_step_to_moves_along_the_prediction():
     from flowalign.algorithms.dmd import flow_step_to
 

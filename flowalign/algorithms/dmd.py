@@ -51,6 +51,7 @@ from torch import Tensor
 
 __all__ = [
     "F_DIVERGENCES",
+    "ambient_loss_weight",
     "ambient_noised",
     "ambient_velocity_target",
     "dmd_gradient",
@@ -143,6 +144,16 @@ def ambient_velocity_target(
     s, e = _level(sigma_s, x_s), _level(sigma_e, x_s)
     _, sigma_ts = _ambient_scale(s, e)
     return -x_s / (1 - s) + (e + (1 - e) * s**2 / (1 - s) ** 2) / sigma_ts * noise
+
+
+def ambient_loss_weight(sigma_s: Tensor, sigma_e: Tensor, largest: float = 10.0) -> Tensor:
+    """The fake score's per-sample weight on the squared error to :func:`ambient_velocity_target`:
+    ``min(1, largest * sigma_ts^2)``. RTDMD's configs write the loss as ``clamp(1 / s^2, max=10) (s v - s
+    target)^2`` with ``s = sigma_ts`` (``move_scale_out: true``, ``ac_fake_loss_weight_clamp_max: 10``), which
+    is this weight on ``(v - target)^2``: it damps the levels just above the state's, where the target's
+    noise coefficient grows like ``1 / sigma_ts``."""
+    _, sigma_ts = _ambient_scale(sigma_s, sigma_e)
+    return torch.clamp(largest * sigma_ts**2, max=1.0)
 
 
 def flow_step_to(x_t: Tensor, x0: Tensor, sigma_t: Tensor | float, sigma_to: Tensor | float) -> Tensor:

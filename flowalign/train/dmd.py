@@ -23,6 +23,11 @@ the configured (differentiable) rewards, and ``beta`` times their mean is subtra
 adds Flow-GRPO's clipped policy-gradient loss on their stochastic steps, ``policy_weight`` times, to the
 DMD loss (RTDMD: PPO with DMD at weight 1e-3, i.e. ``policy_weight`` 1000; there the DMD term is taken on
 the last step of the same rollouts, here on the backward simulation's step of the ODE rollouts).
+With ``dmd.ambient`` (AC-DMD, RTDMD's ambient-consistent DMD; flow models) the student is matched on the
+state each backward-simulation step reaches, at that state's noise level, rather than on the step's
+x0-prediction (:func:`flowalign.algorithms.dmd.ambient_noised` and the functions next to it).
+Under ``train.sharding: fsdp`` the fake score (with its discriminator head) and a full-weight teacher are
+copied from the loaded denoiser before the loop shards it (:meth:`DMDRecipe.copy_models`) and sharded like it.
 
 One iteration (Yin et al. 2024, DMD2, Alg. 1; ``tianweiy/DMD2`` ``main/train_sd.py``): ``dmd.fake_updates``
 fake-score steps, each on fresh student samples (detached): re-noise at a random level of
@@ -54,6 +59,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flowalign.algorithms.dmd import (
+    ambient_loss_weight,
     ambient_noised,
     ambient_velocity_target,
     dmd_loss,
@@ -405,7 +411,12 @@ class DMDRecipe(Recipe):
         for m, part in enumerate(micro):
             with routed(model, self.fake), ctx.clock("forward"):
                 out = model.predict(x_t[part], timestep[part], cond.select(part), 1.0)
-            loss = F.mse_loss(out.float(), target[part].float())
+            if d.ambient:  # RTDMD's configs' weighting of the ambient target (move_scale_out, clamp 10)
+                weight = ambient_loss_weight(state_level[part], level[part])
+                error = (out.float() - target[part].float()) ** 2
+                loss = (error * weight.reshape(-1, *[1] * (error.ndim - 1))).mean()
+            else:
+                loss = F.mse_loss(out.float(), target[part].float())
             if self.discriminating:
                 fake_logits = self._logits()
                 with routed(model, self.fake), ctx.clock("forward"):

@@ -52,9 +52,10 @@ def main() -> None:
         steps, accuracy, rewards = load_curve(run)
         ax.plot(steps, accuracy, marker="o", markersize=3, label=run.name)
         head, tail = rewards[:20], rewards[-20:]
+        reward = f"{sum(head) / len(head):.3f} / {sum(tail) / len(tail):.3f}" if rewards else "— (no reward)"
         lines.append(
             f"| {run.name} | {iterations(run)} | {accuracy[0]:.3f} | {max(accuracy):.3f} | {accuracy[-1]:.3f} | "
-            f"{sum(head) / max(len(head), 1):.3f} / {sum(tail) / max(len(tail), 1):.3f} |"
+            f"{reward} |"
         )
     ax.set_xlabel("iteration")
     ax.set_ylabel("GenEval overall (eval subset)")

@@ -14,11 +14,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from flowalign.config import load_config
     from flowalign.train import train
 
     config = load_config(args.config, args.overrides)
     result = train(config)
     state = "interrupted" if result.interrupted else "finished"
-    print(f"{state} after {result.steps_done} steps; outputs in {result.output_dir}")
+    if PartialState().is_main_process:  # one line, not one per process
+        print(f"{state} after {result.steps_done} steps; outputs in {result.output_dir}")
     return 0

@@ -630,12 +630,12 @@ def test_the_gradient_pass_redoes_only_the_last_step_of_the_samples_the_first_pa
             predict = self.ctx.model.predict
             self.ctx.model.predict = lambda *a, **k: calls.append(1) or predict(*a, **k)
             try:
-                x = super()._last_step_again(state, cond)
+                x, x0 = super()._last_step_again(state, cond)
             finally:
                 del self.ctx.model.predict
             drawn["trained"].append(x.detach().clone())
-            assert x.requires_grad
-            return x
+            assert x.requires_grad and x is x0  # matched on x0-predictions without dmd.ambient
+            return x, x0
 
     run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path, "train.steps=1", "train.micro_batch_size=1"),
                  Recording())  # fmt: skip

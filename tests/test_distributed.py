@@ -36,6 +36,7 @@ FSDP_CASES = [
     "sft_full_fsdp",
     "nft_wan22_low_fsdp",
     "dmd_fsdp_resume",
+    "dmd_init_fsdp",
     "dmd_full_fsdp",
 ]
 EVAL_CASES = ["grpo_eval", "grpo_eval_fsdp"]
@@ -103,12 +104,13 @@ def test_a_process_without_pairs_trains_a_zero_weight_stand_in(runs):
         ("grpo_kl_fsdp", "ema_ema"),
         ("nft_fsdp", "recipe"),
         ("dmd_fsdp_resume", "recipe"),
+        ("dmd_init_fsdp", "recipe"),
         ("dmd_full_fsdp", "recipe"),
     ],
 )
 def test_sharded_ema_and_policy_copies_match_one_process(runs, case, state):
     """The sharded copies a recipe keeps (the EMA, NFT's old policy, DMD's fake score with its discriminator
-    head and their Adam moments) equal one unsharded process's."""
+    head and their Adam moments, also when loaded by dmd.init) equal one unsharded process's."""
     one, two = _weights(runs / "one" / case, state), _weights(runs / "two" / case, state)
     assert one.keys() == two.keys()
     for key in one:

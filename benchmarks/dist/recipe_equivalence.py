@@ -68,6 +68,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     # resumed; the full-weight UNet student with its teacher and fake-score copies.
     "dmd_fsdp_resume": ("configs/dmd/tiny_sd3_fdistill.yaml", ["data.groups_per_step=4", "dmd.regression_weight=0.5",
                                                                "dmd.fake_lr=1e-3", "train.sharding=fsdp"]),
+    # RTDMD's cold start sharded: the student and fake score of dmd_fsdp_resume's first checkpoint (dmd.init).
+    "dmd_init_fsdp": ("configs/dmd/tiny_sd3_fdistill.yaml", ["data.groups_per_step=4", "dmd.fake_lr=1e-3",
+                                                             "train.steps=1", "train.sharding=fsdp"]),
     "dmd_full_fsdp": ("configs/dmd/tiny_sd.yaml", ["data.groups_per_step=4", "optim.lr=100", "dmd.fake_lr=1e-3",
                                                    "train.steps=1", "train.sharding=fsdp"]),
     # Video (tiny Wan 2.2): both experts trained by NFT, and by GRPO on text-to-video in micro-batches of one
@@ -127,6 +130,8 @@ def run_cases(out: Path, names: list[str], num_processes: int) -> None:
         if algorithm in GLOBAL_MINIBATCH:
             overrides.append(f"{algorithm}.minibatch_size={GLOBAL_MINIBATCH[algorithm] // num_processes}")
         offline = "offline" in name
+        if name.endswith("_init"):  # start from an earlier case's checkpoint (run it first)
+            overrides.append(f"dmd.init={out / 'dmd_fsdp_resume' / 'checkpoints' / 'step-000001'}")
         if offline:
             overrides.append(f"dpo.pairs={pairs}")
         if num_processes == 1:  # the reference: one unsharded process

@@ -499,9 +499,8 @@ def estimate(
         "activations": act / GB,
         "VAE decode": (decode if backprop else max(0, decode - act)) / GB,
     }
-    if (
-        t.algorithm == "dmd"
-    ):  # DMD's fake score trains like the student; a full-weight teacher is a frozen copy
+    if t.algorithm == "dmd":
+        # DMD's fake score trains like the student; a full-weight teacher is a frozen copy.
         dmd = trainable * 4 * 4 / shard
         if not m.lora_rank:
             dmd += denoiser * 4 / shard

@@ -43,14 +43,14 @@ def main() -> None:
         pairs = [(verdicts(run / "before", metric), verdicts(run / "after", metric)) for run in args.runs]
         gain = pooled_gain(pairs)
         base = benchmark_stats(pairs[0][0]).overall
-        seeds = [s["metrics"][metric]["difference"] for s in summaries]
+        differences = [s["metrics"][metric]["difference"] for s in summaries]
         pooled[metric] = {
             "base": base.estimate,
             "base_interval": [base.low, base.high],
             "gain": gain.overall.as_json(difference=True),
             "per_seed": list(gain.per_seed),
         }
-        per_seed = ", ".join(f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in seeds)
+        per_seed = ", ".join(f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in differences)
         lines.append(
             f"| {metric} | {base.estimate:.3f} [{base.low:.3f}, {base.high:.3f}] | {gain.overall.estimate:+.3f} "
             f"[{gain.overall.low:+.3f}, {gain.overall.high:+.3f}] | {'yes' if gain.overall.excludes_zero else 'no'} "

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowalign.samplers.steps import _per_sample
+
 __all__ = [
     "F_DIVERGENCES",
     "ambient_loss_weight",
@@ -110,9 +112,8 @@ def dmd_loss(
 
 
 def _level(sigma: Tensor | float, like: Tensor) -> Tensor:
-    """A scalar or ``[B]`` level as a float tensor broadcastable to ``like``."""
-    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-    return sigma.reshape(-1, *([1] * (like.ndim - 1))) if sigma.ndim else sigma
+    """A scalar or ``[B]`` level broadcastable to ``like``, in ``like``'s dtype (float64 in the exact tests)."""
+    return _per_sample(sigma, like, dtype=like.dtype)
 
 
 def _ambient_scale(sigma_s: Tensor, sigma_e: Tensor) -> tuple[Tensor, Tensor]:

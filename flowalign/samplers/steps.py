@@ -64,9 +64,9 @@ class StepOutput:
     model_output: Tensor | None = None
 
 
-def _per_sample(level: float | Tensor, like: Tensor) -> Tensor:
-    """A scalar or ``[B]`` noise level as a float32 tensor broadcastable to ``like`` (``[B, 1, ...]``)."""
-    level = torch.as_tensor(level, dtype=torch.float32, device=like.device)
+def _per_sample(level: float | Tensor, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A scalar or ``[B]`` noise level as a ``dtype`` (float32) tensor broadcastable to ``like`` (``[B, 1, ...]``)."""
+    level = torch.as_tensor(level, dtype=dtype, device=like.device)
     if level.ndim == like.ndim and level.shape[1:] == (1,) * (like.ndim - 1):
         return level
     if level.ndim == 0:

@@ -114,7 +114,7 @@ def noise_levels(
     low, high = span
     u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in gens])
     if floor is not None:
-        low = torch.clamp(torch.clamp(floor.to(u) + AMBIENT_GAP, min=low), max=high)
+        low = torch.clamp(floor.to(u) + AMBIENT_GAP, min=low, max=high)
     u = low + (high - low) * u
     path = model.path
     if model.kind == "flow":
@@ -193,10 +193,10 @@ class DMDRecipe(Recipe):
         # FSDP: the copies are sharded like the student, each holding its own shards (with a LoRA student the
         # fake score's frozen base is a second set of shards, 1/N of the base per process).
         self.sharded = config.train.sharding == "fsdp"
-        shard = (lambda m: shard_denoiser(m, model.device.type, acc.num_processes)) if self.sharded else None
-        for copied in (self.teacher, self.fake) if self.sharded else ():
-            if copied is not None:
-                shard(copied)
+        if self.sharded:
+            for copied in (self.teacher, self.fake):
+                if copied is not None:
+                    self._shard(copied)
         fake = self.fake
         self.discriminating = d.gan_weight > 0 or d.divergence != "rkl"
         self.head, self._seen = None, {}
@@ -209,7 +209,7 @@ class DMDRecipe(Recipe):
             width = self._feature_width()
             self.head = DiscriminatorHead(width).to(model.device)
             if self.sharded:
-                shard(self.head)
+                self._shard(self.head)
         self.fake_params = [p for p in fake.parameters() if p.requires_grad]
         self.fake_params += list(self.head.parameters()) if self.head is not None else []
         o = config.optim
@@ -224,6 +224,10 @@ class DMDRecipe(Recipe):
             self.fake, self.fake_optimizer = acc.prepare(fake, optimizer)
         if d.init is not None:
             self._start_from(Path(d.init))
+
+    def _shard(self, module: nn.Module) -> None:
+        """Shard ``module`` over the processes like the student (``train.sharding: fsdp``)."""
+        shard_denoiser(module, self.ctx.model.device.type, self.ctx.accelerator.num_processes)
 
     def _start_from(self, checkpoint: Path) -> None:
         """``dmd.init``: the student's weights and the fake score (with its discriminator) of an earlier dmd

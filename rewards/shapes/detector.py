@@ -440,10 +440,8 @@ def detect_batch(images: Tensor, min_confidence: float = MIN_CONFIDENCE) -> list
     possible = object_sized if min_confidence > 0 else np.ones(n_components, dtype=bool)
     # Per colour code, by label (0: background): whether the label is an object-sized component of that code.
     label_code = np.array(component_code)
-    object_of_code = {
-        code: np.concatenate([[False], object_sized]) & (label_code == code)
-        for code in set(component_code[1:])
-    }
+    label_object = np.concatenate([[False], object_sized])
+    object_of_code = {code: label_object & (label_code == code) for code in set(component_code[1:])}
     candidates = np.flatnonzero(possible)
     if candidates.size == 0:
         return results

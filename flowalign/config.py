@@ -299,6 +299,12 @@ class DMDConfig:
     teacher's and the fake score's predictions are moved back to its level, and the fake score learns from
     the noisy states by RTDMD's ambient target. After the student's last step the state is its sample (plain
     DMD).
+    ``consistency_weight``: the fake score's consistency regulariser (flow models; Daras et al. 2023; RTDMD's
+    AC-DMD cold start: 0.01), added to its denoising loss: its x0-prediction at each noised input should be
+    the mean of its x0-predictions after a stochastic move of that input to a level up to
+    ``consistency_gap`` lower (RTDMD: 200 of 1000 timesteps, 0.2), by the two-sample estimator. The move is
+    the flow's reverse Markov step (``consistency_eta: null``), under which the exact denoiser is
+    consistent, or CPS at a fixed ``consistency_eta`` (RTDMD: 0.9), under which it is not. 0: off.
     """
 
     real_guidance: float = 1.5
@@ -320,6 +326,9 @@ class DMDConfig:
     ratio_bins: int = 10
     gan_layer: str | None = None
     ambient: bool = False
+    consistency_weight: float = 0.0
+    consistency_gap: float = 0.2
+    consistency_eta: float | None = None
 
 
 @dataclass
@@ -801,6 +810,24 @@ def _check_dmd(config: Config, fail) -> None:
             "dmd.ambient",
             "matches the states between a multi-step student's steps; a one-step student's only state is its "
             "sample (plain DMD): use sampling.steps >= 2 or remove dmd.ambient",
+        )
+    if not (math.isfinite(k.consistency_weight) and k.consistency_weight >= 0):
+        fail(
+            "dmd.consistency_weight",
+            f"must be a finite number >= 0 (0: no consistency regulariser; RTDMD: 0.01), got {k.consistency_weight}",
+        )
+    if not (math.isfinite(k.consistency_gap) and 0.001 <= k.consistency_gap <= 1):
+        fail(
+            "dmd.consistency_gap",
+            f"must be a noise-level gap in [0.001, 1] (RTDMD: 0.2), got {k.consistency_gap}",
+        )
+    if k.consistency_eta is not None and not (
+        math.isfinite(k.consistency_eta) and 0 <= k.consistency_eta <= 1
+    ):
+        fail(
+            "dmd.consistency_eta",
+            f"must be in [0, 1] (CPS's noise fraction; RTDMD: 0.9) or null (the flow's posterior step), "
+            f"got {k.consistency_eta}",
         )
     if k.reward_margin is not None and not math.isfinite(k.reward_margin):
         fail("dmd.reward_margin", f"must be a finite number or null (no hinge), got {k.reward_margin}")

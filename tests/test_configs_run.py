@@ -177,6 +177,7 @@ FILES = {
         f"reward.identity.args.embedder_path={get('identity_videos')[1]}",
     ],
     "dmd/sd35m_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
+    "dmd/sd35m_4step_acdmd.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dmd/sdxl_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dpo/sd15_diffusion_dpo.yaml": lambda get: [f"dpo.pairs={get('pair_file')}"],
     "dpo/sd35m_flow_dpo_online.yaml": _geneval_mask2former,

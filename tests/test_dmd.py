@@ -326,3 +326,83 @@ def test_ac_dmd_moves_a_misplaced_state_onto_the_teachers_marginal_at_its_level(
         loss.backward()
         optimizer.step()
     assert torch.allclose(m.detach(), (1 - s) * mu, atol=1e-6)
+
+
+def _gaussian_denoiser(mu: float, c: float, slope: float = 1.0):
+    """The x0-prediction of data N(mu, c^2) on the flow path, E[x0 | x_t] = mu + k_t (x_t - (1 - t) mu) with
+    k_t = (1 - t) c^2 / ((1 - t)^2 c^2 + t^2); ``slope`` != 1 mis-scales k_t (a wrong denoiser)."""
+
+    def h(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        k = (1 - t) * c**2 / ((1 - t) ** 2 * c**2 + t**2)
+        return mu + slope * k * (x - (1 - t) * mu)
+
+    return h
+
+
+def test_the_consistency_step_is_cps_at_a_fixed_eta_and_the_flows_posterior_without():
+    """With ``eta`` it is flow_sde_step's CPS step (RTDMD's transition); without, its noise is the flow's
+    reverse Markov step's, std = s sigma_ts / t, and at s = 0 it lands on the prediction."""
+    from flowalign.algorithms.dmd import consistency_step
+    from flowalign.samplers.steps import flow_sde_step
+
+    gen = torch.Generator().manual_seed(0)
+    x_t, x0, z = (torch.randn(3, 2, 4, generator=gen) for _ in range(3))
+    t, s = torch.tensor([0.8, 0.5, 0.3]), torch.tensor([0.6, 0.49, 0.1])
+    velocity = (x_t - x0) / t.view(-1, 1, 1)
+    cps = flow_sde_step(velocity, x_t, t, s, dynamics="cps", noise_level=0.9, noise=z).prev_sample
+    assert torch.allclose(consistency_step(x_t, x0, t, s, z, eta=0.9), cps, atol=1e-6)
+    a = (1 - t) / (1 - s)
+    std = (s * (t**2 - a**2 * s**2).sqrt() / t).view(-1, 1, 1)
+    eps_hat = (x_t - (1 - t.view(-1, 1, 1)) * x0) / t.view(-1, 1, 1)
+    mean = (1 - s.view(-1, 1, 1)) * x0 + (s.view(-1, 1, 1) ** 2 - std**2).sqrt() * eps_hat
+    assert torch.allclose(consistency_step(x_t, x0, t, s, z), mean + std * z, atol=1e-6)
+    assert torch.equal(consistency_step(x_t, x0, t, torch.tensor([0.6, 0.49, 0.0]), z)[2], x0[2])
+
+
+@pytest.mark.parametrize("t,s", [(0.8, 0.6), (0.5, 0.3), (0.3, 0.1), (0.9, 0.05)])
+def test_the_exact_denoiser_is_consistent_under_the_posterior_step_and_not_under_cps(t, s):
+    """Data N(0.7, 0.5^2): the exact x0-prediction h is linear, so E[h(x_s, s) | x_t] = h(E[x_s | x_t], s), and
+    E[x_s | x_t] is the step with zero noise. Under the flow's posterior step it equals h(x_t, t) to 1e-12 (the
+    martingale property Daras et al. build on); under RTDMD's CPS at eta 0.9 it does not (drift above 0.01)."""
+    from flowalign.algorithms.dmd import consistency_loss, consistency_step
+
+    h = _gaussian_denoiser(0.7, 0.5)
+    x_t = torch.linspace(-2, 2, 9, dtype=torch.float64).view(9, 1)
+    level_t, level_s = torch.full((9,), t, dtype=torch.float64), torch.full((9,), s, dtype=torch.float64)
+    anchor = h(x_t, t)
+    zero = torch.zeros_like(x_t)
+    posterior = h(consistency_step(x_t, anchor, level_t, level_s, zero), s)
+    assert (posterior - anchor).abs().max() < 1e-12
+    assert float(consistency_loss(anchor, posterior, posterior)) < 1e-24
+    cps = h(consistency_step(x_t, anchor, level_t, level_s, zero, eta=0.9), s)
+    assert (cps - anchor).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("eta", [None, 0.9])
+def test_the_two_sample_consistency_estimator_is_unbiased(eta):
+    """A wrong denoiser (k_t scaled by 0.6) on Gaussian data: averaged over independent pairs of moves, the
+    two-sample estimator equals the squared drift ||h(E[x_s | x_t], s) - h(x_t, t)||^2 computed in closed form
+    (within 4 standard errors of 400k pairs), and the one-sample MSE exceeds it by the moves' variance,
+    (slope k_s std)^2."""
+    from flowalign.algorithms.dmd import consistency_loss, consistency_step
+
+    t, s, n = 0.5, 0.2, 400_000
+    h = _gaussian_denoiser(0.7, 0.5, slope=0.6)
+    gen = torch.Generator().manual_seed(1)
+    x_t = torch.full((n, 1), 2.0, dtype=torch.float64)
+    level_t, level_s = torch.full((n,), t, dtype=torch.float64), torch.full((n,), s, dtype=torch.float64)
+    anchor = h(x_t, t)
+    z1, z2 = (torch.randn(n, 1, generator=gen, dtype=torch.float64) for _ in range(2))
+    first = h(consistency_step(x_t, anchor, level_t, level_s, z1, eta), s)
+    second = h(consistency_step(x_t, anchor, level_t, level_s, z2, eta), s)
+    drift = float(h(consistency_step(x_t[:1], anchor[:1], level_t[:1], level_s[:1], torch.zeros(1, 1), eta), s)
+                  - anchor[0])  # fmt: skip
+    products = (first - anchor) * (second - anchor)
+    estimate, error = float(consistency_loss(anchor, first, second)), float(products.std()) / math.sqrt(n)
+    assert abs(estimate - drift**2) < 4 * error
+    a = (1 - t) / (1 - s)
+    std = s * math.sqrt(t**2 - a**2 * s**2) / t if eta is None else s * math.sin(eta * math.pi / 2)
+    k_s = 0.6 * (1 - s) * 0.25 / ((1 - s) ** 2 * 0.25 + s**2)
+    one_sample = float(consistency_loss(anchor, first))
+    assert one_sample == pytest.approx(drift**2 + (k_s * std) ** 2, rel=0.02)
+    assert abs(drift) > 0.05  # the planted error is visible

@@ -154,6 +154,9 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
         (["train.mixed_precision=fp16"], "train.mixed_precision"),
         (["dmd.reward_margin=0.9"], "dmd.reward_margin"),
         (["dmd.ambient=true"], "dmd.ambient"),
+        (["dmd.consistency_weight=-1"], "dmd.consistency_weight"),
+        (["dmd.consistency_gap=0"], "dmd.consistency_gap"),
+        (["dmd.consistency_eta=1.5"], "dmd.consistency_eta"),
     ],
 )
 def test_bad_dmd_settings_name_their_key(overrides, key):
@@ -706,3 +709,65 @@ def test_ac_dmd_matches_each_state_at_its_level_and_needs_a_flow_model(tmp_path)
     with pytest.raises(ValueError, match="dmd.ambient.*diffusion"):
         run_training(_config("configs/dmd/tiny_sd.yaml", tmp_path / "sd", "sampling.steps=2", "dmd.ambient=true"),
                      DMDRecipe())  # fmt: skip
+
+
+def test_the_fake_scores_consistency_term_moves_its_inputs_down_and_keeps_micro_batching_exact(tmp_path):
+    """``dmd.consistency_weight``: each fake-score input at level t is moved twice, with independent noises, to
+    one lower level t - delta (delta in steps of 0.001 up to ``dmd.consistency_gap``, at least 0) from the
+    fake score's own detached x0-prediction there, which is the estimator's anchor (with gradient); the update
+    is the same with micro-batches of one sample; a diffusion model is refused naming the key."""
+    from flowalign.algorithms.dmd import consistency_loss, consistency_step
+    from flowalign.train import dmd as dmd_module
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    steps, losses = [], []
+
+    def recording_step(x_t, x0, level, to, noise, eta=None):
+        steps.append((x_t.clone(), x0.clone(), level.clone(), to.clone(), noise.clone(), eta))
+        return consistency_step(x_t, x0, level, to, noise, eta)
+
+    def recording_loss(anchor, first, second):
+        losses.append((anchor, first, second))
+        return consistency_loss(anchor, first, second)
+
+    overrides = [
+        "train.steps=1",
+        "dmd.fake_updates=1",
+        "dmd.consistency_weight=0.5",
+        "dmd.consistency_gap=0.05",
+    ]
+    patch = pytest.MonkeyPatch()
+    patch.setattr(dmd_module, "consistency_step", recording_step)
+    patch.setattr(dmd_module, "consistency_loss", recording_loss)
+    try:
+        result = run_training(
+            _config("configs/dmd/tiny_sd3.yaml", tmp_path / "rec", *overrides, "train.micro_batch_size=1"),
+            DMDRecipe(),
+        )
+    finally:
+        patch.undo()
+    assert math.isfinite(result.last_metrics["loss_consistency"])
+    assert len(steps) == 2 * 2 and len(losses) == 2  # two samples, each moved twice
+    for i, (anchor, first, second) in enumerate(losses):
+        assert anchor.requires_grad and first.requires_grad and second.requires_grad
+        a, b = steps[2 * i], steps[2 * i + 1]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+        assert torch.equal(a[1], anchor.detach()) and torch.equal(b[1], anchor.detach())
+        assert not torch.equal(a[4], b[4]), "the two moves have independent noises"
+        level, to = float(a[2][0]), float(a[3][0])
+        assert to >= 0 and (
+            to == 0 or round((level - to) * 1000, 3) == pytest.approx(round((level - to) * 1000))
+        )
+        assert 0 < level - to <= 0.05 + 1e-6 and a[5] is None
+    common = ["train.checkpoint_every=1", *overrides]
+    train(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "whole", *common))
+    train(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "micro", "train.micro_batch_size=1", *common))
+    a = load_file(str(tmp_path / "whole" / "checkpoints" / "step-000001" / "recipe.safetensors"))
+    b = load_file(str(tmp_path / "micro" / "checkpoints" / "step-000001" / "recipe.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), key
+    with pytest.raises(ValueError, match="dmd.consistency_weight.*diffusion"):
+        run_training(
+            _config("configs/dmd/tiny_sd.yaml", tmp_path / "sd", "dmd.consistency_weight=0.01"), DMDRecipe()
+        )

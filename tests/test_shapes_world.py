@@ -447,6 +447,25 @@ def test_shipped_prompt_files_match_the_generator(splits, tmp_path):
     assert write_splits(splits, tmp_path / "again")["test"].read_text() == (ASSETS / "test.jsonl").read_text()
 
 
+def test_shipped_captions_are_the_pretraining_distribution_over_train_and_test_prompts(splits, tmp_path):
+    """assets/shapes/prompts/captions.jsonl is what its command writes: captions drawn like the teacher's
+    pretraining stream, every one a train or test prompt up to phrasing (both splits covered), none unseen."""
+    from flowalign.worlds.shapes.data import main as captions_main
+
+    captions_main(["--out", str(tmp_path / "captions.jsonl")])
+    assert (tmp_path / "captions.jsonl").read_text() == (ASSETS / "captions.jsonl").read_text()
+    captions = load_prompts(ASSETS / "captions.jsonl")
+    keys = {canonical_key(m) for m in captions}
+    train, test = ({canonical_key(m) for m in getattr(splits, n)} for n in ("train", "test"))
+    assert len(captions) == 2048 and keys <= train | test and keys & train and keys & test
+    assert not keys & {canonical_key(m) for m in splits.unseen}
+    assert {m["tag"] for m in captions} == set(TASKS)
+    for bad in ("zero", "0"):
+        with pytest.raises(SystemExit):
+            captions_main(["--out", str(tmp_path / "x.jsonl"), "--count", bad])
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_load_prompts_names_the_bad_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     good = json.dumps(

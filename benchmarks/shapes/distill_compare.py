@@ -10,6 +10,13 @@ to the teacher's. Writes ``results.md``, ``results.json`` and ``overall.png`` un
 
     python benchmarks/shapes/distill_compare.py --students dmd2=runs/a/checkpoints/step-000451 \\
         js=runs/b/checkpoints/step-000451 --baseline dmd2 --student-steps 4 --out benchmarks/results/x
+
+A student benchmarked earlier under the same protocol can stand in as a row from its committed per-image
+verdicts, ``--stored NAME=DIR`` with ``{split}`` in ``DIR`` (its ``results.json``, e.g.
+``benchmarks/results/shapes_dmd_4step_full_regression/{split}/student_4step``), when its checkpoint is gone.
+Such a row is paired like the others (same prompts, same per-image seeds); it has no diversity or scene
+statistics (its images are not stored). The protocol is checked: the teacher's verdicts regenerated here must
+equal the ones stored next to it (``DIR/../teacher``), image for image.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from flowalign.eval.geneval import (  # noqa: E402
     run_geneval,
     write_report,
 )
-from flowalign.eval.stats import paired_comparison  # noqa: E402
+from flowalign.eval.stats import Verdicts, benchmark_stats, paired_comparison  # noqa: E402
 from flowalign.models import load_model  # noqa: E402
 
 
@@ -46,6 +53,14 @@ def student_model(path: str):
     else:
         model.load_lora(path)
     return model
+
+
+def stored_verdicts(path: Path) -> Verdicts:
+    """The per-image verdicts of a committed benchmark folder (its ``results.json``)."""
+    images = json.loads((path / "results.json").read_text())["images"]
+    return Verdicts.from_images(
+        [r["prompt_index"] for r in images], [r["tag"] for r in images], [r["correct"] for r in images]
+    )
 
 
 def main() -> None:
@@ -61,17 +76,30 @@ def main() -> None:
     parser.add_argument("--teacher-guidance", type=float, default=1.5)
     parser.add_argument("--splits", nargs="+", default=["test", "unseen"], choices=sorted(SPLITS))
     parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (smoke runs)")
+    parser.add_argument(
+        "--stored", nargs="*", default=[], metavar="NAME=DIR",
+        help="students benchmarked earlier, from their committed verdicts (DIR with {split}; module docstring)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if any("=" not in spec for spec in args.students):
         sys.exit(f"--students takes NAME=PATH pairs, got {args.students}")
     students = dict(spec.split("=", 1) for spec in args.students)
+    if any("=" not in spec or "{split}" not in spec for spec in args.stored):
+        sys.exit(f"--stored takes NAME=DIR pairs with {{split}} in DIR, got {args.stored}")
+    stored = dict(spec.split("=", 1) for spec in args.stored)
+    if set(stored) & (set(students) | {"teacher"}):
+        sys.exit(
+            f"--stored: names {sorted(stored)} must differ from the teacher's and --students' {sorted(students)}"
+        )
     if "teacher" in students:
         sys.exit("--students: 'teacher' names the teacher's row; call the student something else")
     if args.student_sigmas is not None and len(args.student_sigmas) != args.student_steps:
         sys.exit(f"--student-sigmas: {args.student_steps} steps need {args.student_steps} sigmas")
-    if args.baseline not in students:
-        sys.exit(f"--baseline {args.baseline!r} is not one of --students {sorted(students)}")
+    if args.baseline not in students and args.baseline not in stored:
+        sys.exit(
+            f"--baseline {args.baseline!r} is not one of --students / --stored {sorted(students | stored)}"
+        )
     torch.manual_seed(0)
     command = "python " + " ".join(sys.argv)
     out: dict = {"command": command, "students": students, "splits": {}}
@@ -95,18 +123,28 @@ def main() -> None:
             report.model = {"model": "shapes", kind: path} if path else {"model": "shapes"}
             write_report(report, args.out / split / name, command=command)
             reports[name] = report
+        verdicts = {name: report.verdicts for name, report in reports.items()}
+        for name, folder in stored.items():
+            folder = Path(folder.format(split=split))
+            teacher_then = stored_verdicts(folder.parent / "teacher")
+            if not np.array_equal(teacher_then.correct, verdicts["teacher"].correct):
+                sys.exit(f"--stored {name}: the teacher's verdicts in {folder.parent / 'teacher'} differ from the "
+                         "ones regenerated here: a different protocol or judge, so its rows cannot be paired")  # fmt: skip
+            verdicts[name] = stored_verdicts(folder)
         rng = np.random.default_rng(0)
         teacher_stats = scene_statistics(reports["teacher"].records)
         rows = {}
-        for name, report in reports.items():
-            s = report.stats.overall
-            row = {"steps": runs[name][1], "overall": report.summary.overall, "interval": [s.low, s.high],
-                   "diversity": diversity(report, rng)}  # fmt: skip
-            stats = scene_statistics(report.records)
-            row["tv_to_teacher"] = {k: total_variation(teacher_stats[k], stats[k]) for k in stats}
+        for name, verdict in verdicts.items():
+            s = benchmark_stats(verdict).overall
+            row = {"steps": runs[name][1] if name in runs else args.student_steps, "overall": s.estimate,
+                   "interval": [s.low, s.high], "stored": stored.get(name)}  # fmt: skip
+            if name in reports:
+                row["diversity"] = diversity(reports[name], rng)
+                stats = scene_statistics(reports[name].records)
+                row["tv_to_teacher"] = {k: total_variation(teacher_stats[k], stats[k]) for k in stats}
             for other, key in (("teacher", "minus_teacher"), (args.baseline, "minus_baseline")):
                 if name != other and (other == "teacher" or name != "teacher"):
-                    d = paired_comparison(reports[other].verdicts, report.verdicts).overall
+                    d = paired_comparison(verdicts[other], verdict).overall
                     row[key] = [d.estimate, d.low, d.high]
             rows[name] = row
         out["splits"][split] = rows
@@ -118,11 +156,16 @@ def main() -> None:
         ]
         for name, r in rows.items():
             cell = lambda v: f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" if v else "—"  # noqa: E731
-            tv = r["tv_to_teacher"]
+            tv = r.get("tv_to_teacher")
+            tv = (
+                f"{tv['objects']:.3f} / {tv['color']:.3f} / {tv['shape']:.3f} / {tv['cell']:.3f}"
+                if tv
+                else "— (stored)"
+            )
+            spread = diversity_cell(r["diversity"]) if "diversity" in r else "— (stored)"
             lines.append(
                 f"| {name} | {r['steps']} | {r['overall']:.3f} [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}] "
-                f"| {cell(r.get('minus_teacher'))} | {cell(r.get('minus_baseline'))} | {diversity_cell(r['diversity'])} "
-                f"| {tv['objects']:.3f} / {tv['color']:.3f} / {tv['shape']:.3f} / {tv['cell']:.3f} |"
+                f"| {cell(r.get('minus_teacher'))} | {cell(r.get('minus_baseline'))} | {spread} | {tv} |"
             )
         lines.append("")
     lines += [

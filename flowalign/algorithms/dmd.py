@@ -34,7 +34,8 @@ a level ``e > s`` (:func:`ambient_noised`), the teacher and the fake score predi
 are moved back to level ``s`` (:func:`flow_step_to`) and their difference is the DMD direction at ``x_s``.
 The fake score learns the student's marginal at ``e`` from noisy data by the ambient velocity target
 (:func:`ambient_velocity_target`), whose regression gives the velocity of the marginal at ``e`` exactly. At
-``s = 0`` all three reduce to plain DMD.
+``s = 0`` all three reduce to plain DMD. RTDMD's cold start regularises that fake score to be consistent
+along its own sampler (:func:`consistency_loss`).
 
 The discriminator of DMD2's GAN term is trained with the non-saturating losses
 :func:`gan_discriminator_loss` / :func:`gan_generator_loss` (DMD2 ``sd_guidance.py``: ``softplus``).
@@ -56,6 +57,8 @@ __all__ = [
     "ambient_loss_weight",
     "ambient_noised",
     "ambient_velocity_target",
+    "consistency_loss",
+    "consistency_step",
     "dmd_gradient",
     "dmd_loss",
     "f_divergence_weight",
@@ -164,6 +167,53 @@ def flow_step_to(x_t: Tensor, x0: Tensor, sigma_t: Tensor | float, sigma_to: Ten
     with its CPS sampler, here deterministic like the student's own steps); at ``sigma_to = 0`` it is ``x0``."""
     t, to = _level(sigma_t, x_t), _level(sigma_to, x_t)
     return x0 + (to / t) * (x_t - x0)
+
+
+def consistency_step(
+    x_t: Tensor,
+    x0: Tensor,
+    sigma_t: Tensor | float,
+    sigma_s: Tensor | float,
+    noise: Tensor,
+    eta: float | None = None,
+) -> Tensor:
+    """One stochastic flow move of ``x_t`` (level ``t``) to level ``s < t`` along the x0-prediction ``x0``:
+    ``(1 - s) x0 + sqrt(s^2 - std^2) eps_hat + std noise`` with ``eps_hat = (x_t - (1 - t) x0) / t``.
+
+    ``eta=None``: ``std = s sigma_ts / t`` (``sigma_ts^2 = t^2 - a^2 s^2``, ``a = (1 - t) / (1 - s)``), the
+    flow's reverse Markov step (DDPM's posterior ``q(x_s | x_t, x0)``): under it the exact denoiser is
+    consistent (:func:`consistency_loss` is 0; tested on Gaussians). ``eta``: CPS with ``std = s sin(eta pi /
+    2)``, RTDMD's transition (``scheduler_transition_step``, ``cps_eta`` 0.9), equal to
+    :func:`flowalign.samplers.steps.flow_sde_step`'s ``cps`` step. Deviation from RTDMD's default: CPS at a
+    fixed ``eta`` is not the reverse process, and the exact denoiser is not consistent under it (at ``eta``
+    0.9 the exact x0-prediction of data N(0.7, 0.5^2) drifts by 0.01 to 0.1 per move in the tests), so the
+    regulariser pulls the fake score away from the student's true denoiser."""
+    t, s = _level(sigma_t, x_t), _level(sigma_s, x_t)
+    if eta is None:
+        _, sigma_ts = _ambient_scale(s, t)
+        std = torch.where(s > 0, s * sigma_ts / t, torch.zeros_like(s))
+    else:
+        std = s * math.sin(eta * math.pi / 2)
+    eps_hat = (x_t - (1 - t) * x0) / t
+    return (1 - s) * x0 + torch.sqrt(torch.clamp(s**2 - std**2, min=0)) * eps_hat + std * noise
+
+
+def consistency_loss(anchor_x0: Tensor, x0_1: Tensor, x0_2: Tensor | None = None) -> Tensor:
+    """The fake score's consistency regulariser (Daras et al. 2023, "Consistent Diffusion Models", Eq. 5;
+    RTDMD ``ac_dmd_trainer.py`` ``_compute_consistency_loss``): a denoiser ``h`` is consistent when its
+    x0-prediction is a martingale along its own sampler, ``E[h(x_s, s) | x_t] = h(x_t, t)`` for ``s < t``.
+
+    ``anchor_x0``: ``h(x_t, t)``; ``x0_1``, ``x0_2``: ``h`` at two independent stochastic moves of ``x_t`` to
+    the same level ``s`` (RTDMD: one CPS step with the anchor's detached prediction). The two-sample estimator
+
+        mean((x0_1 - anchor_x0) * (x0_2 - anchor_x0))
+
+    is unbiased for ``mean(||E[h(x_s, s) | x_t] - h(x_t, t)||^2)`` (tested on Gaussians) and can be negative;
+    without ``x0_2`` it is the non-negative but biased one-sample MSE (RTDMD's other option)."""
+    anchor = anchor_x0.float()
+    first = x0_1.float() - anchor
+    second = first if x0_2 is None else x0_2.float() - anchor
+    return (first * second).flatten(1).mean(dim=1).mean()
 
 
 def fake_score_loss(velocity: Tensor, x0: Tensor, noise: Tensor) -> Tensor:

@@ -62,6 +62,8 @@ from flowalign.algorithms.dmd import (
     ambient_loss_weight,
     ambient_noised,
     ambient_velocity_target,
+    consistency_loss,
+    consistency_step,
     dmd_loss,
     f_divergence_weight,
     flow_step_to,
@@ -180,11 +182,13 @@ class DMDRecipe(Recipe):
                 f"{[name for name, (r, _) in ctx.reward.parts.items() if not r.differentiable]} are not: set "
                 "dmd.reward_beta=0 and use dmd.policy_weight (RTDMD's policy gradient) for them."
             )
-        if ctx.config.dmd.ambient and ctx.model.kind != "flow":
-            raise ValueError(
-                f"dmd.ambient (AC-DMD) moves states along a flow path; the {ctx.model.family} model is a "
-                f"{ctx.model.kind} model: remove dmd.ambient."
-            )
+        d = ctx.config.dmd
+        for key, used in (("ambient", d.ambient), ("consistency_weight", d.consistency_weight > 0)):
+            if used and ctx.model.kind != "flow":
+                raise ValueError(
+                    f"dmd.{key} moves noisy inputs along a flow path; the {ctx.model.family} model is a "
+                    f"{ctx.model.kind} model: remove dmd.{key}."
+                )
         if ctx.config.dmd.policy_weight > 0:
             ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
         super().setup(ctx)
@@ -410,8 +414,10 @@ class DMDRecipe(Recipe):
             real_index = self._pool_draw(step, purpose + "_real", batch.group_ids)
             real_cond = model.encode([self.pairs[0][i] for i in real_index.tolist()], cfg=False)
             real_t = model.path.noised(self.pairs[2][real_index].to(x0.device), level, eps)
+        if d.consistency_weight > 0:  # the moves' levels and noises, drawn for the whole batch
+            moves = self._consistency_moves(step, purpose, batch.group_ids, x_t, level)
         micro = chunks(n, ctx.config.train.micro_batch_size)
-        total, disc = 0.0, 0.0
+        total, disc, consistent = 0.0, 0.0, 0.0
         for m, part in enumerate(micro):
             with routed(model, self.fake), ctx.clock("forward"):
                 out = model.predict(x_t[part], timestep[part], cond.select(part), 1.0)
@@ -428,6 +434,13 @@ class DMDRecipe(Recipe):
                 gan = gan_discriminator_loss(self._logits(), fake_logits)
                 loss = loss + d.gan_disc_weight * gan
                 disc += gan.item() * (part.stop - part.start) / n
+            if d.consistency_weight > 0:
+                anchor = model.path.x0_from_output(out, x_t[part], level[part])
+                consistency = self._consistency(
+                    anchor, x_t[part], level[part], [move[part] for move in moves], cond.select(part)
+                )
+                loss = loss + d.consistency_weight * consistency
+                consistent += consistency.item() * (part.stop - part.start) / n
             share = (part.stop - part.start) / n
             with self._gradient_sync(m == len(micro) - 1), ctx.clock("backward"):
                 acc.backward(loss * share)
@@ -439,7 +452,37 @@ class DMDRecipe(Recipe):
         metrics = {"loss_fake": total, "fake_grad_norm": float(norm)}
         if self.discriminating:
             metrics["loss_gan_disc"] = disc
+        if d.consistency_weight > 0:
+            metrics["loss_consistency"] = consistent
         return metrics
+
+    def _consistency_moves(self, step: int, purpose: str, group_ids: Tensor, x_t: Tensor, level: Tensor):
+        """For the consistency regulariser: each sample's lower level ``max(0, level - delta)``, ``delta`` in
+        steps of 0.001 up to ``dmd.consistency_gap`` (RTDMD: integer timesteps up to 200 of 1000), and two
+        independent noises for the moves there; ``[to, timestep, noise_1, noise_2]``, drawn per sample."""
+        ctx, gap = self.ctx, self.ctx.config.dmd.consistency_gap
+        gens = ctx.sample_generators(step, purpose + "_consistency", group_ids)
+        most = max(1, round(gap * 1000))
+        delta = torch.cat([torch.randint(1, most + 1, (1,), generator=g, device=g.device) for g in gens])
+        to = torch.clamp(level - delta.to(level) / 1000, min=0)
+        noises = [randn(x_t.shape, gens, x_t.device) for _ in range(2)]
+        return [to, ctx.model.path.timestep(to), *noises]
+
+    def _consistency(self, anchor: Tensor, x_t: Tensor, level: Tensor, moves: list[Tensor], cond) -> Tensor:
+        """The fake score's consistency loss (:func:`flowalign.algorithms.dmd.consistency_loss`) at its
+        x0-prediction ``anchor`` (with gradient) of its input ``x_t`` at ``level``: both moves start from
+        ``x_t`` with the anchor's detached prediction (RTDMD's ``consistency_stopgrad_transitions``), and the
+        fake score predicts again at each, with gradient."""
+        model, d = self.ctx.model, self.ctx.config.dmd
+        to, timestep, *noises = moves
+        x0s = []
+        for noise in noises:
+            with torch.no_grad():
+                moved = consistency_step(x_t, anchor.detach(), level, to, noise, d.consistency_eta)
+            with routed(model, self.fake), self.ctx.clock("forward"):
+                out = model.predict(moved, timestep, cond, 1.0)
+            x0s.append(model.path.x0_from_output(out, moved, to))
+        return consistency_loss(anchor, *x0s)
 
     def _gradient_sync(self, sync: bool):
         """The context of a fake-score backward: without ``sync`` (a micro-batch before the last) the

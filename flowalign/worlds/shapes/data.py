@@ -15,8 +15,11 @@ it would have drawn.
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +40,14 @@ from flowalign.worlds.shapes.scene import Scene, render_scenes
 from rewards.geneval.scorer import TASKS
 from rewards.shapes.sprites import COLORS, SHAPES
 
-__all__ = ["SceneBatch", "SceneStream", "names_held_out_pair", "sample_training_prompt"]
+__all__ = [
+    "SceneBatch",
+    "SceneStream",
+    "main",
+    "names_held_out_pair",
+    "sample_training_prompt",
+    "write_captions",
+]
 
 _RELATIONS = ("left of", "right of", "above", "below")
 
@@ -137,3 +147,45 @@ class SceneStream:
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.rng.bit_generator.state = dict(state)
+
+
+def write_captions(path: str | Path, count: int, seed: int) -> list[dict[str, Any]]:
+    """Write ``count`` captions drawn like the pretraining stream's (:func:`sample_training_prompt`, uniform
+    tasks, random phrasing; never a held-out pair) as a GenEval metadata jsonl, and return them.
+
+    This is the teacher's caption distribution, whose support is the train and test splits: distilling on
+    it (as DMD2 distils on its teacher's training captions) shows the student every seen prompt, test
+    included, and still no unseen one."""
+    if count < 1:
+        raise ValueError(f"--count must be a positive number of captions, got {count}.")
+    rng = np.random.default_rng(seed)
+    captions = [sample_training_prompt(rng) for _ in range(count)]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in captions))
+    tmp.replace(out)
+    return captions
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m flowalign.worlds.shapes.data --out FILE [--count N] [--seed S]``."""
+    parser = argparse.ArgumentParser(
+        description="Write captions drawn from the shapes pretraining distribution."
+    )
+    parser.add_argument(
+        "--out", required=True, help="output jsonl, e.g. assets/shapes/prompts/captions.jsonl"
+    )
+    parser.add_argument("--count", type=int, default=2048, help="captions to draw (default: 2048)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the draw (default: 1)")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error(f"--count must be a positive number of captions, got {args.count}")
+    captions = write_captions(args.out, args.count, args.seed)
+    per_task = {t: sum(m["tag"] == t for m in captions) for t in TASKS}
+    distinct = len({m["prompt"] for m in captions})
+    print(f"{args.out}: {len(captions)} captions ({distinct} distinct phrasings) {per_task}")
+
+
+if __name__ == "__main__":
+    main()

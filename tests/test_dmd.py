@@ -357,6 +357,7 @@ def test_the_consistency_step_is_cps_at_a_fixed_eta_and_the_flows_posterior_with
     mean = (1 - s.view(-1, 1, 1)) * x0 + (s.view(-1, 1, 1) ** 2 - std**2).sqrt() * eps_hat
     assert torch.allclose(consistency_step(x_t, x0, t, s, z), mean + std * z, atol=1e-6)
     assert torch.equal(consistency_step(x_t, x0, t, torch.tensor([0.6, 0.49, 0.0]), z)[2], x0[2])
+    assert torch.equal(consistency_step(x0, x0, torch.zeros(3), torch.zeros(3), z), x0)  # a clean input stays
 
 
 @pytest.mark.parametrize("t,s", [(0.8, 0.6), (0.5, 0.3), (0.3, 0.1), (0.9, 0.05)])

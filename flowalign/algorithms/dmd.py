@@ -194,7 +194,7 @@ def consistency_step(
         std = torch.where(s > 0, s * sigma_ts / t, torch.zeros_like(s))
     else:
         std = s * math.sin(eta * math.pi / 2)
-    eps_hat = (x_t - (1 - t) * x0) / t
+    eps_hat = (x_t - (1 - t) * x0) / torch.clamp(t, min=1e-12)  # at t = 0, x_t = x0 and s = 0: the move is x0
     return (1 - s) * x0 + torch.sqrt(torch.clamp(s**2 - std**2, min=0)) * eps_hat + std * noise
 
 

@@ -3,7 +3,7 @@ divergences against DMD2 on the same budget, a reward-tilted student against the
 
 For every split, on the balanced benchmark protocol (every test / unseen prompt, every task on >= 96 images,
 the same per-image noise for every model): the teacher once (20 steps, guidance 1.5), then each student
-(its own step count, guidance 1.0); GenEval overall with its 95% interval, the paired difference to the
+(its own step count, guidance ``--student-guidance``, 1.0 by default); GenEval overall with its 95% interval, the paired difference to the
 teacher and to the ``--baseline`` student (paired bootstrap over prompts, same seeds), diversity (mean
 pairwise RMS pixel distance within a prompt) and the total-variation distance of detected scene statistics
 to the teacher's. Writes ``results.md``, ``results.json`` and ``overall.png`` under ``--out``.
@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="the student the others are compared with (paired)")
     parser.add_argument("--student-steps", type=int, required=True)
     parser.add_argument(
+        "--student-guidance", type=float, default=1.0, help="the students' CFG scale (default 1.0: CFG-free)"
+    )
+    parser.add_argument(
         "--student-sigmas", type=float, nargs="+", default=None,
         help="the students' own noise levels (sampling.sigmas of their training), one per step",
     )  # fmt: skip
@@ -112,7 +115,9 @@ def main() -> None:
         counts = balanced_images_per_prompt([p["tag"] for p in prompts], min_images_per_task=96)
         reports = {}
         runs = {"teacher": (teacher, args.teacher_steps, args.teacher_guidance)}
-        runs.update({name: (model, args.student_steps, 1.0) for name, model in models.items()})
+        runs.update(
+            {name: (model, args.student_steps, args.student_guidance) for name, model in models.items()}
+        )
         for name, (model, steps, guidance) in runs.items():
             report = run_geneval(
                 model, prompts, images_per_prompt=counts, steps=steps, guidance=guidance, resolution=32, seed=0,

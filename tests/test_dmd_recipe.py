@@ -166,7 +166,7 @@ def test_bad_dmd_settings_name_their_key(overrides, key):
 
 def test_regression_pairs_are_the_teachers_samples_and_vanish_for_a_student_equal_to_it(tmp_path):
     """DMD's regression term: the pool holds the teacher's ODE samples from stored noise (the same after a
-    restart), and a one-step student that is still the one-step teacher has exactly zero regression loss."""
+    restart), and a one-step student that is still the one-step teacher has zero regression loss (to rounding)."""
     from flowalign.samplers import generate
     from flowalign.train.dmd import DMDRecipe
     from flowalign.train.loop import run_training
@@ -175,7 +175,9 @@ def test_regression_pairs_are_the_teachers_samples_and_vanish_for_a_student_equa
                  "dmd.regression_pairs=6", "dmd.teacher_steps=1", "train.steps=1"]  # fmt: skip
     recipe = DMDRecipe()
     result = run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "a", *overrides), recipe)
-    assert result.last_metrics["loss_regression"] == 0.0
+    # zero up to float32 rounding: the pool's batch and the student's differ in layout, and on some CPUs
+    # (an AMD EPYC: 5.5e-15) matmuls round differently by batch size
+    assert result.last_metrics["loss_regression"] < 1e-12
     prompts, noise, targets = recipe.pairs
     assert len(prompts) == noise.shape[0] == targets.shape[0] == 6
     model = load_model("tiny-sd3")

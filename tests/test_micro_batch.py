@@ -1,7 +1,7 @@
 """Micro-batching with gradient accumulation (``train.micro_batch_size``) gives the update of one call.
 
 Every recipe's iteration runs once without micro-batching and once with micro-batches of one sample (or
-pair); the trained weights must agree to 1e-6. The optimizer is made sensitive to the gradient's scale
+pair); the trained weights must agree to 1e-5 (updates are ~0.5). The optimizer is made sensitive to the gradient's scale
 (Adam with ``eps`` far above the gradients is SGD with step ``lr / eps``, no clipping), so a micro-batch
 loss weighted wrongly (a sum where a mean belongs, a share forgotten) shows as a wrong update.
 """
@@ -106,5 +106,7 @@ def test_micro_batched_iteration_gives_the_unbatched_update(name, tmp_path):
     micro = _trained(name, tmp_path / "micro", 1, pairs)
     moved = max(float(v.abs().max()) for k, v in whole.items() if "lora_B" in k)
     assert moved > 1e-4, "the update must be large enough for the comparison to mean something"
+    # 1e-5 against updates of ~0.5 (a wrongly weighted micro-batch is off by the update's order): float32
+    # sums in other batch layouts differ by up to 2.6e-6 here on an AMD EPYC CPU (below 1e-6 on others).
     for key in whole:
-        torch.testing.assert_close(micro[key], whole[key], rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(micro[key], whole[key], rtol=0, atol=1e-5, msg=key)

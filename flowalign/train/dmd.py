@@ -176,24 +176,23 @@ class DMDRecipe(Recipe):
         self.fake = shared_copy(base) if model.has_lora else copy.deepcopy(base)
 
     def setup(self, ctx: TrainContext) -> None:
-        if ctx.config.dmd.reward_beta > 0 and not ctx.reward.differentiable:
+        d = ctx.config.dmd
+        if d.reward_beta > 0 and not ctx.reward.differentiable:
             raise ValueError(
                 "dmd.reward_beta tilts the teacher by differentiable rewards; "
                 f"{[name for name, (r, _) in ctx.reward.parts.items() if not r.differentiable]} are not: set "
                 "dmd.reward_beta=0 and use dmd.policy_weight (RTDMD's policy gradient) for them."
             )
-        d = ctx.config.dmd
         for key, used in (("ambient", d.ambient), ("consistency_weight", d.consistency_weight > 0)):
             if used and ctx.model.kind != "flow":
                 raise ValueError(
                     f"dmd.{key} moves noisy inputs along a flow path; the {ctx.model.family} model is a "
                     f"{ctx.model.kind} model: remove dmd.{key}."
                 )
-        if ctx.config.dmd.policy_weight > 0:
+        if d.policy_weight > 0:
             ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
         super().setup(ctx)
         model, config, acc = ctx.model, ctx.config, ctx.accelerator
-        d = config.dmd
         # FSDP: the copies are sharded like the student, each holding its own shards (with a LoRA student the
         # fake score's frozen base is a second set of shards, 1/N of the base per process).
         self.sharded = config.train.sharding == "fsdp"

@@ -7,14 +7,19 @@ differentiable reward (``shapes_match`` by default) with ReNO's settings (SGD lr
 gradient-norm clip 0.1, chi-norm regularizer 0.01). The exact GenEval judge (shapes detector) scores the
 best-so-far images at each checkpoint.
 
-Seconds are the wall time of the optimization alone (not the judging), per prompt. The models take turns
-batch by batch in one process, from the same prompts and initial noises, so machine load falls on both
-alike. The seconds at a checkpoint ``k`` are ``k / iterations`` of the total, each iteration costing the
-same (one rollout with gradient, and a backward pass except the last).
+``--min-images-per-task N`` optimizes several noises per prompt (image ``j`` of prompt ``i`` starts from the
+noise of ``flowalign bench``'s image ``j``) so that every task has at least ``N`` images, as the balanced
+benchmark does; by default each prompt has one.
+
+Seconds are the wall time of the optimization alone (not the judging), per image (one optimized noise).
+The models take turns batch by batch in one process, from the same prompts and initial noises, so machine
+load falls on both alike. The seconds at a checkpoint ``k`` are ``k / iterations`` of the total, each
+iteration costing the same (one rollout with gradient, and a backward pass except the last).
 
     python benchmarks/shapes/reno.py --out benchmarks/results/shapes_reno
     python benchmarks/shapes/reno.py --steps 4 --guidance 1.5 \\
-        --student runs/dmd_shapes_1step/checkpoints/step-000600 --student-steps 1 --out bench/reno_1step
+        --student runs/dmd_shapes_1step/checkpoints/step-000600 --student-steps 1 --min-images-per-task 32 \\
+        --out bench/reno_1step
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--student-steps", type=int, default=1)
     parser.add_argument("--student-guidance", type=float, default=1.0)
+    parser.add_argument(
+        "--min-images-per-task", type=int, default=0,
+        help="images per prompt so that every task has at least this many (flowalign bench's balanced protocol; "
+        "0: one image per prompt)",
+    )  # fmt: skip
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--reward", action="append", default=None, metavar="NAME[=WEIGHT]")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -81,6 +91,7 @@ def main() -> None:
     from torchvision.utils import save_image
 
     from flowalign.algorithms.noise_opt import optimize_noise
+    from flowalign.eval.geneval import balanced_images_per_prompt, image_seed
     from flowalign.eval.stats import Verdicts, benchmark_stats, paired_comparison
     from flowalign.models import load_model
     from flowalign.samplers import SamplingPlan, generate, seeded_generators
@@ -101,8 +112,13 @@ def main() -> None:
     checkpoints = tuple(k for k in (0, 10, 25, 50) if k <= args.iterations)
     for run in runs:
         run.verdicts = {k: [] for k in checkpoints}
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start : start + args.batch_size]
+    counts = balanced_images_per_prompt(
+        [p["tag"] for p in prompts], images_per_prompt=1, min_images_per_task=args.min_images_per_task
+    )
+    jobs = [(i, j) for i, count in enumerate(counts) for j in range(count)]  # prompt-major
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start : start + args.batch_size]
+        chunk = [prompts[i] for i, _ in batch]
         texts = [p["prompt"] for p in chunk]
 
         def reward_fn(images, texts=texts, chunk=chunk):
@@ -111,8 +127,7 @@ def main() -> None:
         for run in runs:  # the models take turns on each batch, from the same initial noise
             model = run.model
             cond = model.encode(texts, cfg=run.guidance > 1)
-            seeds = [args.seed * 100_003 + start + i for i in range(len(chunk))]
-            gens = seeded_generators(seeds, model.device)
+            gens = seeded_generators([image_seed(args.seed, i, j) for i, j in batch], model.device)
             noise = model.initial_noise(len(chunk), model.default_resolution, model.default_resolution, gens)
             plan = SamplingPlan.build(run.steps, sde="none", grad="all", checkpoint=False)
 
@@ -132,27 +147,29 @@ def main() -> None:
                 torch.stack([result.initial_images, result.best_images], dim=1).flatten(0, 1)
             )
 
-    # 95% intervals (flowalign.eval.stats): one image per prompt; the paired differences are against the same
+    # 95% intervals (flowalign.eval.stats); the paired differences are against the same
     # model's initial noise (iteration 0) and, with a student, student minus teacher on the same prompts.
     def judged(run: Run, k: int) -> Verdicts:
         v = run.verdicts[k]
-        return Verdicts.from_images(list(range(len(v))), [r.tag for r in v], [r.correct for r in v])
+        return Verdicts.from_images([i for i, _ in jobs], [r.tag for r in v], [r.correct for r in v])
 
     command = "python benchmarks/shapes/reno.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results: dict = {"command": command, "prompts": len(prompts), "iterations": args.iterations, "runs": {}}
-    lines = [f"Command: `{command}`", "", f"{len(prompts)} {args.split} prompts, one image each, {args.iterations} "
-             "iterations. Seconds: optimization wall time per prompt (not the judging), the models taking turns "
+    results: dict = {
+        "command": command, "prompts": len(prompts), "images": len(jobs), "iterations": args.iterations, "runs": {}
+    }  # fmt: skip
+    lines = [f"Command: `{command}`", "", f"{len(prompts)} {args.split} prompts, {len(jobs)} images, {args.iterations} "
+             "iterations. Seconds: optimization wall time per image (not the judging), the models taking turns "
              "batch by batch in one process.", ""]  # fmt: skip
     for run in runs:
         summaries = {k: summarize(v) for k, v in run.verdicts.items()}
         stats = {k: benchmark_stats(judged(run, k)) for k in checkpoints}
         gains = {k: paired_comparison(judged(run, 0), judged(run, k)) for k in checkpoints if k}
-        per_iteration = run.seconds / len(prompts) / args.iterations
+        per_iteration = run.seconds / len(jobs) / args.iterations
         save_image(torch.cat(run.before_after)[:64], out / f"before_after_{run.name}.png", nrow=8, padding=1)
         results["runs"][run.name] = {
             "steps": run.steps,
             "guidance": run.guidance,
-            "seconds_per_prompt": run.seconds / len(prompts),
+            "seconds_per_image": run.seconds / len(jobs),
             "accuracy": {
                 k: {"overall": s.overall, "tasks": s.task_accuracy, "stats": stats[k].as_json()}
                 for k, s in summaries.items()
@@ -162,8 +179,8 @@ def main() -> None:
         }
         tasks = list(summaries[0].task_accuracy)
         lines += [f"## {run.name}: {run.steps} steps, guidance {run.guidance}; "
-                  f"{run.seconds / len(prompts):.2f} s per prompt for {args.iterations} iterations", "",
-                  "| iterations | seconds per prompt | overall [95%] | gain over iteration 0 [paired 95%] | "
+                  f"{run.seconds / len(jobs):.2f} s per image for {args.iterations} iterations", "",
+                  "| iterations | seconds per image | overall [95%] | gain over iteration 0 [paired 95%] | "
                   "gain per second | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 5) + "|"]  # fmt: skip
         for k, s in summaries.items():
             o = stats[k].overall

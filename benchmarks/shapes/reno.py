@@ -50,12 +50,12 @@ class Run:
     seconds: float = 0.0
 
 
-def load_student(path: str):
-    """The shipped shapes model with a student's weights: a full fine-tuning checkpoint (``trainable.safetensors``)
-    or a LoRA directory."""
+def load_student(base: str, path: str):
+    """The teacher's model ``base`` with a student's weights: a full fine-tuning checkpoint
+    (``trainable.safetensors``) or a LoRA directory."""
     from flowalign.models import load_model
 
-    model = load_model("shapes")
+    model = load_model(base)
     if (Path(path) / "trainable.safetensors").is_file() or Path(path).suffix == ".safetensors":
         model.load_weights(path)
     else:
@@ -106,7 +106,8 @@ def main() -> None:
     guidance = teacher.default_guidance if args.guidance is None else args.guidance
     runs = [Run("teacher", teacher, args.steps, guidance)]
     if args.student:
-        runs.append(Run("student", load_student(args.student), args.student_steps, args.student_guidance))
+        student = load_student(args.model, args.student)
+        runs.append(Run("student", student, args.student_steps, args.student_guidance))
     reward = WeightedReward.from_specs(args.reward or ["shapes_match=1"], {})
     prompts = load_prompts(ROOT / "assets" / "shapes" / "prompts" / f"{args.split}.jsonl")[: args.max_prompts]
     checkpoints = tuple(k for k in (0, 10, 25, 50) if k <= args.iterations)

@@ -45,9 +45,9 @@ from flowalign.eval.stats import Verdicts, benchmark_stats, paired_comparison  #
 from flowalign.models import load_model  # noqa: E402
 
 
-def student_model(path: str):
-    """The shapes model with a student's LoRA directory or full fine-tuning checkpoint loaded."""
-    model = load_model("shapes")
+def student_model(path: str, base: str = "shapes"):
+    """The teacher's model ``base`` with a student's LoRA directory or full fine-tuning checkpoint loaded."""
+    model = load_model(base)
     if (Path(path) / "trainable.safetensors").is_file():
         model.load_weights(path)
     else:

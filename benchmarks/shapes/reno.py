@@ -50,19 +50,6 @@ class Run:
     seconds: float = 0.0
 
 
-def load_student(base: str, path: str):
-    """The teacher's model ``base`` with a student's weights: a full fine-tuning checkpoint
-    (``trainable.safetensors``) or a LoRA directory."""
-    from flowalign.models import load_model
-
-    model = load_model(base)
-    if (Path(path) / "trainable.safetensors").is_file() or Path(path).suffix == ".safetensors":
-        model.load_weights(path)
-    else:
-        model.load_lora(path)
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes")
@@ -106,7 +93,9 @@ def main() -> None:
     guidance = teacher.default_guidance if args.guidance is None else args.guidance
     runs = [Run("teacher", teacher, args.steps, guidance)]
     if args.student:
-        student = load_student(args.model, args.student)
+        from distill_compare import student_model  # benchmarks/shapes: the student on its teacher's model
+
+        student = student_model(args.student, base=args.model)
         runs.append(Run("student", student, args.student_steps, args.student_guidance))
     reward = WeightedReward.from_specs(args.reward or ["shapes_match=1"], {})
     prompts = load_prompts(ROOT / "assets" / "shapes" / "prompts" / f"{args.split}.jsonl")[: args.max_prompts]
@@ -166,6 +155,7 @@ def main() -> None:
         stats = {k: benchmark_stats(judged(run, k)) for k in checkpoints}
         gains = {k: paired_comparison(judged(run, 0), judged(run, k)) for k in checkpoints if k}
         per_iteration = run.seconds / len(jobs) / args.iterations
+        per_second = {k: g.overall.estimate / (k * per_iteration) for k, g in gains.items()}
         save_image(torch.cat(run.before_after)[:64], out / f"before_after_{run.name}.png", nrow=8, padding=1)
         results["runs"][run.name] = {
             "steps": run.steps,
@@ -176,7 +166,7 @@ def main() -> None:
                 for k, s in summaries.items()
             },
             "gain_over_iteration_0": {k: g.as_json() for k, g in gains.items()},
-            "gain_per_second": {k: g.overall.estimate / (k * per_iteration) for k, g in gains.items()},
+            "gain_per_second": per_second,
         }
         tasks = list(summaries[0].task_accuracy)
         lines += [f"## {run.name}: {run.steps} steps, guidance {run.guidance}; "
@@ -185,14 +175,13 @@ def main() -> None:
                   "gain per second | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 5) + "|"]  # fmt: skip
         for k, s in summaries.items():
             o = stats[k].overall
-            gain = per_second = ""
+            gain = rate = ""
             if k:
                 g = gains[k].overall
-                gain = f"{g.estimate:+.3f} [{g.low:+.3f}, {g.high:+.3f}]"
-                per_second = f"{g.estimate / (k * per_iteration):+.4f}"
+                gain, rate = f"{g.estimate:+.3f} [{g.low:+.3f}, {g.high:+.3f}]", f"{per_second[k]:+.4f}"
             lines.append(
                 f"| {k} | {k * per_iteration:.2f} | {s.overall:.3f} [{o.low:.3f}, {o.high:.3f}] | {gain} | "
-                f"{per_second} | " + " | ".join(f"{s.task_accuracy[t]:.3f}" for t in tasks) + " |"
+                f"{rate} | " + " | ".join(f"{s.task_accuracy[t]:.3f}" for t in tasks) + " |"
             )
         lines.append("")
     if args.student:

@@ -103,6 +103,27 @@ def test_checkpoint_holds_the_ema_lora_next_to_the_trained_one(tmp_path):
     assert norms(lora_ema) != norms(lora)
 
 
+def test_full_finetuning_checkpoint_holds_the_ema_under_the_denoisers_names(tmp_path):
+    """Without a LoRA the EMA is also written as trainable_ema.safetensors, which --weights loads."""
+    from flowalign.models import load_model
+
+    config = _config("configs/grpo/tiny_sd3.yaml", tmp_path, "train.steps=2", "model.lora_rank=0",
+                     "grpo.kl_beta=0", "train.ema_decay=0.5", "train.checkpoint_every=2")  # fmt: skip
+    train(config)
+    checkpoint = tmp_path / "checkpoints" / "step-000002"
+    trained = load_file(str(checkpoint / "trainable.safetensors"))
+    averaged = load_file(str(checkpoint / "trainable_ema.safetensors"))
+    shadows = load_file(str(checkpoint / "ema_ema.safetensors"))
+    model = load_model(config.model.path)
+    order = [name for name, _ in model.denoiser.named_parameters() if name in trained]  # the EMA's order
+    assert set(averaged) == set(trained) and len(shadows) == len(order)
+    assert all(torch.equal(averaged[name], shadows[str(i)]) for i, name in enumerate(order))
+    assert any(not torch.equal(averaged[name], trained[name]) for name in trained)
+    model.load_weights(checkpoint / "trainable_ema.safetensors")
+    own = model.denoiser.state_dict()
+    assert all(torch.equal(own[name], averaged[name]) for name in averaged)
+
+
 def test_first_update_is_on_policy_and_kl_starts_at_zero(tmp_path):
     seen = {}
 

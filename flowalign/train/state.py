@@ -181,7 +181,9 @@ def save_checkpoint(
 
     ``recipe``: a :class:`flowalign.train.recipe.Recipe` (its ``state_dict()`` is saved). With
     ``lora_saver``, ``lora/`` holds the trained LoRA and, when an ``ema`` is kept, ``lora_ema/`` the
-    averaged one (both in diffusers' LoRA format; ``lora_saver(directory, write)``).
+    averaged one (both in diffusers' LoRA format; ``lora_saver(directory, write)``). Without it (full
+    fine-tuning) an ``ema`` is also written as ``trainable_ema.safetensors``, named like
+    ``trainable.safetensors``, so that ``--weights`` loads the averaged denoiser evaluation used.
 
     Under FSDP (``sharded_module``: the sharded denoiser) every process calls this: shards are gathered
     into whole tensors (the optimizer state through ``torch.distributed.checkpoint``'s full state dict) and
@@ -190,6 +192,10 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
     params, ema_state = _cpu(named_params), _cpu(ema.state_dict()) if ema is not None else None
+    ema_named = None
+    if ema is not None and lora_saver is None:  # full fine-tuning: the EMA under the denoiser's names
+        index = {id(p): i for i, p in enumerate(ema.params)}
+        ema_named = {name: ema_state[str(index[id(p)])] for name, p in named_params.items()}
     recipe_state = _cpu(recipe.state_dict())
     if sharded_module is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -206,6 +212,8 @@ def save_checkpoint(
         save_file(params, str(tmp / "trainable.safetensors"))
         if ema_state is not None:
             save_file(ema_state, str(tmp / "ema_ema.safetensors"))
+        if ema_named is not None:  # what --weights <checkpoint>/trainable_ema.safetensors loads
+            save_file(ema_named, str(tmp / "trainable_ema.safetensors"))
         if recipe_state:
             save_file(recipe_state, str(tmp / "recipe.safetensors"))
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")

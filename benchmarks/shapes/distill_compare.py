@@ -33,7 +33,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distill_evidence import SPLITS, diversity, diversity_cell, scene_statistics, total_variation  # noqa: E402
+from distill_evidence import (  # noqa: E402
+    SPLITS,
+    diversity,
+    diversity_cell,
+    full_weights,
+    scene_statistics,
+    total_variation,
+)
 
 from flowalign.eval.geneval import (  # noqa: E402
     balanced_images_per_prompt,
@@ -46,9 +53,10 @@ from flowalign.models import load_model  # noqa: E402
 
 
 def student_model(path: str, base: str = "shapes"):
-    """The teacher's model ``base`` with a student's LoRA directory or full fine-tuning checkpoint loaded."""
+    """The teacher's model ``base`` with a student's LoRA directory, full fine-tuning checkpoint or weight file
+    (``<checkpoint>/trainable_ema.safetensors``) loaded."""
     model = load_model(base)
-    if (Path(path) / "trainable.safetensors").is_file():
+    if full_weights(path):
         model.load_weights(path)
     else:
         model.load_lora(path)
@@ -124,7 +132,7 @@ def main() -> None:
                 batch_size=64, progress=False, levels=None if name == "teacher" else args.student_sigmas,
             )  # fmt: skip
             path = students.get(name)
-            kind = "weights" if path and (Path(path) / "trainable.safetensors").is_file() else "lora"
+            kind = "weights" if path and full_weights(path) else "lora"
             report.model = {"model": "shapes", kind: path} if path else {"model": "shapes"}
             write_report(report, args.out / split / name, command=command)
             reports[name] = report

@@ -106,6 +106,13 @@ def seconds_per_image(model, prompts, steps, guidance, context, repeats, batch=6
     return times
 
 
+def full_weights(path: str | Path) -> bool:
+    """Whether ``path`` is a full fine-tuning checkpoint (``trainable.safetensors`` inside) or one of its
+    weight files (e.g. ``trainable_ema.safetensors``), rather than a LoRA directory."""
+    path = Path(path)
+    return path.suffix == ".safetensors" or (path / "trainable.safetensors").is_file()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -126,7 +133,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model("shapes")
     student_path = Path(args.student)
-    if (student_path / "trainable.safetensors").is_file():  # full fine-tuning: the base is the teacher
+    if full_weights(student_path):  # full fine-tuning: the base is the teacher
         teacher_model = load_model("shapes")
         model.load_weights(student_path)
     else:

@@ -128,7 +128,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", default=None,
         help="a full fine-tuning checkpoint (model.lora_rank: 0; <run>/checkpoints/step-N) to load into the "
-        "denoiser",
+        "denoiser, or one of its files (step-N/trainable_ema.safetensors: the EMA, with train.ema_decay)",
     )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

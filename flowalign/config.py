@@ -286,8 +286,13 @@ class DMDConfig:
     ``gan_weight``: DMD2's GAN term for the generator (non-saturating; DMD2: 1e-3 for SD1.5, 5e-3 for
     SDXL). Its discriminator is a small head on the fake score's features at ``gan_layer`` (None: the UNet's
     ``mid_block`` or the transformer's middle block), trained with the fake score (weight
-    ``gan_disc_weight``, DMD2's 1e-2) on the student's noised samples against the teacher's samples of the
-    ``regression_pairs`` pool ("real" data: the teacher's, so no dataset is needed).
+    ``gan_disc_weight``, DMD2's 1e-2) on the student's noised samples against "real" ones: by default the
+    teacher's samples of the ``regression_pairs`` pool (no dataset is needed), or with ``gan_real`` the
+    images of a dataset, as in DMD2 (real images let the student move past its teacher).
+    ``gan_real``: a jsonl of real (caption, image) pairs for the discriminator, one
+    ``{"prompt": ..., "image": "a.png"}`` per line, image paths relative to the file, RGB at the model's
+    resolution (``python -m flowalign.worlds.shapes.data --render PROMPTS`` writes one for the shapes world).
+    null: the teacher pool.
     ``divergence``: f-distill's weighting of the DMD gradient by ``h(r)`` of the density ratio the
     discriminator estimates (``rkl``: plain DMD; ``kl``, ``js``, ``sf``, ``neyman``, ``sh``, ``jf``; Xu et al.
     2025); anything but ``rkl`` trains the discriminator even with ``gan_weight: 0``. ``ratio_bins``: the
@@ -325,6 +330,7 @@ class DMDConfig:
     divergence: str = "rkl"
     ratio_bins: int = 10
     gan_layer: str | None = None
+    gan_real: str | None = None
     ambient: bool = False
     consistency_weight: float = 0.0
     consistency_gap: float = 0.2
@@ -798,11 +804,21 @@ def _check_dmd(config: Config, fail) -> None:
         fail("dmd.ratio_bins", f"must be >= 1, got {k.ratio_bins}")
     if (k.gan_weight > 0 or k.divergence != "rkl") and k.gan_disc_weight <= 0:
         fail("dmd.gan_disc_weight", "must be > 0: the GAN term and f-distill need a trained discriminator")
-    if (k.gan_weight > 0 or k.divergence != "rkl") and k.regression_pairs < 1:
+    discriminating = k.gan_weight > 0 or k.divergence != "rkl"
+    if discriminating and k.gan_real is None and k.regression_pairs < 1:
         fail(
             "dmd.regression_pairs",
-            "must be >= 1: the discriminator's real samples are this pool of teacher samples",
+            "must be >= 1: the discriminator's real samples are this pool of teacher samples (or name a dataset "
+            "of real images with dmd.gan_real)",
         )
+    if k.gan_real is not None and not discriminating:
+        fail(
+            "dmd.gan_real",
+            "names the discriminator's real images, and this run trains no discriminator: set dmd.gan_weight > 0 "
+            "or an f-divergence (dmd.divergence), or remove dmd.gan_real",
+        )
+    if k.gan_real is not None and not Path(k.gan_real).is_file():
+        fail("dmd.gan_real", f"{k.gan_real!r} is not a file (a jsonl of prompt/image pairs)")
     if not (math.isfinite(k.reward_beta) and k.reward_beta >= 0):
         fail("dmd.reward_beta", f"must be a finite number >= 0 (0: no reward tilt), got {k.reward_beta}")
     if k.ambient and config.sampling.steps < 2:

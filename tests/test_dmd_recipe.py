@@ -157,6 +157,9 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
         (["dmd.consistency_weight=-1"], "dmd.consistency_weight"),
         (["dmd.consistency_gap=0"], "dmd.consistency_gap"),
         (["dmd.consistency_eta=1.5"], "dmd.consistency_eta"),
+        (["dmd.gan_real=assets/shapes/prompts/train.jsonl"], "dmd.gan_real"),  # no discriminator to feed
+        (["dmd.gan_weight=1e-3", "dmd.gan_real=no/such/real.jsonl"], "dmd.gan_real"),
+        (["dmd.gan_weight=1e-3", "dmd.regression_pairs=0"], "dmd.regression_pairs"),
     ],
 )
 def test_bad_dmd_settings_name_their_key(overrides, key):
@@ -598,6 +601,47 @@ def test_the_discriminator_trains_with_the_fake_score_and_resumes_exactly(path, 
     assert abs(first["loss_gan_disc"] - 2 * math.log(2)) < 0.1
     assert "loss_regression" not in result.last_metrics and "f_weight_max" in result.last_metrics
     assert "loss_gan_gen" in result.last_metrics
+
+
+def test_the_discriminator_can_learn_from_real_images_instead_of_the_teacher(tmp_path):
+    """``dmd.gan_real`` (DMD2's real data): the discriminator's real side is the dataset's captions and its
+    images encoded by the model, exactly; no teacher pool is built when no regression asks for one; the head
+    starts unable to tell them from the student's samples (loss 2 log 2). A wrong-sized image is one error
+    naming the key, file and line."""
+    import json
+
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+    from flowalign.worlds.shapes.data import write_real_images
+
+    real = tmp_path / "data" / "real.jsonl"
+    assert write_real_images(ROOT / "assets/shapes/prompts/train.jsonl", real, per_prompt=1, seed=0) == 128
+    seen = {}
+
+    class Recording(DMDRecipe):
+        def _real_images(self):
+            seen["real"] = super()._real_images()
+            return seen["real"]
+
+    common = ["train.steps=1", "dmd.regression_weight=0", f"dmd.gan_real={real}"]
+    recipe = Recording()
+    run_training(_config("configs/dmd/tiny_sd3_fdistill.yaml", tmp_path / "run", *common), recipe)
+    captions, latents = seen["real"]
+    lines = [json.loads(line) for line in real.read_text().splitlines()]
+    assert captions == [line["prompt"] for line in lines] and recipe.pairs is None
+    from flowalign.data.prompts import load_image
+
+    model = load_model("tiny-sd3")
+    images = torch.stack([load_image(real.parent / line["image"]) for line in lines[:4]])
+    assert torch.allclose(latents[:4], model.encode_images(images), atol=1e-5)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss_gan_disc"] - 2 * math.log(2)) < 0.1
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(real.parent / "real_images" / "000003.png")
+    with pytest.raises(ValueError, match=r"dmd.gan_real: .*real.jsonl:4: 'real_images/000003.png' is 16x16"):
+        train(_config("configs/dmd/tiny_sd3_fdistill.yaml", tmp_path / "bad", *common))
 
 
 def test_micro_batching_leaves_the_update_unchanged(tmp_path):

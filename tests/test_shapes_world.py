@@ -466,6 +466,52 @@ def test_shipped_captions_are_the_pretraining_distribution_over_train_and_test_p
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_real_images_of_a_prompt_file_are_judged_correct_and_never_show_a_held_out_pair(splits, tmp_path):
+    """``--render PROMPTS``: K rendered scenes per prompt (DMD2's real data for ``dmd.gan_real``), each one
+    the exact detector and GenEval's rules judge correct for its prompt, none with a held-out (shape, colour)
+    pair; a prompt file naming a held-out pair is refused."""
+    from PIL import Image
+
+    from flowalign.worlds.shapes.data import main as data_main
+
+    out = tmp_path / "real.jsonl"
+    data_main(["--render", str(ASSETS / "train.jsonl"), "--per-prompt", "3", "--out", str(out)])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    by_prompt = {m["prompt"]: m for m in splits.train}
+    assert len(lines) == 3 * len(splits.train) and Counter(x["prompt"] for x in lines) == Counter(
+        {p: 3 for p in by_prompt}
+    )
+    held = set(UNSEEN_PAIRS)
+    for line in lines:
+        with Image.open(out.parent / line["image"]) as file:
+            image = torch.from_numpy(np.asarray(file.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        detections = detect(image)
+        assert evaluate(detections, by_prompt[line["prompt"]]).correct, line
+        assert not any((d.class_name, d.color) in held for d in detections)
+    with pytest.raises(SystemExit):
+        data_main(["--render", str(ASSETS / "unseen.jsonl"), "--out", str(tmp_path / "x.jsonl")])
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_shipped_real_images_are_what_their_command_writes(tmp_path):
+    """assets/shapes/real/train.jsonl (configs/dmd/shapes_1step_gan_real.yaml's real data) is the command's
+    output: the same lines and the same pixels."""
+    from PIL import Image
+
+    from flowalign.worlds.shapes.data import main as data_main
+
+    shipped = REPO / "assets/shapes/real/train.jsonl"
+    out = tmp_path / "train.jsonl"
+    data_main(
+        ["--render", str(ASSETS / "train.jsonl"), "--per-prompt", "8", "--seed", "0", "--out", str(out)]
+    )
+    assert out.read_text() == shipped.read_text()
+    for line in out.read_text().splitlines():
+        name = json.loads(line)["image"]
+        with Image.open(out.parent / name) as a, Image.open(shipped.parent / name) as b:
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
 def test_load_prompts_names_the_bad_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     good = json.dumps(

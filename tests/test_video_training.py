@@ -132,7 +132,7 @@ def test_bad_video_settings_are_one_line(tmp_path):
     Image.new("RGBA", (32, 32)).save(rgba)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a", "image": "rgba.png"}\n{"prompt": "b", "image": "rgba.png"}\n')
-    with pytest.raises(ValueError, match="rgba.png' is a RGBA image; conditioning images must be RGB"):
+    with pytest.raises(ValueError, match="rgba.png' is a RGBA image; it must be RGB"):
         train(_config("configs/grpo/tiny_wan_i2v.yaml", tmp_path / "d", f"data.train_prompts={prompts}"))
     prompts.write_text('{"prompt": "a", "image": "missing.png"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1: 'image' must name an existing image file"):

@@ -28,6 +28,7 @@ __all__ = [
     "GroupSampler",
     "PromptRecord",
     "condition_images",
+    "load_captioned_images",
     "load_image",
     "load_prompt_set",
     "read_jsonl",
@@ -116,13 +117,37 @@ def load_image(path: str | Path, where: str = "image") -> Tensor:
         with Image.open(path) as image:
             if image.mode != "RGB":
                 raise ValueError(
-                    f"{where}: {str(path)!r} is a {image.mode} image; conditioning images must be RGB (convert it: "
+                    f"{where}: {str(path)!r} is a {image.mode} image; it must be RGB (convert it: "
                     "Image.open(f).convert('RGB').save(f))."
                 )
             array = np.asarray(image, dtype=np.uint8).copy()
     except (FileNotFoundError, UnidentifiedImageError) as err:
         raise ValueError(f"{where}: cannot read {str(path)!r} as an image ({type(err).__name__}).") from None
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+
+
+def load_captioned_images(
+    path: str | Path, size: int, where: str = "dmd.gan_real"
+) -> tuple[list[str], Tensor]:
+    """The captions and images ``[N, 3, size, size]`` in ``[0, 1]`` of a jsonl of ``{"prompt": ...,
+    "image": "a.png"}`` lines (paths relative to the file). A missing field, an unreadable or non-RGB image
+    and an image of another size are each an error naming the file and line; nothing is resized."""
+    path = Path(path)
+    prompts, images = [], []
+    for number, item in read_jsonl(path):
+        if not isinstance(item.get("prompt"), str) or not isinstance(item.get("image"), str):
+            raise ValueError(f'{where}: {path}:{number}: each line needs string fields "prompt" and "image".')
+        image = load_image(path.parent / item["image"], f"{where}: {path}:{number}")
+        if tuple(image.shape[1:]) != (size, size):
+            raise ValueError(
+                f"{where}: {path}:{number}: {item['image']!r} is {image.shape[2]}x{image.shape[1]}; the model "
+                f"samples {size}x{size} (model.resolution): write the images at that size."
+            )
+        prompts.append(item["prompt"])
+        images.append(image)
+    if not images:
+        raise ValueError(f"{where}: {path} holds no images.")
+    return prompts, torch.stack(images)
 
 
 def condition_images(metadata: Sequence[Mapping[str, Any]], where: str = "data.train_prompts") -> Tensor:

@@ -13,7 +13,8 @@ Three networks share one frozen base:
 
 Options on top of DMD2's distribution matching: DMD's regression loss against a pool of the teacher's ODE
 samples (``dmd.regression_weight``); DMD2's GAN term, a discriminator head on the fake score's features
-trained with it against the same pool of teacher samples (``dmd.gan_weight``); f-distill's weighting of the
+trained with it against the same pool of teacher samples or, as in DMD2, a dataset of real captioned images
+(``dmd.gan_weight``, ``dmd.gan_real``); f-distill's weighting of the
 gradient by ``h(r)`` of the ratio that discriminator estimates (``dmd.divergence``). With
 ``dmd.reward_beta > 0`` the generator's loss is reward-tilted DMD
 (:func:`flowalign.algorithms.dmd.reward_tilted_dmd_loss`): the student's samples are decoded and scored by
@@ -207,8 +208,11 @@ class DMDRecipe(Recipe):
             fake.get_submodule(d.gan_layer or feature_layer(fake)).register_forward_hook(
                 lambda module, args, output: self._seen.__setitem__("features", output)
             )
-        self.pairs = self._regression_pairs() if d.regression_weight > 0 or self.discriminating else None
+        pool = d.regression_weight > 0 or (self.discriminating and d.gan_real is None)
+        self.pairs = self._regression_pairs() if pool else None
+        self.real = None  # the discriminator's real side: (captions, latents on the CPU)
         if self.discriminating:
+            self.real = self._real_images() if d.gan_real is not None else (self.pairs[0], self.pairs[2])
             width = self._feature_width()
             self.head = DiscriminatorHead(width).to(model.device)
             if self.sharded:
@@ -265,10 +269,12 @@ class DMDRecipe(Recipe):
     def _feature_width(self) -> int:
         """The feature width at the discriminator's layer, from one forward of the fake score."""
         model = self.ctx.model
-        _, noise, _ = self.pairs
-        cond = model.encode([self.pairs[0][0]], cfg=False)
+        captions, latents = self.real
+        cond = model.encode(captions[:1], cfg=False)
         with torch.no_grad(), routed(model, self.fake):
-            model.predict(noise[:1].to(model.device), torch.full((1,), 500.0, device=model.device), cond, 1.0)
+            model.predict(
+                latents[:1].to(model.device), torch.full((1,), 500.0, device=model.device), cond, 1.0
+            )
         return tokens(self._seen["features"]).shape[-1]
 
     def _logits(self) -> Tensor:
@@ -316,6 +322,19 @@ class DMDRecipe(Recipe):
                 )  # fmt: skip
             targets.append(out.final.cpu())
         return prompts, noise.cpu(), torch.cat(targets)
+
+    def _real_images(self) -> tuple[list[str], Tensor]:
+        """DMD2's real data for the discriminator (``dmd.gan_real``): the dataset's captions and its images
+        encoded to latents (the VAE's posterior mode), kept on the CPU."""
+        from flowalign.data.prompts import load_captioned_images
+
+        model, config = self.ctx.model, self.ctx.config
+        side = config.model.resolution or model.default_resolution
+        captions, images = load_captioned_images(config.dmd.gan_real, side)
+        with torch.no_grad():
+            parts = chunks(len(images), config.train.micro_batch_size or 64)
+            latents = torch.cat([model.encode_images(images[part]).cpu() for part in parts])
+        return captions, latents
 
     # ------------------------------------------------------------------ predictions
 
@@ -409,10 +428,13 @@ class DMDRecipe(Recipe):
             target = ambient_velocity_target(x0, state_level, level, eps)
         else:
             target = model.path.target(x0, eps, level)
-        if self.discriminating:  # the teacher's samples, noised at the same levels: the "real" side
-            real_index = self._pool_draw(step, purpose + "_real", batch.group_ids)
-            real_cond = model.encode([self.pairs[0][i] for i in real_index.tolist()], cfg=False)
-            real_t = model.path.noised(self.pairs[2][real_index].to(x0.device), level, eps)
+        if (
+            self.discriminating
+        ):  # the "real" side (teacher samples or dmd.gan_real), noised at the same levels
+            captions, latents = self.real
+            real_index = self._pool_draw(step, purpose + "_real", batch.group_ids, len(captions))
+            real_cond = model.encode([captions[i] for i in real_index.tolist()], cfg=False)
+            real_t = model.path.noised(latents[real_index].to(x0.device), level, eps)
         if d.consistency_weight > 0:  # the moves' levels and noises, drawn for the whole batch
             moves = self._consistency_moves(step, purpose, batch.group_ids, x_t, level)
         micro = chunks(n, ctx.config.train.micro_batch_size)
@@ -493,11 +515,10 @@ class DMDRecipe(Recipe):
             return contextlib.nullcontext()
         return contextlib.nullcontext() if sync else self.ctx.accelerator.no_sync(self.fake)
 
-    def _pool_draw(self, step: int, purpose: str, group_ids: Tensor) -> Tensor:
-        """One index into the teacher pool per sample, from that sample's generator (the same draw on 1 or N
-        processes)."""
+    def _pool_draw(self, step: int, purpose: str, group_ids: Tensor, size: int) -> Tensor:
+        """One index into a pool of ``size`` (the teacher's pairs, or the real images) per sample, from that
+        sample's generator (the same draw on 1 or N processes)."""
         gens = self.ctx.sample_generators(step, purpose, group_ids)
-        size = len(self.pairs[0])
         return torch.cat([torch.randint(size, (1,), generator=g, device=g.device) for g in gens]).cpu()
 
     def _f_weights(self, logits: Tensor, level: Tensor) -> Tensor:
@@ -550,7 +571,9 @@ class DMDRecipe(Recipe):
             level = torch.cat([lv for _, lv, _ in levels])
             weights = self._f_weights(torch.cat(logits), level) if logits else None
         pair_index = (
-            self._pool_draw(step, "regression_pair", batch.group_ids) if d.regression_weight > 0 else None
+            self._pool_draw(step, "regression_pair", batch.group_ids, len(self.pairs[0]))
+            if d.regression_weight > 0
+            else None
         )
         losses, regressions, rewards, gans = [], [], [], []
         for m, part in enumerate(micro):

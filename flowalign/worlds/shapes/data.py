@@ -47,6 +47,7 @@ __all__ = [
     "names_held_out_pair",
     "sample_training_prompt",
     "write_captions",
+    "write_real_images",
 ]
 
 _RELATIONS = ("left of", "right of", "above", "below")
@@ -168,17 +169,78 @@ def write_captions(path: str | Path, count: int, seed: int) -> list[dict[str, An
     return captions
 
 
+def write_real_images(prompts: str | Path, out: str | Path, per_prompt: int, seed: int) -> int:
+    """Render ``per_prompt`` correct scenes of every prompt of a GenEval metadata jsonl (:func:`sample_scene`,
+    held-out pairs never drawn as random colours) as PNGs next to ``out``, a jsonl of ``{"prompt", "image",
+    "tag"}`` lines: the shapes world's real (caption, image) pairs, e.g. for DMD2's discriminator
+    (``dmd.gan_real``). A prompt naming a held-out pair is refused. Returns the number of images."""
+    from PIL import Image
+
+    from flowalign.data.prompts import read_jsonl
+
+    if per_prompt < 1:
+        raise ValueError(f"--per-prompt must be a positive number of images, got {per_prompt}.")
+    prompts, out = Path(prompts), Path(out)
+    records = read_jsonl(prompts)
+    for number, metadata in records:
+        if "prompt" not in metadata or "include" not in metadata:
+            raise ValueError(f"{prompts}:{number}: not GenEval metadata (needs prompt and include).")
+        if names_held_out_pair(metadata):
+            raise ValueError(
+                f"{prompts}:{number}: {metadata['prompt']!r} names a held-out (shape, colour) pair; real images "
+                "of it would show the model what the unseen split tests."
+            )
+    rng, held = np.random.default_rng(seed), set(UNSEEN_PAIRS)
+    folder = out.parent / f"{out.stem}_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _, metadata in records:
+        for _ in range(per_prompt):
+            scene = sample_scene(metadata, rng)
+            while any((o.shape, o.color) in held for o in scene.objects):
+                scene = sample_scene(metadata, rng)
+            name = f"{len(lines):06d}.png"
+            pixels = (render_scenes([scene])[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name)
+            image = f"{folder.name}/{name}"
+            lines.append(
+                json.dumps({"prompt": metadata["prompt"], "image": image, "tag": metadata.get("tag")})
+            )
+    tmp = out.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(out)
+    return len(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m flowalign.worlds.shapes.data --out FILE [--count N] [--seed S]``."""
+    """``python -m flowalign.worlds.shapes.data --out FILE [--count N] [--seed S]``, or with ``--render
+    PROMPTS [--per-prompt K]`` real (caption, image) pairs of a prompt file."""
     parser = argparse.ArgumentParser(
-        description="Write captions drawn from the shapes pretraining distribution."
+        description="Write captions drawn from the shapes pretraining distribution, or (--render) real "
+        "(caption, image) pairs of a prompt file."
     )
     parser.add_argument(
         "--out", required=True, help="output jsonl, e.g. assets/shapes/prompts/captions.jsonl"
     )
     parser.add_argument("--count", type=int, default=2048, help="captions to draw (default: 2048)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the draw (default: 1)")
+    parser.add_argument(
+        "--render",
+        metavar="PROMPTS",
+        help="a GenEval metadata jsonl: write --per-prompt rendered scenes of each prompt instead of captions "
+        "(PNGs in OUT's folder <stem>_images/)",
+    )
+    parser.add_argument(
+        "--per-prompt", type=int, default=8, help="images per prompt with --render (default: 8)"
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        try:
+            count = write_real_images(args.render, args.out, args.per_prompt, args.seed)
+        except (ValueError, OSError) as err:
+            parser.error(str(err))
+        print(f"{args.out}: {count} images of the prompts of {args.render}")
+        return
     if args.count < 1:
         parser.error(f"--count must be a positive number of captions, got {args.count}")
     captions = write_captions(args.out, args.count, args.seed)

@@ -96,6 +96,18 @@ def sample_training_prompt(
             return metadata
 
 
+def _scene_without_held_out_pairs(
+    metadata: Mapping[str, Any], rng: np.random.Generator, unseen_pairs: Sequence[tuple[str, str]]
+) -> Scene:
+    """A scene of ``metadata`` (:func:`sample_scene`), redrawn while an object has a held-out (shape, colour)
+    pair as its random colour: exactly sampling those colours uniformly from the allowed ones."""
+    held = set(unseen_pairs)
+    while True:
+        scene = sample_scene(metadata, rng)
+        if not any((o.shape, o.color) in held for o in scene.objects):
+            return scene
+
+
 @dataclass
 class SceneBatch:
     """``B`` training pairs: ``images [B, 3, H, W]`` float32 in {0, 1}, their ``captions`` and metadata."""
@@ -126,11 +138,7 @@ class SceneStream:
 
     def sample(self) -> tuple[dict[str, Any], Scene]:
         metadata = sample_training_prompt(self.rng, self.task_weights, self.unseen_pairs)
-        held = set(self.unseen_pairs)
-        while True:
-            scene = sample_scene(metadata, self.rng)
-            if not any((o.shape, o.color) in held for o in scene.objects):
-                return metadata, scene
+        return metadata, _scene_without_held_out_pairs(metadata, self.rng, self.unseen_pairs)
 
     def next_batch(self, batch_size: int) -> SceneBatch:
         pairs = [self.sample() for _ in range(batch_size)]
@@ -190,15 +198,13 @@ def write_real_images(prompts: str | Path, out: str | Path, per_prompt: int, see
                 f"{prompts}:{number}: {metadata['prompt']!r} names a held-out (shape, colour) pair; real images "
                 "of it would show the model what the unseen split tests."
             )
-    rng, held = np.random.default_rng(seed), set(UNSEEN_PAIRS)
+    rng = np.random.default_rng(seed)
     folder = out.parent / f"{out.stem}_images"
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for _, metadata in records:
         for _ in range(per_prompt):
-            scene = sample_scene(metadata, rng)
-            while any((o.shape, o.color) in held for o in scene.objects):
-                scene = sample_scene(metadata, rng)
+            scene = _scene_without_held_out_pairs(metadata, rng, UNSEEN_PAIRS)
             name = f"{len(lines):06d}.png"
             pixels = (render_scenes([scene])[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / name)

@@ -83,7 +83,8 @@ def main() -> None:
         lines += [f"## {split}", "", "| seed pair | tuned minus base [95%] | images up / down |", "|---|---|---|"]
         for (base, tuned), diff, (up, down) in zip(pairs, result["per_seed"], result["flips"], strict=True):
             lines.append(f"| `{base.name}` -> `{tuned.name}` | {_cell(diff.overall)} | {up} / {down} |")
-        lines.append(f"| **mean over {len(pairs)} seeds** | **{_cell(pooled.overall)}** | |")
+        seeds = f"{len(pairs)} seed" + ("s" if len(pairs) > 1 else "")
+        lines.append(f"| **mean over {seeds}** | **{_cell(pooled.overall)}** | |")
         lines += ["", "| task | mean over seeds [95%] |", "|---|---|"]
         lines += [f"| {tag} | {_cell(i)} |" for tag, i in pooled.tasks.items()]
         lines.append("")

@@ -238,9 +238,11 @@ def test_the_student_lora_samples_with_its_own_step_count_in_the_stock_pipeline_
     assert code == 0 and out.is_file()
 
 
-def test_a_student_at_given_sigmas_samples_at_them_in_the_stock_pipeline_and_the_cli(tmp_path):
+def test_a_student_at_given_sigmas_samples_at_them_in_the_stock_pipeline_and_the_cli(tmp_path, capsys):
     """``sampling.sigmas``: the student trains and is evaluated at its own noise levels; the stock pipeline
-    with ``sigmas=`` and ``flowalign sample --sigmas`` draw what flowalign's sampler draws."""
+    with ``sigmas=`` and ``flowalign sample --sigmas`` draw what flowalign's sampler draws. Without
+    ``--steps`` / ``--sigmas`` / ``--guidance`` the CLI samples the student as it was distilled (said in one
+    line); another step count is used with a warning naming ``--steps``."""
     from flowalign.cli import main
     from flowalign.models.tiny import tiny_pipeline
     from flowalign.samplers import generate, seeded_generators
@@ -278,6 +280,19 @@ def test_a_student_at_given_sigmas_samples_at_them_in_the_stock_pipeline_and_the
         resolution=32, levels=[1.0, 0.4],
     ).images[0]  # fmt: skip
     assert code == 0 and (saved - first).abs().max() <= 1 / 255 + 1e-6  # one image: no grid padding
+    capsys.readouterr()
+    plain = tmp_path / "plain.png"  # no --sigmas, --steps or --guidance: the student's own settings
+    code = main(["sample", "--model", "tiny-sd3", "--lora", str(lora), "--prompt", "a red circle", "--num-images", "1",
+                 "--height", "32", "--width", "32", "--out", str(plain)])  # fmt: skip
+    said = capsys.readouterr().err
+    assert code == 0 and "is a 2-step DMD student" in said and "sampling it at --sigmas 1 0.4" in said
+    assert np.array_equal(np.array(Image.open(plain)), np.array(Image.open(out)))
+    other = tmp_path / "three.png"
+    code = main(["sample", "--model", "tiny-sd3", "--lora", str(lora), "--steps", "3", "--prompt", "a red circle",
+                 "--num-images", "1", "--height", "32", "--width", "32", "--out", str(other)])  # fmt: skip
+    said = capsys.readouterr().err
+    assert code == 0 and "warning: --steps 3:" in said and "distilled for 2 steps" in said
+    assert not np.array_equal(np.array(Image.open(other)), np.array(Image.open(out)))
 
 
 def test_given_timesteps_sample_as_the_stock_euler_scheduler_does():

@@ -35,7 +35,10 @@ def test_per_seed_differences_flips_and_their_mean(tmp_path):
     teacher = [True] * 8
     pairs = []
     for seed, (base, tuned) in enumerate(
-        [([0, 0, 1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 0, 1, 0, 1]), ([1, 0, 1, 0, 1, 0, 1, 0], [1, 0, 1, 0, 1, 0, 0, 0])]
+        [
+            ([0, 0, 1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 0, 1, 0, 1]),
+            ([1, 0, 1, 0, 1, 0, 1, 0], [1, 0, 1, 0, 1, 0, 0, 0]),
+        ]
     ):
         _write(tmp_path / f"s{seed}" / "teacher", teacher)
         pairs.append(

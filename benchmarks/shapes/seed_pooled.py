@@ -42,20 +42,24 @@ def _cell(interval) -> str:
 
 def pooled_split(pairs: list[tuple[Path, Path]]) -> dict:
     """Per-seed paired differences and their mean over seeds for one split's ``(base, tuned)`` folders."""
-    teachers = [stored_verdicts(folder.parent / "teacher") for pair in pairs for folder in pair]
-    for pair, teacher in zip([f for pair in pairs for f in pair], teachers, strict=True):
+    folders = [folder for pair in pairs for folder in pair]
+    teachers = [stored_verdicts(folder.parent / "teacher") for folder in folders]
+    for folder, teacher in zip(folders, teachers, strict=True):
         if not np.array_equal(teacher.correct, teachers[0].correct):
             raise ValueError(
-                f"--pair: the teacher's verdicts next to {pair} differ from those next to {pairs[0][0]}: "
+                f"--pair: the teacher's verdicts next to {folder} differ from those next to {folders[0]}: "
                 "not the same benchmark, so the seeds cannot be pooled"
             )
     verdicts = [(stored_verdicts(base), stored_verdicts(tuned)) for base, tuned in pairs]
     per_seed = [paired_comparison(base, tuned) for base, tuned in verdicts]
     pooled = pooled_gain(verdicts)
-    flips = [
-        (int((t.correct & ~b.correct).sum()), int((b.correct & ~t.correct).sum())) for b, t in verdicts
-    ]
-    return {"pairs": [[str(b), str(t)] for b, t in pairs], "per_seed": per_seed, "pooled": pooled, "flips": flips}
+    flips = [(int((t.correct & ~b.correct).sum()), int((b.correct & ~t.correct).sum())) for b, t in verdicts]
+    return {
+        "pairs": [[str(b), str(t)] for b, t in pairs],
+        "per_seed": per_seed,
+        "pooled": pooled,
+        "flips": flips,
+    }
 
 
 def main() -> None:
@@ -80,7 +84,12 @@ def main() -> None:
         except (ValueError, FileNotFoundError) as error:
             sys.exit(str(error))
         pooled = result["pooled"]
-        lines += [f"## {split}", "", "| seed pair | tuned minus base [95%] | images up / down |", "|---|---|---|"]
+        lines += [
+            f"## {split}",
+            "",
+            "| seed pair | tuned minus base [95%] | images up / down |",
+            "|---|---|---|",
+        ]
         for (base, tuned), diff, (up, down) in zip(pairs, result["per_seed"], result["flips"], strict=True):
             lines.append(f"| `{base.name}` -> `{tuned.name}` | {_cell(diff.overall)} | {up} / {down} |")
         seeds = f"{len(pairs)} seed" + ("s" if len(pairs) > 1 else "")

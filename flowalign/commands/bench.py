@@ -65,7 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="give the prompts of a task enough images for at least this many per task (default 96; 0: "
         "GenEval's uniform --images-per-prompt)",
     )
-    geneval.add_argument("--steps", type=int, default=None, help="ODE sampling steps (default: the model's)")
+    geneval.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="ODE sampling steps (default: the model's; a distilled student's own)",
+    )
     add_level_arguments(geneval)
     geneval.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     geneval.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
@@ -97,7 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     video.add_argument(
         "--videos-per-prompt", type=int, default=1, help="videos per prompt record (default 1)"
     )
-    video.add_argument("--steps", type=int, default=None, help="ODE sampling steps (default: the model's)")
+    video.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="ODE sampling steps (default: the model's; a distilled student's own)",
+    )
     video.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     video.add_argument("--seed", type=int, default=0, help="base seed of the per-video noise (default 0)")
     video.add_argument("--batch-size", type=int, default=32, help="videos per sampler call (default 32)")

@@ -153,6 +153,9 @@ def check_device(flag: str, value: str) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace):
+    """The model of ``--model`` with ``--weights`` / ``--lora`` loaded. A distilled student (a ``train.algorithm:
+    dmd`` checkpoint) samples by default at the steps, levels and guidance it was distilled for; other values
+    given on the command line are used, with a warning (:func:`fit_student_sampling`)."""
     from flowalign.models import load_model
 
     check_device("--device", args.device)
@@ -161,9 +164,73 @@ def load_model_from_args(args: argparse.Namespace):
     check_levels_fit(args, model)
     if getattr(args, "weights", None):
         model.load_weights(args.weights)
+        fit_student_sampling(args, "--weights", args.weights)
     if args.lora:
         model.load_lora(args.lora)
+        fit_student_sampling(args, "--lora", args.lora)
     return model
+
+
+def distilled_student(path: str | Path) -> dict | None:
+    """What a distilled student was trained to sample with, from its checkpoint's ``state.json`` (every
+    checkpoint holds its run's config): ``{"steps", "levels", "levels_flag", "guidance", "state"}`` for a
+    checkpoint of a ``train.algorithm: dmd`` run, given as the checkpoint directory, its ``lora/`` or
+    ``lora_ema/``, or one of its weight files. None for other runs and for a LoRA copied out of its checkpoint."""
+    import json
+
+    import yaml
+
+    path = Path(path)
+    state = path / "state.json" if (path / "state.json").is_file() else path.parent / "state.json"
+    if not state.is_file():
+        return None
+    try:
+        config = yaml.safe_load(json.loads(state.read_text()).get("config") or "") or {}
+    except (ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict) or (config.get("train") or {}).get("algorithm") != "dmd":
+        return None
+    sampling = config.get("sampling") or {}
+    flag = "--sigmas" if sampling.get("sigmas") else "--timesteps" if sampling.get("timesteps") else None
+    return {
+        "steps": sampling.get("steps"),
+        "levels": sampling.get("sigmas") or sampling.get("timesteps"),
+        "levels_flag": flag,
+        "guidance": sampling.get("guidance"),
+        "state": state,
+    }
+
+
+def fit_student_sampling(args: argparse.Namespace, flag: str, path: str) -> None:
+    """A distilled student samples at the step count, levels and guidance it was distilled for: they are the
+    defaults of ``--steps`` / ``--sigmas`` / ``--timesteps`` / ``--guidance``, said in one line. A step count
+    or levels given otherwise are kept, with one warning line, since the student was not trained for them
+    (e.g. a 4-step student at 1 step); another ``--guidance`` is a documented choice and kept silently."""
+    import sys
+
+    student = distilled_student(path)
+    if student is None or not student["steps"]:
+        return
+    steps, levels = student["steps"], student["levels"]
+    where = f"{flag} {path} is a {steps}-step DMD student (its run's sampling settings, {student['state']})"
+    shown = lambda values: " ".join(f"{v:g}" for v in values)  # noqa: E731
+    if getattr(args, "steps", None) is None and getattr(args, "levels", None) is None:
+        args.steps, args.levels = steps, (list(levels) if levels else None)
+        at = f"{student['levels_flag']} {shown(levels)}" if levels else f"--steps {steps}"
+        print(f"{where}: sampling it at {at}; pass --steps to choose otherwise.", file=sys.stderr)
+    elif args.steps != steps:
+        print(
+            f"warning: --steps {args.steps}: {where}, distilled for {steps} steps; at {args.steps} steps it "
+            "samples outside its training.",
+            file=sys.stderr,
+        )
+    elif levels and args.levels is not None and [float(v) for v in args.levels] != [float(v) for v in levels]:
+        print(
+            f"warning: {student['levels_flag']} {shown(args.levels)}: {where}, distilled at {shown(levels)}.",
+            file=sys.stderr,
+        )
+    if getattr(args, "guidance", None) is None and student["guidance"] is not None:
+        args.guidance = student["guidance"]
 
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:

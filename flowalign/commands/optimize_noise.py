@@ -49,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME.KEY=VALUE",
         help="reward constructor argument",
     )
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps of the generator (default 4)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps of the generator (default 4; a distilled student's own)",
+    )
     add_level_arguments(parser)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--iterations", type=int, default=50, help="optimization iterations (ReNO: 50)")
@@ -88,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     from rewards import WeightedReward, parse_reward_spec
 
     check_sampling_arguments(args)
-    args.steps = args.steps or 4
     check_device("--device", args.device)
     check_output_dir("--out", args.out)
     check_int("--iterations", args.iterations)
@@ -103,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         names = [n for n, (r, _) in reward.parts.items() if not r.differentiable]
         raise UsageError(f"noise optimization needs differentiable rewards; {names} are not.")
     model = load_model_from_args(args)
+    args.steps = args.steps or 4  # a distilled student's own count, set as it loads, comes first
     images = first_frames(args, model)
     if images is not None and args.resolution:
         raise UsageError("--resolution: a video has its first frame's size; resize the --image instead.")

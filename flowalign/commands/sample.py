@@ -28,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt (default 4)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default: the model's; a distilled student's own)",
+    )
     add_level_arguments(parser)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--height", type=int, default=None)

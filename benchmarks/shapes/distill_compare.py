@@ -40,6 +40,7 @@ from distill_evidence import (  # noqa: E402
     full_weights,
     scene_statistics,
     total_variation,
+    write_results,
 )
 
 from flowalign.eval.geneval import (  # noqa: E402
@@ -187,11 +188,8 @@ def main() -> None:
         "total-variation distance to the teacher's distribution of detected objects per image and of each "
         "object's colour, shape and 3x3 cell.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, out, lines)
     _plot(out, args.out / "overall.png")
-    print("\n".join(lines))
 
 
 def _plot(out: dict, path: Path) -> None:

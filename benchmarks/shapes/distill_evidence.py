@@ -240,9 +240,14 @@ def main() -> None:
         "TV: total-variation distance to the teacher's distribution of detected objects per image, and of the "
         "colour, shape and 3x3 position cell of each detected object.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, out, lines)
+
+
+def write_results(folder: Path, out: dict, lines: list[str]) -> None:
+    """``results.json`` (``out``) and ``results.md`` (``lines``) under ``folder``; the table is printed too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -21,7 +21,6 @@ image for image.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from distill_compare import stored_verdicts  # noqa: E402
+from distill_evidence import write_results  # noqa: E402
 
 from flowalign.eval.stats import paired_comparison, pooled_gain  # noqa: E402
 
@@ -107,10 +107,7 @@ def main() -> None:
         "Differences are paired bootstraps over prompts on the same images' seeds; the mean over seeds "
         "resamples the images jointly for every seed (`flowalign.eval.stats.pooled_gain`)."
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, out, lines)
 
 
 if __name__ == "__main__":

@@ -285,13 +285,18 @@ def test_a_student_at_given_sigmas_samples_at_them_in_the_stock_pipeline_and_the
     code = main(["sample", "--model", "tiny-sd3", "--lora", str(lora), "--prompt", "a red circle", "--num-images", "1",
                  "--height", "32", "--width", "32", "--out", str(plain)])  # fmt: skip
     said = capsys.readouterr().err
-    assert code == 0 and "is a 2-step DMD student" in said and "sampling it at --sigmas 1 0.4" in said
+    assert code == 0 and "is a 2-step DMD student" in said and "with --sigmas 1 0.4 --guidance 1;" in said
+    assert np.array_equal(np.array(Image.open(plain)), np.array(Image.open(out)))
+    code = main(["sample", "--model", "tiny-sd3", "--lora", str(lora), "--steps", "2", "--prompt", "a red circle",
+                 "--num-images", "1", "--height", "32", "--width", "32", "--out", str(plain)])  # fmt: skip
+    assert code == 0 and "with --sigmas 1 0.4" in capsys.readouterr().err  # its step count: its levels
     assert np.array_equal(np.array(Image.open(plain)), np.array(Image.open(out)))
     other = tmp_path / "three.png"
     code = main(["sample", "--model", "tiny-sd3", "--lora", str(lora), "--steps", "3", "--prompt", "a red circle",
                  "--num-images", "1", "--height", "32", "--width", "32", "--out", str(other)])  # fmt: skip
     said = capsys.readouterr().err
-    assert code == 0 and "warning: --steps 3:" in said and "distilled for 2 steps" in said
+    assert code == 0 and "warning: --steps 3:" in said and "2-step DMD student" in said
+    assert "with --guidance 1;" in said  # the guidance still defaults to the student's
     assert not np.array_equal(np.array(Image.open(other)), np.array(Image.open(out)))
 
 

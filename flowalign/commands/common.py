@@ -203,9 +203,10 @@ def distilled_student(path: str | Path) -> dict | None:
 
 def fit_student_sampling(args: argparse.Namespace, flag: str, path: str) -> None:
     """A distilled student samples at the step count, levels and guidance it was distilled for: they are the
-    defaults of ``--steps`` / ``--sigmas`` / ``--timesteps`` / ``--guidance``, said in one line. A step count
-    or levels given otherwise are kept, with one warning line, since the student was not trained for them
-    (e.g. a 4-step student at 1 step); another ``--guidance`` is a documented choice and kept silently."""
+    defaults of ``--steps`` / ``--sigmas`` / ``--timesteps`` / ``--guidance``, said in one line (``--steps``
+    equal to the student's takes its levels too). A step count or levels given otherwise are kept, with one
+    warning line, since the student was not trained for them (e.g. a 4-step student at 1 step); another
+    ``--guidance`` is a documented choice and kept silently."""
     import sys
 
     student = distilled_student(path)
@@ -214,23 +215,22 @@ def fit_student_sampling(args: argparse.Namespace, flag: str, path: str) -> None
     steps, levels = student["steps"], student["levels"]
     where = f"{flag} {path} is a {steps}-step DMD student (its run's sampling settings, {student['state']})"
     shown = lambda values: " ".join(f"{v:g}" for v in values)  # noqa: E731
-    if getattr(args, "steps", None) is None and getattr(args, "levels", None) is None:
+    chosen = []
+    if getattr(args, "levels", None) is None and getattr(args, "steps", None) in (None, steps):
         args.steps, args.levels = steps, (list(levels) if levels else None)
-        at = f"{student['levels_flag']} {shown(levels)}" if levels else f"--steps {steps}"
-        print(f"{where}: sampling it at {at}; pass --steps to choose otherwise.", file=sys.stderr)
+        chosen.append(f"{student['levels_flag']} {shown(levels)}" if levels else f"--steps {steps}")
     elif args.steps != steps:
-        print(
-            f"warning: --steps {args.steps}: {where}, distilled for {steps} steps; at {args.steps} steps it "
-            "samples outside its training.",
-            file=sys.stderr,
-        )
-    elif levels and args.levels is not None and [float(v) for v in args.levels] != [float(v) for v in levels]:
-        print(
-            f"warning: {student['levels_flag']} {shown(args.levels)}: {where}, distilled at {shown(levels)}.",
-            file=sys.stderr,
-        )
+        print(f"warning: --steps {args.steps}: {where}; at {args.steps} steps it samples outside its training.",
+              file=sys.stderr)  # fmt: skip
+    elif levels and [float(v) for v in args.levels] != [float(v) for v in levels]:
+        print(f"warning: {student['levels_flag']} {shown(args.levels)}: {where}, distilled at {shown(levels)}.",
+              file=sys.stderr)  # fmt: skip
     if getattr(args, "guidance", None) is None and student["guidance"] is not None:
         args.guidance = student["guidance"]
+        chosen.append(f"--guidance {args.guidance:g}")
+    if chosen:
+        print(f"{where}: sampling it with {' '.join(chosen)}; pass these options to choose otherwise.",
+              file=sys.stderr)  # fmt: skip
 
 
 def add_video_arguments(parser: argparse.ArgumentParser) -> None:

@@ -172,32 +172,30 @@ def load_model_from_args(args: argparse.Namespace):
 
 
 def distilled_student(path: str | Path) -> dict | None:
-    """What a distilled student was trained to sample with, from its checkpoint's ``state.json`` (every
-    checkpoint holds its run's config): ``{"steps", "levels", "levels_flag", "guidance", "state"}`` for a
+    """What a distilled student was trained to sample with, from the config its checkpoint was written with
+    (:func:`flowalign.config.saved_setting`): ``{"steps", "levels", "levels_flag", "guidance", "state"}`` for a
     checkpoint of a ``train.algorithm: dmd`` run, given as the checkpoint directory, its ``lora/`` or
     ``lora_ema/``, or one of its weight files. None for other runs and for a LoRA copied out of its checkpoint."""
-    import json
-
     import yaml
 
+    from flowalign.config import saved_setting
+
     path = Path(path)
-    state = path / "state.json" if (path / "state.json").is_file() else path.parent / "state.json"
-    if not state.is_file():
-        return None
+    checkpoint = path if (path / "state.json").is_file() else path.parent
     try:
-        config = yaml.safe_load(json.loads(state.read_text()).get("config") or "") or {}
-    except (ValueError, yaml.YAMLError):
+        if saved_setting(checkpoint, "train.algorithm") != "dmd":
+            return None
+        sigmas, timesteps = (saved_setting(checkpoint, f"sampling.{k}") for k in ("sigmas", "timesteps"))
+        steps, guidance = (saved_setting(checkpoint, f"sampling.{k}") for k in ("steps", "guidance"))
+    except (ValueError, yaml.YAMLError):  # a state.json that does not read: not a student's settings
         return None
-    if not isinstance(config, dict) or (config.get("train") or {}).get("algorithm") != "dmd":
-        return None
-    sampling = config.get("sampling") or {}
-    flag = "--sigmas" if sampling.get("sigmas") else "--timesteps" if sampling.get("timesteps") else None
+    levels = list(sigmas or timesteps or []) or None
     return {
-        "steps": sampling.get("steps"),
-        "levels": sampling.get("sigmas") or sampling.get("timesteps"),
-        "levels_flag": flag,
-        "guidance": sampling.get("guidance"),
-        "state": state,
+        "steps": steps,
+        "levels": levels,
+        "levels_flag": "--sigmas" if sigmas else "--timesteps" if timesteps else None,
+        "guidance": guidance,
+        "state": checkpoint / "state.json",
     }
 
 

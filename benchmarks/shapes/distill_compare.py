@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=["test", "unseen"], choices=sorted(SPLITS))
     parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (smoke runs)")
     parser.add_argument(
+        "--min-images-per-task", type=int, default=96, help="images per task at least (the balanced protocol)"
+    )
+    parser.add_argument(
         "--stored", nargs="*", default=[], metavar="NAME=DIR",
         help="students benchmarked earlier, from their committed verdicts (DIR with {split}; module docstring)",
     )  # fmt: skip
@@ -121,7 +124,9 @@ def main() -> None:
     models = {name: student_model(path) for name, path in students.items()}
     for split in args.splits:
         prompts = load_geneval_prompts(ROOT / SPLITS[split])[: args.max_prompts]
-        counts = balanced_images_per_prompt([p["tag"] for p in prompts], min_images_per_task=96)
+        counts = balanced_images_per_prompt(
+            [p["tag"] for p in prompts], min_images_per_task=args.min_images_per_task
+        )
         reports = {}
         runs = {"teacher": (teacher, args.teacher_steps, args.teacher_guidance)}
         runs.update(

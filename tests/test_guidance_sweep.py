@@ -39,3 +39,13 @@ def test_the_reference_must_be_swept(tmp_path):
     )
     assert run.returncode != 0
     assert "--reference 1.5 must be one of --scales" in run.stderr
+
+
+def test_a_scale_given_twice_is_refused(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--scales", "1.5", "1.5", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode != 0
+    assert "--scales: each scale once" in run.stderr

@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts (smoke runs)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if len(set(args.scales)) != len(args.scales):
+        sys.exit(f"--scales: each scale once; got {[f'{s:g}' for s in args.scales]}")
     if args.reference not in args.scales:
         sys.exit(f"--reference {args.reference:g} must be one of --scales {[f'{s:g}' for s in args.scales]}")
     torch.manual_seed(0)

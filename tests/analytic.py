@@ -198,3 +198,62 @@ class MixtureDistillation:
     def mode_weights(self, n: int = 20000) -> Tensor:
         with torch.no_grad():
             return self.mixture.mode_weights(self.student(torch.randn(n, 2)).double())
+
+
+def noised_kl_minimiser(beta: float, *, separation: float = 2.0, std: float = 0.3, t_range=(0.02, 0.98),
+                        levels: int = 96, grid: int = 4001) -> dict[str, float]:  # fmt: skip
+    """Where DMD's objective with a linear tilt stops, for two equal modes: the minimiser over two-mode students.
+
+    Teacher ``p = 0.5 N(-separation, std^2) + 0.5 N(+separation, std^2)`` on one axis (another axis with the
+    same Gaussian in every mode cancels from the KL), reward ``r(x) = x``. DMD's raw direction weighted by
+    ``(1 - t)^2 / t^2`` is the pathwise gradient of ``E_t KL(q_t || p_t)``, the KL of the flow-noised marginals
+    ``x_t = (1 - t) x + t eps`` with ``t ~ U(t_range)`` (the analytic test of ``dmd_gradient``), so DMD with
+    the tilt ``- beta E_q[r]`` descends ``F(q) = E_t KL(q_t || p_t) - beta E_q[r]``. Over students
+    ``q = w N(+separation + d_+, std^2) + (1 - w) N(-separation + d_-, std^2)``, this returns the minimiser's
+    rewarded-mode weight ``weight`` and shifts ``shift_plus`` / ``shift_minus``, next to the tilted target
+    ``p exp(beta r) / Z``'s: ``tilted_weight = 1 / (1 + exp(-2 beta separation))`` and shift ``beta std^2``.
+    ``E_t KL(q_t || p_t) < KL(q || p)`` (noise shrinks every KL), so the minimiser tilts further than the
+    target. KLs by quadrature on ``grid`` points, ``E_t`` by the midpoint rule on ``levels`` levels."""
+    dt = (t_range[1] - t_range[0]) / levels
+    t = (t_range[0] + dt * (torch.arange(levels, dtype=torch.float64) + 0.5))[:, None]
+    half = separation + 8 * std + 8
+    x = torch.linspace(-half, half, grid, dtype=torch.float64)[None]
+    dx = x[0, 1] - x[0, 0]
+    var = (1 - t) ** 2 * std**2 + t**2
+
+    def log_mixture(weight, mean_plus, mean_minus):
+        def log_normal(mean):
+            return -0.5 * (x - (1 - t) * mean) ** 2 / var - 0.5 * torch.log(2 * math.pi * var)
+
+        return torch.logaddexp(
+            torch.log(weight) + log_normal(mean_plus), torch.log1p(-weight) + log_normal(mean_minus)
+        )
+
+    log_p = log_mixture(torch.tensor(0.5, dtype=torch.float64), separation, -separation)
+    params = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # logit of w, d_+, d_-
+
+    def objective():
+        weight = torch.sigmoid(params[0])
+        log_q = log_mixture(weight, separation + params[1], -separation + params[2])
+        kl = (log_q.exp() * (log_q - log_p)).sum(1) * dx  # per level
+        mean = weight * (separation + params[1]) + (1 - weight) * (-separation + params[2])
+        return kl.mean() - beta * mean
+
+    optimizer = torch.optim.LBFGS([params], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                  line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure():
+        optimizer.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    params = params.detach()
+    return {
+        "weight": torch.sigmoid(params[0]).item(),
+        "shift_plus": params[1].item(),
+        "shift_minus": params[2].item(),
+        "tilted_weight": 1 / (1 + math.exp(-2 * beta * separation)),
+        "tilted_shift": beta * std**2,
+    }

@@ -15,6 +15,9 @@ DMD plus ``policy_weight`` x Flow-GRPO's loss of the reward r(x) = x_0. Prints t
   tilts further because noise shrinks every KL.
 
     python benchmarks/dmd/mode_tilt.py --steps 800
+
+With several ``--seeds``, a last table gives each beta's mean over seeds of the second-half means, with a
+95% Student-t interval over seeds.
 """
 
 from __future__ import annotations
@@ -60,8 +63,10 @@ def main() -> None:
         "\n| beta | seed | rewarded-mode weight after | its mean over the second half | its mode's mean moved by | tilted target: weight / shift"
         " | minimiser of F: weight / shift |\n|---|---|---|---|---|---|---|"
     )
+    pooled = []
     for beta in args.betas:
         best = noised_kl_minimiser(beta)
+        means = []
         for seed in args.seeds:
             run = copy.deepcopy(toy)
             torch.manual_seed(seed)
@@ -81,6 +86,28 @@ def main() -> None:
                 f"{best['weight']:.3f} / {best['shift_plus']:+.3f} |",
                 flush=True,
             )
+            means.append(sum(late) / len(late))
+        pooled.append((beta, means, best))
+    if len(args.seeds) > 1:
+        print("\n| beta | seeds | second-half mean over seeds [95% t interval] | tilted target | minimiser of F |")
+        print("|---|---|---|---|---|")
+        for beta, means, best in pooled:
+            low, mean, high = t_interval(means)
+            print(
+                f"| {beta:g} | {len(means)} | {mean:.3f} [{low:.3f}, {high:.3f}] | {best['tilted_weight']:.3f} | "
+                f"{best['weight']:.3f} |"
+            )
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """The mean and its two-sided 95% Student-t interval over ``values`` (one per seed), clipped to [0, 1]."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
+    return max(0.0, mean - half), mean, min(1.0, mean + half)
 
 
 if __name__ == "__main__":

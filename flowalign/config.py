@@ -339,12 +339,19 @@ class DMDConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW for the trained weights. The learning rate warms up linearly over ``warmup_steps`` optimizer
+    steps and decays over the run's ``train.steps`` iterations by ``schedule`` (``constant``, ``linear`` or
+    ``cosine``) to ``min_lr_ratio * lr`` (:mod:`flowalign.train.lr_schedule`). DMD's fake score has its own
+    optimizer at ``dmd.fake_lr``, constant."""
+
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -609,6 +616,15 @@ def validate(config: Config, where: str = "config", sources: dict[str, str] | No
         fail(
             "optim.warmup_steps",
             f"must be >= 0 (optimizer steps of linear warmup), got {config.optim.warmup_steps}",
+        )
+    from flowalign.train.lr_schedule import SCHEDULES
+
+    if config.optim.schedule not in SCHEDULES:
+        fail("optim.schedule", f"must be one of {', '.join(SCHEDULES)}, got {config.optim.schedule!r}")
+    if not 0 <= config.optim.min_lr_ratio <= 1:
+        fail(
+            "optim.min_lr_ratio",
+            f"must be in [0, 1] (the decay's end as a fraction of optim.lr), got {config.optim.min_lr_ratio}",
         )
     if t.ema_decay is not None and not 0 < t.ema_decay < 1:
         fail("train.ema_decay", f"must be in (0, 1), got {t.ema_decay}")

@@ -27,6 +27,8 @@ CASES = [
     (TINY, "optim.betas=[0.9,1.0]", r"optim\.betas.*\[0, 1\)"),
     (TINY, "optim.betas=[0.9]", r"optim\.betas"),
     (TINY, "optim.warmup_steps=-1", r"optim\.warmup_steps"),
+    (TINY, "optim.schedule=step", r"optim\.schedule.*constant, linear, cosine"),
+    (TINY, "optim.min_lr_ratio=1.5", r"optim\.min_lr_ratio.*\[0, 1\]"),
     (TINY, "sampling.guidance=0.5", r"sampling\.guidance.*>= 1"),
     (TINY, "sampling.guidance=nan", r"sampling\.guidance.*finite"),
     (TINY, "sampling.guidance=-2", r"sampling\.guidance"),

@@ -3,7 +3,9 @@ its config checks, and a student that samples with the stock step count."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -839,3 +841,33 @@ def test_the_fake_scores_consistency_term_moves_its_inputs_down_and_keeps_micro_
         run_training(
             _config("configs/dmd/tiny_sd.yaml", tmp_path / "sd", "dmd.consistency_weight=0.01"), DMDRecipe()
         )
+
+
+def test_the_lr_schedule_warms_up_per_update_decays_per_iteration_and_resumes_exactly(tmp_path, capsys):
+    """optim.schedule=cosine to optim.min_lr_ratio over train.steps, times the warmup: each iteration logs
+    the rate of its update, lr * min(1, (i + 1) / 2) * (0.1 + 0.9 * (1 + cos(pi * i / 4)) / 2) (one
+    optimizer step per DMD iteration); a run resumed at step 2 ends with the same weights, and one resumed
+    with a longer train.steps says that its schedule changed."""
+    from flowalign.train.lr_schedule import decay_factor
+
+    common = ["train.checkpoint_every=1", "train.keep_checkpoints=5", "optim.lr=1e-3", "optim.warmup_steps=2",
+              "optim.schedule=cosine", "optim.min_lr_ratio=0.1"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(_config("configs/dmd/tiny_sd3.yaml", straight, "train.steps=4", *common))
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    lrs = [row["lr"] for row in rows if "lr" in row]
+    expected = [
+        1e-3 * min(1, (i + 1) / 2) * (0.1 + 0.9 * (1 + math.cos(math.pi * i / 4)) / 2) for i in range(4)
+    ]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert decay_factor("linear", 0.5, 0.2) == pytest.approx(0.6) and decay_factor("constant", 0.9, 0.0) == 1
+    shutil.copytree(straight, resumed)
+    for late in ("step-000003", "step-000004"):
+        shutil.rmtree(resumed / "checkpoints" / late)
+    train(_config("configs/dmd/tiny_sd3.yaml", resumed, "train.steps=4", "train.resume=latest", *common))
+    a = load_file(str(straight / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert "LR schedule" not in capsys.readouterr().out
+    train(_config("configs/dmd/tiny_sd3.yaml", resumed, "train.steps=5", "train.resume=latest", *common))
+    assert "note: resumed with another LR schedule (train.steps changed)" in capsys.readouterr().out

@@ -89,7 +89,9 @@ def main() -> None:
             means.append(sum(late) / len(late))
         pooled.append((beta, means, best))
     if len(args.seeds) > 1:
-        print("\n| beta | seeds | second-half mean over seeds [95% t interval] | tilted target | minimiser of F |")
+        print(
+            "\n| beta | seeds | second-half mean over seeds [95% t interval] | tilted target | minimiser of F |"
+        )
         print("|---|---|---|---|---|")
         for beta, means, best in pooled:
             low, mean, high = t_interval(means)

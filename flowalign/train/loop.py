@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from flowalign.config import Config, to_yaml
 from flowalign.data.prompts import GroupBatch, GroupSampler, condition_images, load_prompt_set
 from flowalign.models import ModelAdapter, load_model
+from flowalign.train.lr_schedule import RunSchedule
 from flowalign.train.recipe import Recipe
 from flowalign.train.state import EMA, find_checkpoint, load_checkpoint, save_checkpoint
 
@@ -387,10 +388,7 @@ def _run(
         wrapped, optimizer = accelerator.prepare(model.denoiser, optimizer)
     # Not prepared by accelerate: its wrapper steps a schedule once per process per call (warmup N times
     # too fast on N processes); ctx.optimizer_step advances it once per optimizer step instead.
-    warmup = o.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
+    scheduler = RunSchedule(optimizer, o.warmup_steps, o.schedule, o.min_lr_ratio, config.train.steps)
     model.set_training_module(wrapped)
     ema = EMA(model.trainable_parameters()) if config.train.ema_decay is not None else None
     sampler = GroupSampler(
@@ -428,6 +426,8 @@ def _run(
             sharded_module=model.denoiser if sharded else None,
         )
         start = state["step"]
+        if scheduler.resume_note:
+            accelerator.print(scheduler.resume_note)
         if accelerator.is_main_process:
             from flowalign.train.rundir import trim_metrics
 
@@ -467,6 +467,7 @@ def _run(
             ctx.clock = Clock()
             began = time.perf_counter()
             updates = ctx.updates
+            lr = scheduler.at_iteration(step)
             metrics = recipe.iteration(step)
             if ema is not None and ctx.updates > updates:
                 ema.update(config.train.ema_decay)
@@ -474,7 +475,7 @@ def _run(
             metrics["step_time"] = elapsed
             model_seconds = ctx.clock.seconds.get("forward", 0.0) + ctx.clock.seconds.get("backward", 0.0)
             metrics["model_time_share"] = model_seconds / elapsed if elapsed > 0 else 0.0
-            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["lr"] = lr  # the rate of the iteration's first optimizer step
             done = step + 1
             if wants_eval and done % config.eval.every == 0:
                 metrics.update(evaluate(ctx, done))

@@ -80,13 +80,13 @@ def main() -> None:
             with torch.no_grad():
                 x, _ = run.sample(20000)
             rewarded = x[mixture.assign(x) == 1, 0]
+            means.append(sum(late) / len(late))
             print(
-                f"| {beta:g} | {seed} | {run.mode_weights()[1]:.3f} | {sum(late) / len(late):.3f} | {rewarded.mean() - start:+.3f} | "
+                f"| {beta:g} | {seed} | {run.mode_weights()[1]:.3f} | {means[-1]:.3f} | {rewarded.mean() - start:+.3f} | "
                 f"{best['tilted_weight']:.3f} / {best['tilted_shift']:+.3f} | "
                 f"{best['weight']:.3f} / {best['shift_plus']:+.3f} |",
                 flush=True,
             )
-            means.append(sum(late) / len(late))
         pooled.append((beta, means, best))
     if len(args.seeds) > 1:
         print(
@@ -105,11 +105,9 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     """The mean and its two-sided 95% Student-t interval over ``values`` (one per seed), clipped to [0, 1]."""
     from scipy import stats
 
-    n = len(values)
-    mean = sum(values) / n
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
-    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
-    return max(0.0, mean - half), mean, min(1.0, mean + half)
+    mean = sum(values) / len(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    return max(0.0, low), mean, min(1.0, high)
 
 
 if __name__ == "__main__":

@@ -31,15 +31,13 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from shipped_configs import CONFIG_IDS, CONFIGS, PLACEHOLDER_FILES
 from tiny_weights import write_pair_file
 
 from flowalign.config import load_config, to_yaml
 from flowalign.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(
-    p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "accelerate"
-)  # flowalign configs
 GENEVAL_METADATA = "assets/geneval/evaluation_metadata.jsonl"  # real GenEval classes (COCO)
 PLACEHOLDER = "/path/"
 
@@ -178,6 +176,7 @@ FILES = {
     ],
     "dmd/sd35m_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dmd/sd35m_4step_acdmd.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
+    "dmd/sdxl_1step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dmd/sdxl_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dpo/sd15_diffusion_dpo.yaml": lambda get: [f"dpo.pairs={get('pair_file')}"],
     "dpo/sd35m_flow_dpo_online.yaml": _geneval_mask2former,
@@ -282,14 +281,15 @@ def _is_weight_path(key: str) -> bool:
 XFAIL: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
 def test_config_trains_one_iteration(path, tmp_path, request):
     name = str(path.relative_to(ROOT / "configs"))
     if name in XFAIL:
         pytest.xfail(XFAIL[name])
-    original = load_config(path)
+    files = PLACEHOLDER_FILES.get(name, [])
+    original = load_config(path, files)
     output_dir = tmp_path / "run"
-    config = load_config(path, _overrides(original, request.getfixturevalue, output_dir, name))
+    config = load_config(path, files + _overrides(original, request.getfixturevalue, output_dir, name))
     assert PLACEHOLDER not in to_yaml(config), f"{name}: a /path/... placeholder was left unsubstituted"
     kept = {k for k in _changed(original, config) if k not in CHANGEABLE and not _is_weight_path(k)}
     assert not kept, f"{name}: the overrides changed settings they must keep: {sorted(kept)}"

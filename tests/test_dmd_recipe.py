@@ -302,19 +302,19 @@ def test_a_student_at_given_sigmas_samples_at_them_in_the_stock_pipeline_and_the
     assert not np.array_equal(np.array(Image.open(other)), np.array(Image.open(out)))
 
 
-def test_given_timesteps_sample_as_the_stock_euler_scheduler_does():
-    """A diffusion model at explicit ``timesteps`` (DMD2's SDXL student: 999, 749, 499, 249): flowalign's
-    DDIM steps between them draw what the stock pipeline with ``EulerDiscreteScheduler`` and
-    ``timesteps=`` draws (deterministic Euler in ``sigma`` is DDIM)."""
+@pytest.mark.parametrize("levels", [[999, 749, 499, 249], [399]], ids=["4-step", "1-step-at-399"])
+def test_given_timesteps_sample_as_the_stock_euler_scheduler_does(levels):
+    """A diffusion model at explicit ``timesteps`` (DMD2's SDXL students: 999, 749, 499, 249, and the one-step
+    student called once at 399): flowalign's DDIM steps between them draw what the stock pipeline with
+    ``EulerDiscreteScheduler`` and ``timesteps=`` draws (deterministic Euler in ``sigma`` is DDIM)."""
     from diffusers import EulerDiscreteScheduler
 
     from flowalign.models.tiny import tiny_pipeline
     from flowalign.samplers import generate, seeded_generators
 
     model = load_model("tiny-sd")
-    levels = [999, 749, 499, 249]
     ours = generate(
-        model, ["a red circle"], seeded_generators([5], "cpu"), steps=4, guidance=1.0, levels=levels
+        model, ["a red circle"], seeded_generators([5], "cpu"), steps=len(levels), guidance=1.0, levels=levels
     )
     stock = tiny_pipeline("sd")
     # "leading": Euler then starts from sqrt(sigma_max^2 + 1) x noise, the DDIM start; with "linspace" or
@@ -325,6 +325,30 @@ def test_given_timesteps_sample_as_the_stock_euler_scheduler_does():
         "a red circle", timesteps=levels, guidance_scale=1.0, height=32, width=32, latents=latents,
         output_type="pt",
     ).images  # fmt: skip
+    assert torch.allclose(images.float(), ours.images, atol=1e-4)
+
+
+def test_a_one_step_flow_student_below_the_top_level_is_called_there_on_pure_noise():
+    """DMD2's one-step SDXL student takes pure noise but is called at timestep 399 (``sdxl_1step.yaml``); on
+    a flow model ``sampling.sigmas: [s]`` with one step is the same: the sample is ``z - sigma v(z, sigma)`` at
+    the scheduler's shifted level ``sigma = k s / (1 + (k - 1) s)``, and the stock pipeline's ``sigmas=[s]``
+    draws it."""
+    from flowalign.models.tiny import tiny_pipeline
+    from flowalign.samplers import generate, seeded_generators
+
+    model = load_model("tiny-sd3")
+    z = model.initial_noise(1, 32, 32, seeded_generators([3], "cpu"))
+    ours = generate(model, ["a red circle"], z.clone(), steps=1, guidance=1.0, resolution=32, levels=[0.4])
+    schedule = model.schedule(1, model.latent_shape(32, 32), levels=[0.4])
+    k = model.pipeline.scheduler.config.shift
+    sigma = float(schedule.sigmas[0])
+    assert k != 1 and sigma == pytest.approx(k * 0.4 / (1 + (k - 1) * 0.4), rel=1e-6)
+    v = model.predict(z, schedule.timesteps[:1], model.encode(["a red circle"], cfg=False))
+    assert torch.allclose(ours.final, z - sigma * v, atol=1e-5)
+    stock = tiny_pipeline("sd3")
+    images = stock(
+        "a red circle", sigmas=[0.4], guidance_scale=1.0, height=32, width=32, latents=z, output_type="pt"
+    ).images
     assert torch.allclose(images.float(), ours.images, atol=1e-4)
 
 

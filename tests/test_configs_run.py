@@ -178,6 +178,9 @@ FILES = {
     "dmd/sd35m_4step_acdmd.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dmd/sdxl_1step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
     "dmd/sdxl_4step.yaml": lambda get: [f"data.train_prompts={get('prompt_files')['plain']}"],
+    "dmd/wan21_i2v_4step.yaml": lambda get: [
+        "data.train_prompts=assets/video/tiny/prompts.jsonl"
+    ],  # first frames
     "dpo/sd15_diffusion_dpo.yaml": lambda get: [f"dpo.pairs={get('pair_file')}"],
     "dpo/sd35m_flow_dpo_online.yaml": _geneval_mask2former,
     "dpo/sdxl_diffusion_dpo.yaml": lambda get: [f"dpo.pairs={get('pair_file')}"],

@@ -83,10 +83,20 @@ def test_noise_levels_cover_the_range_in_each_parameterisation():
     assert torch.equal(level, table[timestep.long()])
 
 
-@pytest.mark.parametrize("path", ["configs/dmd/tiny_sd3.yaml", "configs/dmd/tiny_sd.yaml"])
-def test_resume_is_bitwise_exact_for_student_and_fake_score(path, tmp_path):
-    """LoRA student (fake score = second LoRA) and full fine-tuning (teacher and fake score = copies)."""
-    common = ["train.checkpoint_every=1", "train.keep_checkpoints=5"]
+@pytest.mark.parametrize(
+    "path, extra",
+    [
+        ("configs/dmd/tiny_sd3.yaml", []),
+        ("configs/dmd/tiny_sd.yaml", []),
+        ("configs/dmd/tiny_wan_i2v.yaml", []),  # video, with regression pairs and the GAN term
+        ("configs/dmd/tiny_wan_i2v.yaml", ["model.path=tiny-wan22", "model.expert=both", "dmd.gan_weight=0"]),
+    ],
+    ids=["sd3-lora", "sd-full", "wan-i2v", "wan22-both-experts"],
+)
+def test_resume_is_bitwise_exact_for_student_and_fake_score(path, extra, tmp_path):
+    """LoRA student (fake score = second LoRA) and full fine-tuning (teacher and fake score = copies), on
+    image and video models."""
+    common = ["train.checkpoint_every=1", "train.keep_checkpoints=5", *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(_config(path, straight, "train.steps=3", *common))
     train(_config(path, resumed, "train.steps=2", *common))
@@ -183,7 +193,7 @@ def test_regression_pairs_are_the_teachers_samples_and_vanish_for_a_student_equa
     # zero up to float32 rounding: the pool's batch and the student's differ in layout, and on some CPUs
     # (an AMD EPYC: 5.5e-15) matmuls round differently by batch size
     assert result.last_metrics["loss_regression"] < 1e-12
-    prompts, noise, targets = recipe.pairs
+    prompts, noise, targets, _ = recipe.pairs
     assert len(prompts) == noise.shape[0] == targets.shape[0] == 6
     model = load_model("tiny-sd3")
     expected = generate(model, prompts, noise, steps=1, guidance=1.0, resolution=32, decode=False).final
@@ -195,6 +205,51 @@ def test_regression_pairs_are_the_teachers_samples_and_vanish_for_a_student_equa
         and torch.equal(again.pairs[1], noise)
         and torch.equal(again.pairs[2], targets)
     )
+
+
+def test_an_image_to_video_student_regresses_on_the_teachers_videos_from_its_records_first_frames(tmp_path):
+    """Video DMD (Wan 2.1 image-to-video): the regression pool holds the teacher's videos from stored noise and
+    each prompt record's first frame, and a one-step student that is still the one-step teacher has zero
+    regression loss."""
+    from flowalign.data.prompts import condition_images
+    from flowalign.samplers import generate
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    overrides = ["sampling.steps=1", "dmd.real_guidance=1.0", "dmd.regression_pairs=3", "dmd.teacher_steps=1",
+                 "dmd.gan_weight=0", "train.steps=1"]  # fmt: skip
+    recipe = DMDRecipe()
+    result = run_training(_config("configs/dmd/tiny_wan_i2v.yaml", tmp_path, *overrides), recipe)
+    assert result.last_metrics["loss_regression"] < 1e-12
+    prompts, noise, targets, metadata = recipe.pairs
+    assert noise.ndim == 5 and noise.shape == targets.shape and len(prompts) == len(metadata) == 3
+    model = load_model("tiny-wan")
+    model.num_frames = 5
+    cond = model.encode(prompts, cfg=False, images=condition_images(metadata))
+    expected = generate(model, None, noise, cond=cond, steps=1, guidance=1.0, decode=False).final
+    assert torch.allclose(targets, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.path=tiny-wan22", "model.expert=high"],
+            r"model\.expert=high: DMD distils the whole sampler",
+        ),
+        (
+            ["dmd.gan_real=assets/shapes/real/train.jsonl"],
+            r"dmd\.gan_real holds images; the wan model makes videos",
+        ),
+        (
+            ["model.path=tiny-wan22", "model.expert=both"],
+            r"dmd\.gan_weight: the discriminator reads one network",
+        ),
+    ],
+)
+def test_video_settings_dmd_cannot_train_name_their_key(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train(_config("configs/dmd/tiny_wan_i2v.yaml", tmp_path, *overrides))
 
 
 def test_the_student_lora_samples_with_its_own_step_count_in_the_stock_pipeline_and_the_cli(tmp_path):
@@ -672,7 +727,7 @@ def test_the_discriminator_can_learn_from_real_images_instead_of_the_teacher(tmp
     common = ["train.steps=1", "dmd.regression_weight=0", f"dmd.gan_real={real}"]
     recipe = Recording()
     run_training(_config("configs/dmd/tiny_sd3_fdistill.yaml", tmp_path / "run", *common), recipe)
-    captions, latents = seen["real"]
+    captions, latents, _ = seen["real"]
     lines = [json.loads(line) for line in real.read_text().splitlines()]
     assert captions == [line["prompt"] for line in lines] and recipe.pairs is None
     from flowalign.data.prompts import load_image

@@ -72,6 +72,7 @@ from flowalign.algorithms.dmd import (
     gan_generator_loss,
     reward_tilted_dmd_loss,
 )
+from flowalign.data.prompts import condition_images
 from flowalign.models import ModelAdapter
 from flowalign.samplers import Rollout, SamplingPlan, chunks, denoise_step, generate, seeded_generators
 from flowalign.samplers.steps import randn
@@ -129,23 +130,25 @@ def noise_levels(
 
 def feature_layer(denoiser: nn.Module) -> str:
     """Where DMD2's discriminator reads the fake score's features: a UNet's ``mid_block`` (DMD2's choice, its
-    bottleneck), else a transformer's middle block."""
+    bottleneck), else a transformer's middle block (``transformer_blocks``; Wan's ``blocks``)."""
     if getattr(denoiser, "mid_block", None) is not None:
         return "mid_block"
-    blocks = getattr(denoiser, "transformer_blocks", None)
-    if blocks is not None and len(blocks) > 0:
-        return f"transformer_blocks.{len(blocks) // 2}"
+    for name in ("transformer_blocks", "blocks"):
+        blocks = getattr(denoiser, name, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return f"{name}.{len(blocks) // 2}"
     raise ValueError(
         f"no default feature layer for a {type(denoiser).__name__}: name one with dmd.gan_layer (a module path)."
     )
 
 
 def tokens(features) -> Tensor:
-    """A block's output as ``[B, N, C]`` tokens: a UNet block's ``[B, C, h, w]`` map flattened; a joint
-    transformer block's ``(context, image)`` pair gives its image tokens."""
+    """A block's output as ``[B, N, C]`` tokens: a UNet block's ``[B, C, h, w]`` map (a video UNet's
+    ``[B, C, T, h, w]``) flattened; a joint transformer block's ``(context, image)`` pair gives its image
+    tokens."""
     if isinstance(features, (tuple, list)):
         features = features[-1]
-    if features.ndim == 4:
+    if features.ndim >= 4:
         features = features.flatten(2).transpose(1, 2)
     return features.float()
 
@@ -190,6 +193,23 @@ class DMDRecipe(Recipe):
                     f"dmd.{key} moves noisy inputs along a flow path; the {ctx.model.family} model is a "
                     f"{ctx.model.kind} model: remove dmd.{key}."
                 )
+        low, high = ctx.model.trained_sigmas()
+        if (low, high) != (0.0, 1.0):
+            raise ValueError(
+                f"model.expert={ctx.model.expert}: DMD distils the whole sampler, but this expert runs only the "
+                f"levels in [{low:g}, {high:g}]; set model.expert=both to train both experts as one student."
+            )
+        if (d.gan_weight > 0 or d.divergence != "rkl") and getattr(ctx.model, "expert", None) == "both":
+            key = "dmd.gan_weight" if d.gan_weight > 0 else "dmd.divergence"
+            raise ValueError(
+                f"{key}: the discriminator reads one network's features, and with model.expert=both each sample "
+                "runs through one of two experts; set dmd.gan_weight=0 and dmd.divergence=rkl, or train one expert."
+            )
+        if d.gan_real is not None and ctx.model.is_video:
+            raise ValueError(
+                f"dmd.gan_real holds images; the {ctx.model.family} model makes videos: remove dmd.gan_real (the "
+                "discriminator's real side is then the teacher's samples, dmd.regression_pairs of them)."
+            )
         if d.policy_weight > 0:
             ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
         super().setup(ctx)
@@ -212,7 +232,11 @@ class DMDRecipe(Recipe):
         self.pairs = self._regression_pairs() if pool else None
         self.real = None  # the discriminator's real side: (captions, latents on the CPU)
         if self.discriminating:
-            self.real = self._real_images() if d.gan_real is not None else (self.pairs[0], self.pairs[2])
+            self.real = (
+                self._real_images()
+                if d.gan_real is not None
+                else (self.pairs[0], self.pairs[2], self.pairs[3])
+            )
             width = self._feature_width()
             self.head = DiscriminatorHead(width).to(model.device)
             if self.sharded:
@@ -269,8 +293,8 @@ class DMDRecipe(Recipe):
     def _feature_width(self) -> int:
         """The feature width at the discriminator's layer, from one forward of the fake score."""
         model = self.ctx.model
-        captions, latents = self.real
-        cond = model.encode(captions[:1], cfg=False)
+        captions, latents, metadata = self.real
+        cond = self._encode(captions[:1], metadata[:1], cfg=False)
         with torch.no_grad(), routed(model, self.fake):
             model.predict(
                 latents[:1].to(model.device), torch.full((1,), 500.0, device=model.device), cond, 1.0
@@ -293,21 +317,28 @@ class DMDRecipe(Recipe):
                 with routed(model, self.teacher):
                     yield model
 
-    def _regression_pairs(self) -> tuple[list[str], Tensor, Tensor]:
+    def _encode(self, prompts: list[str], metadata: list[dict], cfg: bool):
+        """``prompts`` encoded, with their records' conditioning first frames for an image-to-video model."""
+        model = self.ctx.model
+        images = condition_images(metadata, "data.train_prompts") if model.takes_images else None
+        return model.encode(prompts, cfg=cfg, images=images)
+
+    def _regression_pairs(self) -> tuple[list[str], Tensor, Tensor, list[dict]]:
         """DMD's regression pairs (Yin et al. 2024, Sec. 3.3): ``dmd.regression_pairs`` prompts of the training
         set (a seeded shuffle, cycled), one seeded initial noise ``z`` each, and the teacher's ODE sample from
-        ``z`` (``dmd.teacher_steps`` steps, CFG ``dmd.real_guidance``); kept on the CPU. The same on every
-        process and after a resume (everything is seeded by ``train.seed``)."""
+        ``z`` (``dmd.teacher_steps`` steps, CFG ``dmd.real_guidance``); kept on the CPU, with the prompts'
+        records' metadata (an image-to-video model's first frames). The same on every process and after a
+        resume (everything is seeded by ``train.seed``)."""
         ctx, d = self.ctx, self.ctx.config.dmd
         model, config = ctx.model, ctx.config
         records = ctx.sampler.records
         order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.train.seed))
-        prompts = [records[int(order[i % len(records)])].prompt for i in range(d.regression_pairs)]
+        chosen = [records[int(order[i % len(records)])] for i in range(d.regression_pairs)]
+        prompts, metadata = [r.prompt for r in chosen], [r.metadata for r in chosen]
         seeds = [config.train.seed * 1_000_003 + 7_919 * i + 1 for i in range(d.regression_pairs)]
         side = config.model.resolution or model.default_resolution
-        noise = model.initial_noise(len(seeds), side, side, seeded_generators(seeds, model.device))
         steps = d.teacher_steps or model.default_steps
-        targets = []
+        noise, targets = [], []
         parts = chunks(len(prompts), config.train.micro_batch_size or 64)
         progress = tqdm(
             parts,
@@ -315,17 +346,22 @@ class DMDRecipe(Recipe):
             disable=not (config.train.progress and ctx.accelerator.is_local_main_process),
         )
         for part in progress:
+            cond = self._encode(prompts[part], metadata[part], cfg=d.real_guidance > 1)
+            height, width = model.resolution_of(cond) or (side, side)
+            noise.append(
+                model.initial_noise(len(cond), height, width, seeded_generators(seeds[part], model.device))
+            )
             with self._teaching():
                 out = generate(
-                    model, prompts[part], noise[part], steps=steps, guidance=d.real_guidance,
-                    resolution=config.model.resolution, decode=False,
+                    model, None, noise[-1], cond=cond, steps=steps, guidance=d.real_guidance,
+                    resolution=(height, width), decode=False,
                 )  # fmt: skip
             targets.append(out.final.cpu())
-        return prompts, noise.cpu(), torch.cat(targets)
+        return prompts, torch.cat(noise).cpu(), torch.cat(targets), metadata
 
-    def _real_images(self) -> tuple[list[str], Tensor]:
+    def _real_images(self) -> tuple[list[str], Tensor, list[dict]]:
         """DMD2's real data for the discriminator (``dmd.gan_real``): the dataset's captions and its images
-        encoded to latents (the VAE's posterior mode), kept on the CPU."""
+        encoded to latents (the VAE's posterior mode), kept on the CPU (no metadata: image models only)."""
         from flowalign.data.prompts import load_captioned_images
 
         model, config = self.ctx.model, self.ctx.config
@@ -334,7 +370,7 @@ class DMDRecipe(Recipe):
         with torch.no_grad():
             parts = chunks(len(images), config.train.micro_batch_size or 64)
             latents = torch.cat([model.encode_images(images[part]).cpu() for part in parts])
-        return captions, latents
+        return captions, latents, [{} for _ in captions]
 
     # ------------------------------------------------------------------ predictions
 
@@ -414,7 +450,7 @@ class DMDRecipe(Recipe):
         batch = ctx.sampler.batch(step * (d.fake_updates + 1) + j)
         n = len(batch.prompts)
         purpose = f"fake{j}"
-        cond = model.encode(batch.prompts, cfg=ctx.config.sampling.guidance > 1)
+        cond = ctx.encode(batch, cfg=ctx.config.sampling.guidance > 1)
         gens = ctx.sample_generators(step, purpose, batch.group_ids)
         with torch.no_grad():
             x0, state_level = self._matched(self._rollout(step, purpose, cond, gens, grad=False))
@@ -431,9 +467,11 @@ class DMDRecipe(Recipe):
         if (
             self.discriminating
         ):  # the "real" side (teacher samples or dmd.gan_real), noised at the same levels
-            captions, latents = self.real
-            real_index = self._pool_draw(step, purpose + "_real", batch.group_ids, len(captions))
-            real_cond = model.encode([captions[i] for i in real_index.tolist()], cfg=False)
+            captions, latents, metadata = self.real
+            real_index = self._pool_draw(step, purpose + "_real", batch.group_ids, len(captions)).tolist()
+            real_cond = self._encode(
+                [captions[i] for i in real_index], [metadata[i] for i in real_index], cfg=False
+            )
             real_t = model.path.noised(latents[real_index].to(x0.device), level, eps)
         if d.consistency_weight > 0:  # the moves' levels and noises, drawn for the whole batch
             moves = self._consistency_moves(step, purpose, batch.group_ids, x_t, level)
@@ -540,7 +578,7 @@ class DMDRecipe(Recipe):
         batch = ctx.sampler.batch(step * (d.fake_updates + 1) + d.fake_updates)
         policy = self._policy_gradient(step, batch) if d.policy_weight > 0 else {}
         n = len(batch.prompts)
-        cond = model.encode(batch.prompts, cfg=d.real_guidance > 1 or ctx.config.sampling.guidance > 1)
+        cond = ctx.encode(batch, cfg=d.real_guidance > 1 or ctx.config.sampling.guidance > 1)
         gens = ctx.sample_generators(step, "student", batch.group_ids)
         t_gens = ctx.sample_generators(step, "dmd_t", batch.group_ids)
         eps_gens = ctx.sample_generators(step, "dmd_eps", batch.group_ids)
@@ -655,8 +693,11 @@ class DMDRecipe(Recipe):
         images, which needs VGG weights that cannot be downloaded here; the latent MSE is the plain
         stand-in (on the shapes world the latents are the pixels)."""
         ctx = self.ctx
-        prompts, noise, targets = self.pairs
-        cond = ctx.model.encode([prompts[i] for i in index.tolist()], cfg=ctx.config.sampling.guidance > 1)
+        prompts, noise, targets, metadata = self.pairs
+        index = index.tolist()
+        cond = self._encode(
+            [prompts[i] for i in index], [metadata[i] for i in index], ctx.config.sampling.guidance > 1
+        )
         device = ctx.model.device
         x = self._student(step, "student", cond, noise[index].to(device), grad=True)
         return F.mse_loss(x.float(), targets[index].to(device).float())

@@ -251,7 +251,7 @@ def _setup_model(config: Config, device: torch.device) -> ModelAdapter:
     return model
 
 
-VIDEO_ALGORITHMS = ("grpo", "nft", "backprop", "dpo")
+VIDEO_ALGORITHMS = ("grpo", "nft", "backprop", "dpo", "dmd")
 
 
 def _setup_video(config: Config, model: ModelAdapter) -> None:

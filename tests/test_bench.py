@@ -254,6 +254,19 @@ def test_cli_bench_compare(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["bench", "compare", str(a), str(b)]) == 2
     assert re.search(r"differ in guidance \(1.5 vs 4.5\)", capsys.readouterr().err)
+    # A few-step student against its teacher: other steps and guidance, the same prompts and noise.
+    results["config"]["steps"] = 4
+    (b / "results.json").write_text(json.dumps(results))
+    assert (
+        cli_main(["bench", "compare", str(a), str(b), "--across-samplers", "--out", str(tmp_path / "x")]) == 0
+    )
+    across = json.loads((tmp_path / "x" / "comparison.json").read_text())
+    assert across["tasks"]["two_object"]["estimate"] == pytest.approx(1.0 - two_object_a)
+    results["config"]["seed"] = 1  # other noise: never paired
+    (b / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert cli_main(["bench", "compare", str(a), str(b), "--across-samplers"]) == 2
+    assert "differ in seed (0 vs 1)" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_missing_prompt_file(tmp_path, capsys):

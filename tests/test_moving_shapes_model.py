@@ -147,6 +147,26 @@ def test_bench_compare_pairs_two_video_runs(tmp_path, capsys):
         assert row["a_interval"] == row["b_interval"] == [own["low"], own["high"]]
     assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "they differ in steps (2 vs 3)" in capsys.readouterr().err
+    # --across-samplers pairs them (a few-step student against its teacher): the same first frames and noise.
+    out = tmp_path / "ac"
+    assert (
+        main(
+            [
+                "bench",
+                "compare",
+                str(tmp_path / "a"),
+                str(tmp_path / "c"),
+                "--across-samplers",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    c = json.loads((tmp_path / "c" / "results.json").read_text())["stats"]["correct"]["overall"]["estimate"]
+    a = json.loads((tmp_path / "a" / "results.json").read_text())["stats"]["correct"]["overall"]["estimate"]
+    assert json.loads((out / "comparison.json").read_text())["metrics"]["correct"]["b"] - c == 0.0
+    assert json.loads((out / "comparison.json").read_text())["metrics"]["correct"]["a"] - a == 0.0
 
 
 def test_noise_optimization_raises_a_video_reward_from_the_initial_video_noise(tmp_path):

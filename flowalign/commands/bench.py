@@ -123,6 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("a", metavar="A_DIR", help="--out directory of the reference run")
     compare.add_argument("b", metavar="B_DIR", help="--out directory of the run compared with it")
     compare.add_argument("--out", default=None, help="also write comparison.json and comparison.md here")
+    compare.add_argument(
+        "--across-samplers",
+        action="store_true",
+        help="pair runs that differ in steps or guidance (a few-step student against its teacher): the "
+        "prompts, seed and so every image's initial noise must still match",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,7 +255,13 @@ def _geneval(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from flowalign.eval.compare import compare_runs, comparison_markdown, load_run, write_comparison
+    from flowalign.eval.compare import (
+        SAMPLER_SETTINGS,
+        compare_runs,
+        comparison_markdown,
+        load_run,
+        write_comparison,
+    )
 
     check_output_dir("--out", args.out)
     results = Path(args.a) / "results.json"
@@ -257,7 +269,7 @@ def _compare(args: argparse.Namespace) -> int:
         return _compare_video(args)
     try:
         a, b = load_run(args.a), load_run(args.b)
-        comparison = compare_runs(a, b)
+        comparison = compare_runs(a, b, ignore=SAMPLER_SETTINGS if args.across_samplers else ())
     except ValueError as err:
         raise UsageError(f"flowalign bench compare: {err}") from None
     print(comparison_markdown(a, b, comparison), end="")
@@ -270,10 +282,13 @@ def _compare(args: argparse.Namespace) -> int:
 def _compare_video(args: argparse.Namespace) -> int:
     import json
 
+    from flowalign.eval.compare import SAMPLER_SETTINGS
     from flowalign.eval.video import compare_video_runs, comparison_text
 
     try:
-        comparison = compare_video_runs(args.a, args.b)
+        comparison = compare_video_runs(
+            args.a, args.b, ignore=SAMPLER_SETTINGS if args.across_samplers else ()
+        )
     except ValueError as err:
         raise UsageError(f"flowalign bench compare: {err}") from None
     print(comparison_text(comparison), end="")

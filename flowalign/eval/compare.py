@@ -17,13 +17,25 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flowalign.eval.stats import N_RESAMPLES, PairedComparison, Verdicts, benchmark_stats, paired_comparison
 
-__all__ = ["BenchmarkRun", "Protocol", "compare_runs", "comparison_markdown", "load_run", "write_comparison"]
+__all__ = [
+    "SAMPLER_SETTINGS",
+    "BenchmarkRun",
+    "Protocol",
+    "compare_runs",
+    "comparison_markdown",
+    "load_run",
+    "write_comparison",
+]
+
+# The settings of the sampler alone: runs that differ only in them still share prompts and per-image noise.
+SAMPLER_SETTINGS = ("steps", "guidance")
 
 
 @dataclass(frozen=True)
@@ -45,8 +57,9 @@ class Protocol:
     seed: int
     detector: str = "shapes"
 
-    def mismatch(self, other: Protocol) -> str | None:
-        """The first setting that differs, as ``"guidance (1.0 vs 1.5)"``; None when the runs pair."""
+    def mismatch(self, other: Protocol, ignore: Collection[str] = ()) -> str | None:
+        """The first setting that differs, as ``"guidance (1.0 vs 1.5)"``; None when the runs pair.
+        ``ignore``: settings allowed to differ (:data:`SAMPLER_SETTINGS` for a student against its teacher)."""
         if self.prompts != other.prompts:
             first = next(
                 (i for i, (x, y) in enumerate(zip(self.prompts, other.prompts)) if x != y),
@@ -65,7 +78,7 @@ class Protocol:
                 f"{other.images_per_prompt[first]} images)"
             )
         for name in ("steps", "guidance", "resolution", "seed", "detector"):
-            if getattr(self, name) != getattr(other, name):
+            if name not in ignore and getattr(self, name) != getattr(other, name):
                 return f"{name} ({getattr(self, name)} vs {getattr(other, name)})"
         return None
 
@@ -132,11 +145,18 @@ def load_run(directory: str | Path) -> BenchmarkRun:
 
 
 def compare_runs(
-    a: BenchmarkRun, b: BenchmarkRun, *, n_resamples: int = N_RESAMPLES, seed: int = 0
+    a: BenchmarkRun,
+    b: BenchmarkRun,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    ignore: Collection[str] = (),
 ) -> PairedComparison:
     """``b - a`` with paired intervals (:func:`~flowalign.eval.stats.paired_comparison`). Raises
-    ``ValueError`` (one line, naming the first setting that differs) when the runs do not pair."""
-    different = a.protocol.mismatch(b.protocol)
+    ``ValueError`` (one line, naming the first setting that differs) when the runs do not pair. ``ignore``:
+    settings allowed to differ; :data:`SAMPLER_SETTINGS` pairs a few-step student with its teacher, whose
+    images still share prompts and per-image initial noise."""
+    different = a.protocol.mismatch(b.protocol, ignore)
     if different is not None:
         raise ValueError(
             f"cannot pair {str(a.path)!r} and {str(b.path)!r}: they differ in {different}; a paired comparison "

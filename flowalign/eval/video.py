@@ -13,7 +13,7 @@ when correct and red when not.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,10 +159,13 @@ def run_video_bench(
     return VideoReport([dict(r) for r in records], videos, stats, settings, strips)
 
 
-def compare_video_runs(a_dir: str | Path, b_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
+def compare_video_runs(
+    a_dir: str | Path, b_dir: str | Path, *, seed: int = 0, ignore: Collection[str] = ()
+) -> dict[str, Any]:
     """``B - A`` of two ``flowalign bench video`` runs on the same prompts, seed, steps and guidance: for
     each metric (identity, motion, correct) the paired bootstrap difference of the overall and per task
-    with 95% intervals and McNemar's exact p (:func:`flowalign.eval.stats.paired_comparison`)."""
+    with 95% intervals and McNemar's exact p (:func:`flowalign.eval.stats.paired_comparison`). ``ignore``:
+    settings allowed to differ (``("steps", "guidance")`` for a few-step student against its teacher)."""
     from flowalign.eval.stats import paired_comparison
 
     runs = []
@@ -175,7 +178,7 @@ def compare_video_runs(a_dir: str | Path, b_dir: str | Path, *, seed: int = 0) -
         runs.append(json.loads(path.read_text()))
     keys = ("prompts", "seed", "steps", "guidance", "videos_per_prompt")
     for key in keys:
-        if runs[0]["settings"].get(key) != runs[1]["settings"].get(key):
+        if key not in ignore and runs[0]["settings"].get(key) != runs[1]["settings"].get(key):
             raise ValueError(
                 f"cannot pair {str(a_dir)!r} and {str(b_dir)!r}: they differ in {key} "
                 f"({runs[0]['settings'].get(key)!r} vs {runs[1]['settings'].get(key)!r})."

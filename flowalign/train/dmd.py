@@ -230,7 +230,7 @@ class DMDRecipe(Recipe):
             )
         pool = d.regression_weight > 0 or (self.discriminating and d.gan_real is None)
         self.pairs = self._regression_pairs() if pool else None
-        self.real = None  # the discriminator's real side: (captions, latents on the CPU)
+        self.real = None  # the discriminator's real side: (captions, latents on the CPU, metadata)
         if self.discriminating:
             self.real = (
                 self._real_images()

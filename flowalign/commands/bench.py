@@ -264,12 +264,13 @@ def _compare(args: argparse.Namespace) -> int:
     )
 
     check_output_dir("--out", args.out)
+    ignore = SAMPLER_SETTINGS if args.across_samplers else ()
     results = Path(args.a) / "results.json"
     if results.is_file() and "videos" in json.loads(results.read_text()):
-        return _compare_video(args)
+        return _compare_video(args, ignore)
     try:
         a, b = load_run(args.a), load_run(args.b)
-        comparison = compare_runs(a, b, ignore=SAMPLER_SETTINGS if args.across_samplers else ())
+        comparison = compare_runs(a, b, ignore=ignore)
     except ValueError as err:
         raise UsageError(f"flowalign bench compare: {err}") from None
     print(comparison_markdown(a, b, comparison), end="")
@@ -279,16 +280,13 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_video(args: argparse.Namespace) -> int:
+def _compare_video(args: argparse.Namespace, ignore: tuple[str, ...]) -> int:
     import json
 
-    from flowalign.eval.compare import SAMPLER_SETTINGS
     from flowalign.eval.video import compare_video_runs, comparison_text
 
     try:
-        comparison = compare_video_runs(
-            args.a, args.b, ignore=SAMPLER_SETTINGS if args.across_samplers else ()
-        )
+        comparison = compare_video_runs(args.a, args.b, ignore=ignore)
     except ValueError as err:
         raise UsageError(f"flowalign bench compare: {err}") from None
     print(comparison_text(comparison), end="")

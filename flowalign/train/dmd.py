@@ -72,7 +72,6 @@ from flowalign.algorithms.dmd import (
     gan_generator_loss,
     reward_tilted_dmd_loss,
 )
-from flowalign.data.prompts import condition_images
 from flowalign.models import ModelAdapter
 from flowalign.samplers import Rollout, SamplingPlan, chunks, denoise_step, generate, seeded_generators
 from flowalign.samplers.steps import randn
@@ -294,7 +293,7 @@ class DMDRecipe(Recipe):
         """The feature width at the discriminator's layer, from one forward of the fake score."""
         model = self.ctx.model
         captions, latents, metadata = self.real
-        cond = self._encode(captions[:1], metadata[:1], cfg=False)
+        cond = self.ctx.encode_prompts(captions[:1], metadata[:1], cfg=False)
         with torch.no_grad(), routed(model, self.fake):
             model.predict(
                 latents[:1].to(model.device), torch.full((1,), 500.0, device=model.device), cond, 1.0
@@ -316,12 +315,6 @@ class DMDRecipe(Recipe):
             else:
                 with routed(model, self.teacher):
                     yield model
-
-    def _encode(self, prompts: list[str], metadata: list[dict], cfg: bool):
-        """``prompts`` encoded, with their records' conditioning first frames for an image-to-video model."""
-        model = self.ctx.model
-        images = condition_images(metadata, "data.train_prompts") if model.takes_images else None
-        return model.encode(prompts, cfg=cfg, images=images)
 
     def _regression_pairs(self) -> tuple[list[str], Tensor, Tensor, list[dict]]:
         """DMD's regression pairs (Yin et al. 2024, Sec. 3.3): ``dmd.regression_pairs`` prompts of the training
@@ -346,7 +339,7 @@ class DMDRecipe(Recipe):
             disable=not (config.train.progress and ctx.accelerator.is_local_main_process),
         )
         for part in progress:
-            cond = self._encode(prompts[part], metadata[part], cfg=d.real_guidance > 1)
+            cond = self.ctx.encode_prompts(prompts[part], metadata[part], cfg=d.real_guidance > 1)
             height, width = model.resolution_of(cond) or (side, side)
             noise.append(
                 model.initial_noise(len(cond), height, width, seeded_generators(seeds[part], model.device))
@@ -469,7 +462,7 @@ class DMDRecipe(Recipe):
         ):  # the "real" side (teacher samples or dmd.gan_real), noised at the same levels
             captions, latents, metadata = self.real
             real_index = self._pool_draw(step, purpose + "_real", batch.group_ids, len(captions)).tolist()
-            real_cond = self._encode(
+            real_cond = self.ctx.encode_prompts(
                 [captions[i] for i in real_index], [metadata[i] for i in real_index], cfg=False
             )
             real_t = model.path.noised(latents[real_index].to(x0.device), level, eps)
@@ -695,7 +688,7 @@ class DMDRecipe(Recipe):
         ctx = self.ctx
         prompts, noise, targets, metadata = self.pairs
         index = index.tolist()
-        cond = self._encode(
+        cond = self.ctx.encode_prompts(
             [prompts[i] for i in index], [metadata[i] for i in index], ctx.config.sampling.guidance > 1
         )
         device = ctx.model.device

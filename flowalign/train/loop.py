@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,8 +133,12 @@ class TrainContext:
     def encode(self, batch: GroupBatch, cfg: bool):
         """The batch's prompts encoded, with their conditioning first frames (the records' ``image`` fields)
         for an image-to-video model."""
-        images = condition_images(batch.metadata, "data.train_prompts") if self.model.takes_images else None
-        return self.model.encode(batch.prompts, cfg=cfg, images=images)
+        return self.encode_prompts(batch.prompts, batch.metadata, cfg)
+
+    def encode_prompts(self, prompts: Sequence[str], metadata: Sequence[Mapping], cfg: bool):
+        """``prompts`` encoded, with their records' (``metadata``) first frames for an image-to-video model."""
+        images = condition_images(metadata, "data.train_prompts") if self.model.takes_images else None
+        return self.model.encode(prompts, cfg=cfg, images=images)
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:

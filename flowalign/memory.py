@@ -1,8 +1,10 @@
 """Per-GPU memory of a training config at real size, without the weights: ``flowalign plan CONFIG``.
 
-The real architectures (SD3.5-Medium, FLUX.1-dev, SDXL, SD1.5, and Wan 2.2 I2V A14B for the ``wan`` family)
-are built on the ``meta`` device from their published configs (no weights, no memory), so parameter counts are
-exact. Videos (``wan``) have ``model.num_frames`` frames (default 81) of ``model.resolution`` squared (default
+The real architectures (SD3.5-Medium, FLUX.1-dev, SDXL, SD1.5; for the ``wan`` family the Wan 2.1 or 2.2
+checkpoint that ``model.path``'s name names, :data:`WAN_VARIANTS`, else Wan 2.2 I2V A14B) are built on the
+``meta`` device from their published configs (no weights, no memory), so parameter counts are exact. A local
+diffusers directory is read instead: its denoiser and components are built from their own configs
+(:func:`architecture`; SD3.5 Large, FLUX.1-schnell and fine-tunes are then exact too). Videos (``wan``) have ``model.num_frames`` frames (default 81) of ``model.resolution`` squared (default
 480, about the area of Wan's 832x480). Per process:
 
 - **weights**: every pipeline component in ``model.dtype`` (the denoiser, its text encoders and the VAE;
@@ -37,9 +39,13 @@ writes the table for every shipped config and checks the activation count agains
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +53,10 @@ from torch import nn
 
 from flowalign.train.sharding import blocks
 
-__all__ = ["ARCHITECTURES", "MemoryEstimate", "activation_bytes", "estimate", "largest_micro_batch"]
+__all__ = [
+    "ARCHITECTURES", "WAN_VARIANTS", "MemoryEstimate", "activation_bytes", "architecture", "estimate",
+    "largest_micro_batch", "wan_variant",
+]  # fmt: skip
 
 GB = 1024**3
 MARGIN = 0.10
@@ -86,14 +95,20 @@ def _sdxl_unet():
     )  # fmt: skip
 
 
-def _wan22_a14b():
-    """One expert of Wan 2.2 I2V A14B (``Wan-AI/Wan2.2-I2V-A14B-Diffusers``' transformer config)."""
+def _wan(
+    in_channels: int = 36, image_dim: int | None = None, heads: int = 40, layers: int = 40, ffn: int = 13824
+):
+    """A Wan transformer at real size: one expert of Wan 2.2 A14B by default (``Wan-AI/Wan2.2-I2V-A14B-Diffusers``'
+    config); Wan 2.1 I2V adds CLIP image cross-attention (``image_dim`` 1280, ``added_kv_proj_dim`` 5120, diffusers'
+    ``scripts/convert_wan_to_diffusers.py``); text-to-video models see 16 channels; Wan 2.1 T2V 1.3B is 12
+    heads, 30 layers, FFN 8960."""
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=128, in_channels=in_channels,
+        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=ffn, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=image_dim,
+        added_kv_proj_dim=None if image_dim is None else heads * 128, rope_max_seq_len=1024,
     )  # fmt: skip
 
 
@@ -118,6 +133,23 @@ class Architecture:
     lora_targets: tuple[str, ...]
     resolution: int = 1024  # the default of model.resolution
 
+
+# The Wan checkpoints, by name. Published components: UMT5-XXL encoder 5680.9M and the Wan VAE 126.9M in all;
+# Wan 2.2 A14B's second expert (transformer_2, the same architecture); Wan 2.1 I2V's CLIP ViT-H/14 image
+# encoder (laion/CLIP-ViT-H-14-laion2B-s32B-b79K's vision tower as CLIPVisionModel, 630.8M). The transformer's
+# input: 16 latent channels, plus 4 mask and 16 first-frame channels for image-to-video.
+def _wan_checkpoint(build: Callable[[], nn.Module], **components: int) -> Architecture:
+    others = {**components, "text_encoder": 5_680_910_336, "vae": 126_892_531}
+    return Architecture(build, others, 36, 8, 512, 4096, 0, ("to_q", "to_k", "to_v", "to_out.0"), 480)
+
+
+WAN_VARIANTS: dict[str, Architecture] = {
+    "Wan 2.2 I2V A14B": _wan_checkpoint(_wan, transformer_2=14_288_901_184),
+    "Wan 2.2 T2V A14B": _wan_checkpoint(partial(_wan, 16), transformer_2=14_288_491_584),
+    "Wan 2.1 I2V 14B": _wan_checkpoint(partial(_wan, 36, 1280), image_encoder=630_766_080),
+    "Wan 2.1 T2V 14B": _wan_checkpoint(partial(_wan, 16)),
+    "Wan 2.1 T2V 1.3B": _wan_checkpoint(partial(_wan, 16, None, 12, 30, 8960)),
+}
 
 ARCHITECTURES: dict[str, Architecture] = {
     # stabilityai/stable-diffusion-3.5-medium: CLIP-L 123.7M, CLIP-G 694.7M, T5-XXL encoder 4762.3M, VAE 83.8M.
@@ -158,19 +190,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         1280,
         ("to_q", "to_k", "to_v", "to_out.0"),
     ),  # fmt: skip
-    # Wan-AI/Wan2.2-I2V-A14B-Diffusers: two 14.29B experts (the other one is a frozen component), UMT5-XXL
-    # encoder 5680.9M, Wan VAE 126.9M. The transformer's input: 16 latent + 4 mask + 16 first-frame channels.
-    "wan": Architecture(
-        _wan22_a14b,
-        {"transformer_2": 14_288_901_184, "text_encoder": 5_680_910_336, "vae": 126_892_531},
-        36,
-        8,
-        512,
-        4096,
-        0,
-        ("to_q", "to_k", "to_v", "to_out.0"),
-        480,
-    ),  # fmt: skip
+    # Wan: one expert of Wan 2.2 I2V A14B; the other checkpoints in WAN_VARIANTS, chosen by architecture().
+    "wan": WAN_VARIANTS["Wan 2.2 I2V A14B"],
     # stable-diffusion-v1-5: CLIP-L 123.1M, VAE 83.7M.
     "sd": Architecture(
         _sd15_unet,
@@ -183,6 +204,91 @@ ARCHITECTURES: dict[str, Architecture] = {
         ("to_q", "to_k", "to_v", "to_out.0"),
     ),  # fmt: skip
 }
+
+
+_DEFAULTS = {"sd3": "SD3.5-Medium", "flux": "FLUX.1-dev", "sdxl": "SDXL base 1.0", "sd": "SD1.5"}
+
+
+def wan_variant(path: str) -> str | None:
+    """The :data:`WAN_VARIANTS` entry that a Wan checkpoint's name (``model.path``) names, or None when it names no
+    version: ``Wan2.1`` / ``Wan2.2`` (any separator), ``T2V`` (else image-to-video), ``1.3B``."""
+    name = re.sub(r"[^a-z0-9.]", "", str(path).lower())
+    version = re.search(r"wan2\.?([12])", name)
+    if version is None:
+        return None
+    task = "T2V" if "t2v" in name else "I2V"
+    if version.group(1) == "2":
+        return f"Wan 2.2 {task} A14B"
+    return "Wan 2.1 T2V 1.3B" if "1.3b" in name and task == "T2V" else f"Wan 2.1 {task} 14B"
+
+
+def _component_params(directory: Path, library: str, name: str) -> int | None:
+    """The parameter count of one pipeline component saved in ``directory`` (built on the meta device from its
+    ``config.json``), or None for what has no weights (schedulers, tokenizers, processors)."""
+    import diffusers
+    import transformers
+
+    if library == "diffusers":
+        cls = getattr(diffusers, name, None)
+        if cls is None or not issubclass(cls, diffusers.ModelMixin):
+            return None
+        with torch.device("meta"):
+            module = cls.from_config(cls.load_config(directory))
+    elif library == "transformers":
+        cls = getattr(transformers, name, None)
+        if cls is None or not issubclass(cls, transformers.PreTrainedModel):
+            return None
+        config = cls.config_class.from_pretrained(directory)
+        with torch.device("meta"):
+            module = cls(config)
+    else:
+        return None
+    return sum(p.numel() for p in module.parameters())
+
+
+def architecture(config: Any) -> tuple[Architecture, str]:
+    """The real-size architecture that ``config`` (a :class:`flowalign.config.Config`) trains, and where it came
+    from, in words. A local diffusers directory (``model_index.json``) is read: its denoiser is built from its
+    own config and every other component counted from its config (SD3.5 Large, FLUX.1-schnell, a fine-tune, Wan
+    2.1 or 2.2: exact). Otherwise the family's published architecture; a Wan checkpoint's version and task
+    are read from its name (:func:`wan_variant`)."""
+    m = config.model
+    family = m.family
+    if family not in ARCHITECTURES:
+        raise ValueError(
+            f"flowalign plan: model.family={family!r} has no real-size architecture here; known: {sorted(ARCHITECTURES)}."
+        )
+    base = ARCHITECTURES[family]
+    directory = Path(m.path)
+    if (directory / "model_index.json").is_file():
+        index = json.loads((directory / "model_index.json").read_text())
+        key = "unet" if "unet" in index else "transformer"
+        library, name = index[key]
+        import diffusers
+
+        cls = getattr(diffusers, name)
+        denoiser = cls.load_config(directory / key)
+        others = {}
+        for part, spec in index.items():
+            if part.startswith("_") or part == key or not isinstance(spec, list) or None in spec:
+                continue
+            count = _component_params(directory / part, *spec)
+            if count is not None:
+                others[part] = count
+        built = replace(base, build=lambda: cls.from_config(denoiser), other_params=others)
+        return built, f"{directory}: read from model_index.json and the components' configs"
+    if family == "wan":
+        variant = wan_variant(m.path)
+        if variant is None:
+            return base, (
+                "Wan 2.2 I2V A14B, the family's default: model.path names no Wan version (Wan2.1 / Wan2.2); "
+                "point it at the local diffusers directory for exact counts"
+            )
+        return WAN_VARIANTS[variant], f"{variant}, from the name in model.path"
+    return (
+        base,
+        f"{_DEFAULTS[family]}, the family's published architecture (a local model.path is read exactly)",
+    )
 
 
 def _bytes(dtype: torch.dtype) -> int:
@@ -198,9 +304,14 @@ def _forward(
     kw = {"device": device, "dtype": dtype}
     text = torch.randn(batch, arch.text_tokens, arch.text_dim, **kw)
     t = torch.ones(batch, device=device, dtype=dtype)
-    if family == "wan":  # [B, 36, T, h, w] with T = (frames - 1) / 4 + 1 latent frames
-        x = torch.randn(batch, arch.latent_channels, (frames - 1) // 4 + 1, side, side, **kw)
-        return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    if family == "wan":  # [B, C, T, h, w], T = (frames - 1) / 4 + 1 latent frames, C = 36 (I2V) or 16 (T2V)
+        x = torch.randn(batch, net.config.in_channels, (frames - 1) // 4 + 1, side, side, **kw)
+        text = torch.randn(batch, arch.text_tokens, net.config.text_dim, **kw)
+        image = None  # Wan 2.1 I2V: the CLIP image encoder's 257 penultimate hidden states
+        if net.config.image_dim is not None:
+            image = torch.randn(batch, 257, net.config.image_dim, **kw)
+        return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text,
+                           encoder_hidden_states_image=image, return_dict=False)[0]  # fmt: skip
     if family == "sd3":
         x = torch.randn(batch, arch.latent_channels, side, side, **kw)
         return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text,
@@ -423,6 +534,7 @@ class MemoryEstimate:
     parts: dict[str, float] = field(default_factory=dict)
     trainable_params: int = 0
     denoiser_params: int = 0
+    architecture: str = ""  # which architecture, and from where (:func:`architecture`)
 
     @property
     def total(self) -> float:
@@ -445,11 +557,7 @@ def estimate(
     samples per denoiser call, on ``processes`` processes (see the module docstring)."""
     m, t = config.model, config.train
     family = m.family
-    if family not in ARCHITECTURES:
-        raise ValueError(
-            f"flowalign plan: model.family={family!r} has no real-size architecture here; known: {sorted(ARCHITECTURES)}."
-        )
-    arch = ARCHITECTURES[family]
+    arch, source = architecture(config)
     dtype = getattr(torch, m.dtype)
     if net is None:
         with torch.device("meta"):
@@ -468,6 +576,11 @@ def estimate(
     frames = (m.num_frames or 81) if family == "wan" else 1
     batch = micro_batch * (2 if t.algorithm == "grpo" and config.sampling.guidance > 1 else 1)
     experts = 2 if m.expert == "both" else 1  # Wan 2.2: both experts train (the same architecture)
+    if m.expert not in (None, "high") and "transformer_2" not in arch.other_params:
+        raise ValueError(
+            f"flowalign plan: model.expert={m.expert!r} trains transformer_2, which this model lacks (planned as "
+            f"{source}; Wan 2.1 has one expert): use model.expert=high, or a Wan 2.2 A14B model.path."
+        )
     trainable *= experts
     net.requires_grad_(False)
     for name, p in net.named_parameters():
@@ -511,7 +624,7 @@ def estimate(
         parts["other expert weights"] = second * size / GB if experts == 1 else 0.0
     if not m.lora_rank:  # the trainable float32 weights replace the dtype copy of the denoiser
         parts["denoiser weights"] = 0.0
-    return MemoryEstimate(family, micro_batch, processes, parts, trainable, denoiser)
+    return MemoryEstimate(family, micro_batch, processes, parts, trainable, denoiser, source)
 
 
 def largest_micro_batch(
@@ -519,13 +632,8 @@ def largest_micro_batch(
 ):
     """The largest micro-batch (powers of two up to ``limit``) whose estimate fits ``gpu_gb``, with every
     estimate made: ``(best or None, [MemoryEstimate, ...])``."""
-    family = config.model.family
-    if family not in ARCHITECTURES:
-        raise ValueError(
-            f"flowalign plan: model.family={family!r} has no real-size architecture here; known: {sorted(ARCHITECTURES)}."
-        )
     with torch.device("meta"):
-        net = ARCHITECTURES[family].build()
+        net = architecture(config)[0].build()
     rows, best = [], None
     for k in range(int(math.log2(limit)) + 1):
         row = estimate(config, 2**k, processes, net=net)

@@ -107,3 +107,73 @@ def test_dmd_counts_its_fake_score_and_teachers_copies():
     full = estimate(load_config(sdxl, ["model.lora_rank=0", "model.dtype=float32"]), 1)
     assert full.parts[fake] == pytest.approx(full.parts["trainable (fp32) + grads + AdamW"] * 5 / 4)
     assert "DMD fake score (+ teacher copy)" not in estimate(load_config(SD35), 1).parts
+
+
+@pytest.mark.parametrize(
+    "path,variant,published",
+    [
+        ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "Wan 2.2 I2V A14B", 14_288_901_184),
+        ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Wan 2.2 T2V A14B", 14_288_491_584),
+        ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan 2.1 I2V 14B", 16_394_878_784),
+        ("/models/wan_2_1_t2v_14b", "Wan 2.1 T2V 14B", 14_288_491_584),
+        ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan 2.1 T2V 1.3B", 1_418_996_800),
+    ],  # fmt: skip
+)
+def test_a_wan_checkpoints_name_picks_its_architecture(path, variant, published):
+    """Wan 2.1 has one expert (I2V: plus CLIP image cross-attention, 16.39B, and a CLIP ViT-H image encoder);
+    Wan 2.2 A14B has two of the same architecture. The name in model.path picks the variant."""
+    from flowalign.memory import WAN_VARIANTS, architecture, wan_variant
+
+    assert wan_variant(path) == variant
+    arch = WAN_VARIANTS[variant]
+    with torch.device("meta"):
+        count = sum(p.numel() for p in arch.build().parameters())
+    assert count == published
+    assert arch.other_params.get("transformer_2", count) == count  # the second expert is the same network
+    assert ("transformer_2" in arch.other_params) == variant.startswith("Wan 2.2")
+    assert ("image_encoder" in arch.other_params) == (variant == "Wan 2.1 I2V 14B")
+    config = load_config(ROOT / "configs/dmd/wan21_i2v_4step.yaml", [f"model.path={path}"])
+    assert architecture(config) == (arch, f"{variant}, from the name in model.path")
+
+
+def test_wan21_plan_has_no_second_expert_and_refuses_training_one():
+    """The Wan 2.1 I2V DMD config is planned as Wan 2.1 (was: as Wan 2.2 A14B, with a second expert's 53 GiB);
+    an unnamed Wan checkpoint is planned as Wan 2.2 A14B and says so; model.expert=both on Wan 2.1 names its key."""
+    from flowalign.memory import architecture
+
+    wan21 = ROOT / "configs/dmd/wan21_i2v_4step.yaml"
+    one = estimate(load_config(wan21, ["train.sharding=fsdp"]), 1, processes=8)
+    assert one.denoiser_params == 16_394_878_784 and "other expert weights" not in one.parts
+    assert one.architecture == "Wan 2.1 I2V 14B, from the name in model.path"
+    unnamed = load_config(wan21, ["model.path=/models/my-video-model"])
+    assert (
+        "Wan 2.2 I2V A14B, the family's default: model.path names no Wan version" in architecture(unnamed)[1]
+    )
+    with pytest.raises(ValueError, match=r"model.expert='both' trains transformer_2, which this model lacks"):
+        estimate(load_config(wan21, ["model.expert=both"]), 1)
+
+
+@pytest.mark.parametrize("family,config", [("wan", "dmd/tiny_wan_i2v"), ("wan22", "dmd/tiny_wan_i2v"),
+                                           ("sd3", "dmd/tiny_sd3"), ("sdxl", "dmd/tiny_sd3")])  # fmt: skip
+def test_a_local_checkpoint_is_planned_from_its_own_configs(tmp_path, family, config):
+    """A local diffusers directory is read, not assumed: its denoiser is built from its own config and every other
+    component counted from its config, equal to the saved pipeline's counts (a tiny one saved here)."""
+    from flowalign.memory import architecture
+    from flowalign.models.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(family)
+    pipe.save_pretrained(tmp_path)
+    name = "wan" if family.startswith("wan") else family
+    arch, source = architecture(
+        load_config(ROOT / f"configs/{config}.yaml", [f"model.path={tmp_path}", f"model.family={name}"])
+    )
+    assert source == f"{tmp_path}: read from model_index.json and the components' configs"
+    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    with torch.device("meta"):
+        built = sum(p.numel() for p in arch.build().parameters())
+    assert built == sum(p.numel() for p in denoiser.parameters())
+    others = {k: sum(p.numel() for p in v.parameters()) for k, v in pipe.components.items()
+              if isinstance(v, torch.nn.Module) and v is not denoiser}  # fmt: skip
+    assert arch.other_params == others
+    assert ("transformer_2" in others) == (family == "wan22")
+    assert ("image_encoder" in others) == (family == "wan")

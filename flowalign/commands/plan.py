@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         f"checkpointing {'on' if m.gradient_checkpointing else 'off'}, sharding {config.train.sharding}, "
         f"{args.processes} processes"
     )
+    print(f"architecture: {first.architecture}")
     names = list(first.parts)
     print("micro-batch | " + " | ".join(names) + f" | total (+{MARGIN:.0%}) GiB")
     for row in rows:

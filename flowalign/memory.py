@@ -4,8 +4,9 @@ The real architectures (SD3.5-Medium, FLUX.1-dev, SDXL, SD1.5; for the ``wan`` f
 checkpoint that ``model.path``'s name names, :data:`WAN_VARIANTS`, else Wan 2.2 I2V A14B) are built on the
 ``meta`` device from their published configs (no weights, no memory), so parameter counts are exact. A local
 diffusers directory is read instead: its denoiser and components are built from their own configs
-(:func:`architecture`; SD3.5 Large, FLUX.1-schnell and fine-tunes are then exact too). Videos (``wan``) have ``model.num_frames`` frames (default 81) of ``model.resolution`` squared (default
-480, about the area of Wan's 832x480). Per process:
+(:func:`architecture`; SD3.5 Large, FLUX.1-schnell and fine-tunes are then exact too). Videos (``wan``) have
+``model.num_frames`` frames (default 81) of ``model.resolution`` squared (default 480, about the area of Wan's
+832x480). Per process:
 
 - **weights**: every pipeline component in ``model.dtype`` (the denoiser, its text encoders and the VAE;
   text-encoder and VAE sizes are the published checkpoints' parameter counts, :data:`ARCHITECTURES`);
@@ -263,10 +264,9 @@ def architecture(config: Any) -> tuple[Architecture, str]:
     if (directory / "model_index.json").is_file():
         index = json.loads((directory / "model_index.json").read_text())
         key = "unet" if "unet" in index else "transformer"
-        library, name = index[key]
         import diffusers
 
-        cls = getattr(diffusers, name)
+        cls = getattr(diffusers, index[key][1])
         denoiser = cls.load_config(directory / key)
         others = {}
         for part, spec in index.items():
@@ -551,13 +551,18 @@ def _lora_params(net: nn.Module, rank: int, targets: tuple[str, ...]) -> int:
 
 
 def estimate(
-    config: Any, micro_batch: int, processes: int = 1, net: nn.Module | None = None
+    config: Any,
+    micro_batch: int,
+    processes: int = 1,
+    net: nn.Module | None = None,
+    resolved: tuple[Architecture, str] | None = None,
 ) -> MemoryEstimate:
     """The memory of ``config`` (a :class:`flowalign.config.Config`) per process at ``micro_batch``
-    samples per denoiser call, on ``processes`` processes (see the module docstring)."""
+    samples per denoiser call, on ``processes`` processes (see the module docstring); ``net`` and
+    ``resolved`` (:func:`architecture`'s answer) save rebuilding them for each micro-batch."""
     m, t = config.model, config.train
     family = m.family
-    arch, source = architecture(config)
+    arch, source = resolved or architecture(config)
     dtype = getattr(torch, m.dtype)
     if net is None:
         with torch.device("meta"):
@@ -602,7 +607,7 @@ def estimate(
     if m.cpu_offload:  # the idle frozen modules wait on the CPU (WanAdapter.cpu_offload)
         if family != "wan":
             raise ValueError(f"flowalign plan: model.cpu_offload is for the wan family, not {family!r}.")
-        others.pop("text_encoder")
+        others.pop("text_encoder", None)
         second = 0
     parts = {
         "denoiser weights": denoiser * experts * size / shard / GB,
@@ -632,11 +637,12 @@ def largest_micro_batch(
 ):
     """The largest micro-batch (powers of two up to ``limit``) whose estimate fits ``gpu_gb``, with every
     estimate made: ``(best or None, [MemoryEstimate, ...])``."""
+    resolved = architecture(config)
     with torch.device("meta"):
-        net = architecture(config)[0].build()
+        net = resolved[0].build()
     rows, best = [], None
     for k in range(int(math.log2(limit)) + 1):
-        row = estimate(config, 2**k, processes, net=net)
+        row = estimate(config, 2**k, processes, net=net, resolved=resolved)
         row.parts["extra (--extra-gb)"] = extra_gb
         rows.append(row)
         if row.total > gpu_gb:

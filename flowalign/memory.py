@@ -278,6 +278,11 @@ def architecture(config: Any) -> tuple[Architecture, str]:
         built = replace(base, build=lambda: cls.from_config(denoiser), other_params=others)
         return built, f"{directory}: read from model_index.json and the components' configs"
     if family == "wan":
+        if "ti2v" in re.sub(r"[^a-z0-9]", "", str(m.path).lower()):
+            raise ValueError(
+                f"flowalign plan: model.path={m.path!r} names Wan 2.2 TI2V, which flowalign does not train "
+                "(per-token timesteps); use a Wan 2.1 or Wan 2.2 A14B model."
+            )
         variant = wan_variant(m.path)
         if variant is None:
             return base, (

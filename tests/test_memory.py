@@ -151,6 +151,8 @@ def test_wan21_plan_has_no_second_expert_and_refuses_training_one():
     )
     with pytest.raises(ValueError, match=r"model.expert='both' trains transformer_2, which this model lacks"):
         estimate(load_config(wan21, ["model.expert=both"]), 1)
+    with pytest.raises(ValueError, match=r"names Wan 2.2 TI2V, which flowalign does not train"):
+        architecture(load_config(wan21, ["model.path=Wan-AI/Wan2.2-TI2V-5B-Diffusers"]))
 
 
 @pytest.mark.parametrize("family,config", [("wan", "dmd/tiny_wan_i2v"), ("wan22", "dmd/tiny_wan_i2v"),

@@ -1,0 +1,52 @@
+"""Video students over several training seeds: the mean over the seeds of (student - reference), paired per video.
+
+Each folder is a ``flowalign bench video`` output (its ``results.json``), all on the same first frames, seed and
+so the same per-video noise; :func:`flowalign.eval.stats.pooled_gain` resamples the videos jointly across the
+seeds. The references are usually the teacher at several step counts.
+
+    python benchmarks/video/seed_pooled.py \\
+        --students benchmarks/results/moving_shapes_dmd_4step/student_4step benchmarks/results/moving_shapes_dmd_4step/student_4step_seed1 \\
+        --references benchmarks/results/moving_shapes_dmd_4step/teacher_10step_g1.5 benchmarks/results/moving_shapes_dmd_4step/teacher_4step_g1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from flowalign.eval.stats import Verdicts, pooled_gain  # noqa: E402
+
+
+def verdicts(folder: Path) -> tuple[Verdicts, list[tuple[int, int]]]:
+    """A benchmark folder's per-video verdicts (``correct``), and the (prompt, video) keys they are ordered by."""
+    videos = json.loads((folder / "results.json").read_text())["videos"]
+    videos = sorted(videos, key=lambda v: (v["prompt_index"], v["video"]))
+    keys = [(v["prompt_index"], v["video"]) for v in videos]
+    return Verdicts.from_images(
+        [k[0] for k in keys], [v["tag"] for v in videos], [v["correct"] for v in videos]
+    ), keys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--students", nargs="+", type=Path, required=True, help="one bench folder per seed")
+    parser.add_argument("--references", nargs="+", type=Path, required=True, help="bench folders to subtract")
+    args = parser.parse_args()
+    students = [verdicts(folder) for folder in args.students]
+    print(f"mean over {len(students)} seeds ({', '.join(str(s) for s in args.students)}) minus:")
+    for reference in args.references:
+        base, keys = verdicts(reference)
+        for folder, (_, student_keys) in zip(args.students, students, strict=True):
+            if student_keys != keys:
+                sys.exit(f"{folder} and {reference} judge different videos: not the same benchmark")
+        gain = pooled_gain([(base, student) for student, _ in students]).overall
+        print(f"  {reference}: {gain.estimate:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}]")
+
+
+if __name__ == "__main__":
+    main()

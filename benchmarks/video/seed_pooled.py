@@ -32,19 +32,30 @@ def verdicts(folder: Path) -> tuple[Verdicts, list[tuple[int, int]]]:
     ), keys
 
 
+def pooled(students: list[Path], reference: Path):
+    """The mean over ``students`` (one bench folder per seed) of (student - ``reference``), overall, with its
+    interval; folders that judge other videos are refused."""
+    base, keys = verdicts(reference)
+    seeds = []
+    for folder in students:
+        student, student_keys = verdicts(folder)
+        if student_keys != keys:
+            raise ValueError(f"{folder} and {reference} judge different videos: not the same benchmark")
+        seeds.append((base, student))
+    return pooled_gain(seeds).overall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--students", nargs="+", type=Path, required=True, help="one bench folder per seed")
     parser.add_argument("--references", nargs="+", type=Path, required=True, help="bench folders to subtract")
     args = parser.parse_args()
-    students = [verdicts(folder) for folder in args.students]
-    print(f"mean over {len(students)} seeds ({', '.join(str(s) for s in args.students)}) minus:")
+    print(f"mean over {len(args.students)} seeds ({', '.join(str(s) for s in args.students)}) minus:")
     for reference in args.references:
-        base, keys = verdicts(reference)
-        for folder, (_, student_keys) in zip(args.students, students, strict=True):
-            if student_keys != keys:
-                sys.exit(f"{folder} and {reference} judge different videos: not the same benchmark")
-        gain = pooled_gain([(base, student) for student, _ in students]).overall
+        try:
+            gain = pooled(args.students, reference)
+        except ValueError as error:
+            sys.exit(f"error: {error}")
         print(f"  {reference}: {gain.estimate:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}]")
 
 

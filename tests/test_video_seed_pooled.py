@@ -1,0 +1,53 @@
+"""benchmarks/video/seed_pooled.py: video students over seeds minus a reference, paired per video."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location(
+        "video_seed_pooled", ROOT / "benchmarks/video/seed_pooled.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(folder: Path, correct: list[int], order=None) -> Path:
+    """A `flowalign bench video` folder: four first frames of two tasks, one video each (``order`` shuffles)."""
+    videos = [
+        {"prompt_index": i, "video": 0, "tag": "move" if i < 2 else "move_stay", "correct": bool(c)}
+        for i, c in enumerate(correct)
+    ]
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"videos": [videos[i] for i in (order or range(4))]}))
+    return folder
+
+
+def test_the_mean_over_seeds_of_student_minus_reference(tmp_path):
+    teacher = _bench(tmp_path / "teacher", [1, 0, 1, 0])
+    seed0 = _bench(tmp_path / "s0", [1, 1, 1, 1])  # move 0.5 -> 1, move_stay 0.5 -> 1: +0.5
+    seed1 = _bench(
+        tmp_path / "s1", [0, 1, 0, 0], order=[3, 2, 1, 0]
+    )  # move 0.5 -> 0.5, move_stay 0.5 -> 0: -0.25
+    gain = _module().pooled([seed0, seed1], teacher)
+    assert gain.estimate == pytest.approx(0.125)
+    assert gain.low <= gain.estimate <= gain.high
+
+
+def test_another_benchmarks_videos_are_refused(tmp_path):
+    teacher = _bench(tmp_path / "teacher", [1, 0, 1, 0])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(
+        json.dumps({"videos": [{"prompt_index": 9, "video": 0, "tag": "move", "correct": True}]})
+    )
+    with pytest.raises(ValueError, match="judge different videos: not the same benchmark"):
+        _module().pooled([other], teacher)

@@ -239,6 +239,8 @@ def _component_params(directory: Path, library: str, name: str) -> int | None:
         cls = getattr(transformers, name, None)
         if cls is None or not issubclass(cls, transformers.PreTrainedModel):
             return None
+        if not (directory / "config.json").is_file():  # from_pretrained would return the class's defaults
+            raise OSError(f"{directory / 'config.json'} is missing")
         config = cls.config_class.from_pretrained(directory)
         with torch.device("meta"):
             module = cls(config)
@@ -267,14 +269,21 @@ def architecture(config: Any) -> tuple[Architecture, str]:
         import diffusers
 
         cls = getattr(diffusers, index[key][1])
-        denoiser = cls.load_config(directory / key)
         others = {}
-        for part, spec in index.items():
-            if part.startswith("_") or part == key or not isinstance(spec, list) or None in spec:
-                continue
-            count = _component_params(directory / part, *spec)
-            if count is not None:
-                others[part] = count
+        try:
+            denoiser = cls.load_config(directory / key)
+            for part, spec in index.items():
+                if part.startswith("_") or part == key or not isinstance(spec, list) or None in spec:
+                    continue
+                count = _component_params(directory / part, *spec)
+                if count is not None:
+                    others[part] = count
+        except (OSError, ValueError) as error:  # a component's config.json missing or unreadable
+            raise ValueError(
+                f"flowalign plan: model.path={str(directory)!r} is a diffusers directory whose components cannot "
+                f"all be read ({type(error).__name__}: {str(error).splitlines()[0]}); complete the download, or "
+                "point model.path at the hub id to plan the family's published architecture."
+            ) from error
         built = replace(base, build=lambda: cls.from_config(denoiser), other_params=others)
         return built, f"{directory}: read from model_index.json and the components' configs"
     if family == "wan":

@@ -179,3 +179,20 @@ def test_a_local_checkpoint_is_planned_from_its_own_configs(tmp_path, family, co
     assert arch.other_params == others
     assert ("transformer_2" in others) == (family == "wan22")
     assert ("image_encoder" in others) == (family == "wan")
+
+
+def test_a_local_checkpoint_with_a_missing_config_is_one_clear_error(tmp_path):
+    """A partly downloaded diffusers directory (a component's config.json missing) names model.path and what
+    to do, instead of a traceback from deep inside transformers."""
+    from flowalign.memory import architecture
+    from flowalign.models.tiny import tiny_pipeline
+
+    tiny_pipeline("wan").save_pretrained(tmp_path)
+    (tmp_path / "text_encoder" / "config.json").unlink()
+    config = load_config(
+        ROOT / "configs/dmd/tiny_wan_i2v.yaml", [f"model.path={tmp_path}", "model.family=wan"]
+    )
+    with pytest.raises(
+        ValueError, match=r"is a diffusers directory whose components cannot all be read \(OSError"
+    ):
+        architecture(config)

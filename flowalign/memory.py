@@ -212,8 +212,11 @@ _DEFAULTS = {"sd3": "SD3.5-Medium", "flux": "FLUX.1-dev", "sdxl": "SDXL base 1.0
 
 def wan_variant(path: str) -> str | None:
     """The :data:`WAN_VARIANTS` entry that a Wan checkpoint's name (``model.path``) names, or None when it names no
-    version: ``Wan2.1`` / ``Wan2.2`` (any separator), ``T2V`` (else image-to-video), ``1.3B``."""
+    version: ``Wan2.1`` / ``Wan2.2`` (any separator), ``T2V`` (else image-to-video), ``1.3B``; ``"Wan 2.2 TI2V"``
+    (not in :data:`WAN_VARIANTS`: flowalign does not train it) for a TI2V name."""
     name = re.sub(r"[^a-z0-9.]", "", str(path).lower())
+    if "ti2v" in name:
+        return "Wan 2.2 TI2V"
     version = re.search(r"wan2\.?([12])", name)
     if version is None:
         return None
@@ -287,12 +290,12 @@ def architecture(config: Any) -> tuple[Architecture, str]:
         built = replace(base, build=lambda: cls.from_config(denoiser), other_params=others)
         return built, f"{directory}: read from model_index.json and the components' configs"
     if family == "wan":
-        if "ti2v" in re.sub(r"[^a-z0-9]", "", str(m.path).lower()):
+        variant = wan_variant(m.path)
+        if variant == "Wan 2.2 TI2V":
             raise ValueError(
                 f"flowalign plan: model.path={m.path!r} names Wan 2.2 TI2V, which flowalign does not train "
                 "(per-token timesteps); use a Wan 2.1 or Wan 2.2 A14B model."
             )
-        variant = wan_variant(m.path)
         if variant is None:
             return base, (
                 "Wan 2.2 I2V A14B, the family's default: model.path names no Wan version (Wan2.1 / Wan2.2); "
@@ -316,7 +319,6 @@ def _forward(
     arch = ARCHITECTURES[family]
     side = resolution // arch.vae_factor
     kw = {"device": device, "dtype": dtype}
-    text = torch.randn(batch, arch.text_tokens, arch.text_dim, **kw)
     t = torch.ones(batch, device=device, dtype=dtype)
     if family == "wan":  # [B, C, T, h, w], T = (frames - 1) / 4 + 1 latent frames, C = 36 (I2V) or 16 (T2V)
         x = torch.randn(batch, net.config.in_channels, (frames - 1) // 4 + 1, side, side, **kw)
@@ -326,6 +328,7 @@ def _forward(
             image = torch.randn(batch, 257, net.config.image_dim, **kw)
         return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text,
                            encoder_hidden_states_image=image, return_dict=False)[0]  # fmt: skip
+    text = torch.randn(batch, arch.text_tokens, arch.text_dim, **kw)
     if family == "sd3":
         x = torch.randn(batch, arch.latent_channels, side, side, **kw)
         return lambda: net(hidden_states=x, timestep=t, encoder_hidden_states=text,

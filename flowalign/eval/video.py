@@ -165,7 +165,8 @@ def compare_video_runs(
     """``B - A`` of two ``flowalign bench video`` runs on the same prompts, seed, steps and guidance: for
     each metric (identity, motion, correct) the paired bootstrap difference of the overall and per task
     with 95% intervals and McNemar's exact p (:func:`flowalign.eval.stats.paired_comparison`). ``ignore``:
-    settings allowed to differ (``("steps", "guidance")`` for a few-step student against its teacher)."""
+    settings allowed to differ (:data:`flowalign.eval.compare.SAMPLER_SETTINGS` for a few-step student against
+    its teacher)."""
     from flowalign.eval.stats import paired_comparison
 
     runs = []

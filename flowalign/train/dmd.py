@@ -339,7 +339,7 @@ class DMDRecipe(Recipe):
             disable=not (config.train.progress and ctx.accelerator.is_local_main_process),
         )
         for part in progress:
-            cond = self.ctx.encode_prompts(prompts[part], metadata[part], cfg=d.real_guidance > 1)
+            cond = ctx.encode_prompts(prompts[part], metadata[part], cfg=d.real_guidance > 1)
             height, width = model.resolution_of(cond) or (side, side)
             noise.append(
                 model.initial_noise(len(cond), height, width, seeded_generators(seeds[part], model.device))
@@ -462,7 +462,7 @@ class DMDRecipe(Recipe):
         ):  # the "real" side (teacher samples or dmd.gan_real), noised at the same levels
             captions, latents, metadata = self.real
             real_index = self._pool_draw(step, purpose + "_real", batch.group_ids, len(captions)).tolist()
-            real_cond = self.ctx.encode_prompts(
+            real_cond = ctx.encode_prompts(
                 [captions[i] for i in real_index], [metadata[i] for i in real_index], cfg=False
             )
             real_t = model.path.noised(latents[real_index].to(x0.device), level, eps)
@@ -688,7 +688,7 @@ class DMDRecipe(Recipe):
         ctx = self.ctx
         prompts, noise, targets, metadata = self.pairs
         index = index.tolist()
-        cond = self.ctx.encode_prompts(
+        cond = ctx.encode_prompts(
             [prompts[i] for i in index], [metadata[i] for i in index], ctx.config.sampling.guidance > 1
         )
         device = ctx.model.device

@@ -54,7 +54,7 @@ from flowalign.models import load_model  # noqa: E402
 
 
 def student_model(path: str, base: str = "shapes"):
-    """The teacher's model ``base`` with a student's LoRA directory, full fine-tuning checkpoint or weight file
+    """The model ``base`` (the teacher's, or a grown copy of it) with a student's LoRA directory, full fine-tuning checkpoint or weight file
     (``<checkpoint>/trainable_ema.safetensors``) loaded."""
     model = load_model(base)
     if full_weights(path):
@@ -83,6 +83,10 @@ def main() -> None:
     parser.add_argument(
         "--student-sigmas", type=float, nargs="+", default=None,
         help="the students' own noise levels (sampling.sigmas of their training), one per step",
+    )  # fmt: skip
+    parser.add_argument(
+        "--student-model", default="shapes",
+        help="the model the students' weights belong to (a grown student: benchmarks/shapes/grow_student.py)",
     )  # fmt: skip
     parser.add_argument("--teacher-steps", type=int, default=20)
     parser.add_argument("--teacher-guidance", type=float, default=1.5)
@@ -121,7 +125,7 @@ def main() -> None:
     lines = [f"# {args.student_steps}-step students of one teacher, side by side (shapes world)", "",
              f"Command: `{command}`", ""]  # fmt: skip
     teacher = load_model("shapes")
-    models = {name: student_model(path) for name, path in students.items()}
+    models = {name: student_model(path, args.student_model) for name, path in students.items()}
     for split in args.splits:
         prompts = load_geneval_prompts(ROOT / SPLITS[split])[: args.max_prompts]
         counts = balanced_images_per_prompt(

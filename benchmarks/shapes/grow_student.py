@@ -34,7 +34,9 @@ ATTENTION = {"DownBlock2D": "CrossAttnDownBlock2D", "UpBlock2D": "CrossAttnUpBlo
 ZEROED = ("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")
 
 
-def grown(unet: UNet2DConditionModel, depth: int, top_attention: bool = False, seed: int = 0) -> UNet2DConditionModel:
+def grown(
+    unet: UNet2DConditionModel, depth: int, top_attention: bool = False, seed: int = 0
+) -> UNet2DConditionModel:
     """``unet`` with ``depth`` transformer blocks per attention (and with ``top_attention``, attention at the
     top level too), computing the same function (see the module docstring). New layers are drawn with ``seed``."""
     if depth < 1:

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from scripts import load_script
 
 from flowalign.models import load_model
 from flowalign.models.shapes import SHIPPED_MODEL, ShapesPipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("grow_student", ROOT / "benchmarks/shapes/grow_student.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/shapes/grow_student.py")
 
 
 @pytest.fixture(scope="module")

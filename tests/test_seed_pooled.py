@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import load_script
 
 
 def _module():
-    sys.path.insert(0, str(ROOT / "benchmarks/shapes"))
-    spec = importlib.util.spec_from_file_location("seed_pooled", ROOT / "benchmarks/shapes/seed_pooled.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/shapes/seed_pooled.py")
 
 
 def _write(folder: Path, correct: list[bool]) -> Path:

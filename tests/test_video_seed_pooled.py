@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "video_seed_pooled", ROOT / "benchmarks/video/seed_pooled.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/video/seed_pooled.py")
 
 
 def _bench(folder: Path, correct: list[int], order=None) -> Path:

@@ -30,15 +30,17 @@ def tiny_tokenizer(max_length: int = _MAX_TOKENS):
     for suffix in ("", "</w>"):
         for c in chars:
             vocab[c + suffix] = len(vocab)
-    directory = Path(tempfile.mkdtemp(prefix="flowalign-tokenizer-"))
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        str(directory / "vocab.json"),
-        str(directory / "merges.txt"),
-        model_max_length=max_length,
-        pad_token="<|endoftext|>",
-    )
+    # The tokenizer reads its files when built; the folder goes with the call (one per call was left in /tmp).
+    with tempfile.TemporaryDirectory(prefix="flowalign-tokenizer-") as folder:
+        directory = Path(folder)
+        (directory / "vocab.json").write_text(json.dumps(vocab))
+        (directory / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(
+            str(directory / "vocab.json"),
+            str(directory / "merges.txt"),
+            model_max_length=max_length,
+            pad_token="<|endoftext|>",
+        )
 
 
 def _clip_config(hidden: int = 16, projection: int = 16):

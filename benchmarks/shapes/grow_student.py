@@ -56,11 +56,10 @@ def grown(
     missing = [k for k in old if k not in new or new[k].shape != old[k].shape]
     if missing:
         raise ValueError(f"the grown UNet lacks {len(missing)} of the shipped tensors, e.g. {missing[:3]}")
-    added = [k for k in new if k not in old]
-    for key in added:
-        # A new attention of the top level: its output projection is zero, so the block adds nothing.
-        new_attention = not any(k.startswith(key.split(".transformer_blocks.")[0]) for k in old)
-        if (new_attention and ".proj_out." in key) or any(f".{z}." in key for z in ZEROED):
+    for key in [k for k in new if k not in old]:
+        # An added proj_out belongs to a new top-level attention (the old ones' are in ``old``): zero, so the
+        # block adds nothing; so do the new transformer blocks' output projections.
+        if ".proj_out." in key or any(f".{z}." in key for z in ZEROED):
             new[key] = torch.zeros_like(new[key])
     new.update(old)
     bigger.load_state_dict(new)

@@ -1,0 +1,301 @@
+"""How well can one call of the shapes UNet fit the teacher's ODE map? A pure-regression one-step student.
+
+The one-step DMD students of issue 16 stay 0.16-0.26 below the teacher on test, whatever the recipe, and a
+student with twice the parameters did no better. This probe asks the question under DMD: is the map the student
+must learn, from the initial noise ``z`` to the teacher's 20-step ODE sample ``x(z, prompt)``, within reach of
+one call of this network at all? It is the knowledge-distillation baseline of Luhman & Luhman (2021, "Knowledge
+Distillation in Iterative Generative Models for Improved Sampling Speed"): regress the student's one-step sample
+on the teacher's sample from the same noise, over many pairs, and nothing else (no distribution matching, no
+GAN). DMD's regression term (``dmd.regression_weight``) is this loss on a pool of 1024 pairs.
+
+1. ``--pairs`` training pairs: the training prompts in a seeded shuffle, cycled (the recipe's order), one seeded
+   noise each, the teacher's ODE sample at ``--teacher-steps`` steps and guidance ``--teacher-guidance`` (the
+   recipe's ``dmd.teacher_steps`` / ``dmd.real_guidance``). Held-out pairs, never trained on: ``--heldout`` on
+   the training prompts with other noise, and as many on the test prompts. All are cached under ``--out``.
+2. A full copy of the teacher trained as the one-step student (the top level, CFG-free: the DMD students'
+   sampler), mean squared error in latent space (the regression term's loss), AdamW with ``--lr`` after a
+   100-step linear warmup, cosine-decayed to a tenth over ``--steps`` (a probe of what fits, so the schedule
+   that fits best), gradient clipping at 10, ``--batch`` pairs per step drawn without replacement per epoch.
+3. Every ``--eval-every`` steps: the loss on 1024 of the training pairs, on the held-out pairs of the training
+   prompts and on those of the test prompts (``curves.png``, ``losses.jsonl``). The gap between the first two
+   is what did not generalise over noise; the level of the first is what the network could not fit.
+4. ``--measure NAME=WEIGHTS``: the same held-out losses of other students (the DMD students' regression fit).
+
+Checkpoints (``step-N/trainable.safetensors``, loaded by ``--weights`` and by ``distill_compare.py``) are
+written every ``--checkpoint-every`` steps and at the end; a rerun with the same ``--out`` resumes from the last
+one exactly (its optimizer state and the step's seeded draw).
+
+    python benchmarks/shapes/regression_probe.py --pairs 16384 --steps 6000 --out runs/ev/regression_probe
+    python benchmarks/shapes/distill_compare.py --students regression=runs/ev/regression_probe/step-006000 \\
+        --baseline regression --student-steps 1 --out benchmarks/results/shapes_dmd_1step_regression_probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from flowalign.data.prompts import load_prompt_set  # noqa: E402
+from flowalign.models import load_model  # noqa: E402
+from flowalign.samplers.generate import generate, seeded_generators  # noqa: E402
+from flowalign.samplers.plan import SamplingPlan  # noqa: E402
+
+PROMPTS = ROOT / "assets" / "shapes" / "prompts"
+# Seeds of the three pair sets: disjoint from each other (train: the DMD recipe's own formula at train.seed 0).
+SEED_BASE = {"train": 1, "heldout_train": 500_000_001, "heldout_test": 700_000_001}
+
+
+def pair_seeds(kind: str, n: int, seed: int) -> list[int]:
+    """The noise seeds of ``n`` pairs of one set (train: the DMD recipe's ``train.seed * 1_000_003 + 7_919 i +
+    1``, so ``--pairs 1024`` is the recipe's own pool)."""
+    return [seed * 1_000_003 + 7_919 * i + SEED_BASE[kind] for i in range(n)]
+
+
+def cycled_prompts(path: Path, n: int, seed: int) -> list[str]:
+    """``n`` prompts of a prompt file in a seeded shuffle, cycled (the DMD recipe's order of its pool)."""
+    records = load_prompt_set(path)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
+    return [records[int(order[i % len(records)])].prompt for i in range(n)]
+
+
+@torch.no_grad()
+def teacher_pairs(model, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc: str):
+    """``(noise, teacher samples)`` latents of one seeded noise per prompt, in chunks of 64."""
+    noise, targets = [], []
+    side = model.default_resolution
+    for start in tqdm(range(0, len(prompts), 64), desc=desc):
+        part = slice(start, start + 64)
+        cond = model.encode(prompts[part], cfg=guidance > 1)
+        z = model.initial_noise(len(cond), side, side, seeded_generators(seeds[part], model.device))
+        out = generate(model, None, z, cond=cond, steps=steps, guidance=guidance, decode=False)
+        noise.append(z)
+        targets.append(out.final)
+    return torch.cat(noise), torch.cat(targets)
+
+
+def cached_pairs(model, out: Path, name: str, prompts: list[str], seeds: list[int], args) -> dict:
+    """A pair set from ``out/pairs_<name>.safetensors``, generated and saved the first time."""
+    file = out / f"pairs_{name}.safetensors"
+    if file.is_file():
+        saved = load_file(str(file))
+        meta = json.loads((out / f"pairs_{name}.json").read_text())
+        if meta != {
+            "prompts": prompts,
+            "seeds": seeds,
+            "steps": args.teacher_steps,
+            "guidance": args.teacher_guidance,
+        }:
+            sys.exit(f"{file}: cached with other prompts, seeds or teacher settings; use another --out")
+        return {"prompts": prompts, "noise": saved["noise"], "targets": saved["targets"]}
+    noise, targets = teacher_pairs(
+        model, prompts, seeds, args.teacher_steps, args.teacher_guidance, f"pairs {name}"
+    )
+    save_file({"noise": noise.contiguous(), "targets": targets.contiguous()}, str(file))
+    (out / f"pairs_{name}.json").write_text(
+        json.dumps(
+            {
+                "prompts": prompts,
+                "seeds": seeds,
+                "steps": args.teacher_steps,
+                "guidance": args.teacher_guidance,
+            }
+        )
+    )
+    return {"prompts": prompts, "noise": noise, "targets": targets}
+
+
+ONE_STEP = SamplingPlan(sde=(False,), grad=(True,), checkpoint=(False,))
+
+
+def student_sample(model, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+    """The one-step student's sample (top level, CFG-free), with gradient where grad is enabled."""
+    cond = model.encode(prompts, cfg=False)
+    return generate(model, None, noise, cond=cond, steps=1, guidance=1.0, plan=ONE_STEP, decode=False).final
+
+
+@torch.no_grad()
+def pair_loss(model, pairs: dict, count: int | None = None) -> float:
+    """Mean squared error of the student on (the first ``count`` of) a pair set, in chunks of 128."""
+    n = len(pairs["prompts"]) if count is None else count
+    total = 0.0
+    for start in range(0, n, 128):
+        stop = min(start + 128, n)
+        x = student_sample(model, pairs["prompts"][start:stop], pairs["noise"][start:stop])
+        total += F.mse_loss(x.float(), pairs["targets"][start:stop].float(), reduction="sum").item()
+    return total / (n * pairs["targets"][0].numel())
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warmup over 100 steps, then a cosine from ``--lr`` to a tenth of it at ``--steps``."""
+    if step < 100:
+        return args.lr * (step + 1) / 100
+    progress = (step - 100) / max(1, args.steps - 100)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """The pairs of ``step``: its slice of its epoch's seeded permutation (so a resume draws the same)."""
+    per_epoch = n // batch
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+    return order[k * batch : (k + 1) * batch]
+
+
+def save_checkpoint(model, optimizer, out: Path, step: int) -> None:
+    folder = out / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.denoiser.state_dict().items()},
+        str(folder / "trainable.safetensors"),
+    )
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    (folder / "probe_step.json").write_text(json.dumps({"step": step}))
+
+
+def plot_curves(out: Path, rows: list[dict], measured: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    steps = [r["step"] for r in rows]
+    for key, label in [
+        ("train", "1024 training pairs"),
+        ("heldout_train", "held-out noise, training prompts"),
+        ("heldout_test", "held-out noise, test prompts"),
+    ]:
+        ax.plot(steps, [r[key] for r in rows], label=label)
+    for i, (name, losses) in enumerate(measured.items()):
+        ax.axhline(
+            losses["heldout_train"], ls="--", color=f"C{i + 3}", label=f"{name} (held-out, training prompts)"
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE to the teacher's sample (latents)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("one-step student, pure regression on the teacher's ODE pairs")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="shapes", help="the teacher (a grown copy: grow_student.py)")
+    parser.add_argument("--pairs", type=int, default=16384)
+    parser.add_argument("--heldout", type=int, default=1024, help="held-out pairs per set")
+    parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--teacher-guidance", type=float, default=1.5)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--checkpoint-every", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--measure", nargs="*", default=[], metavar="NAME=WEIGHTS", help="students to measure too"
+    )
+    parser.add_argument("--measure-model", default="shapes", help="the model --measure's weights belong to")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if any("=" not in spec for spec in args.measure):
+        sys.exit(f"--measure takes NAME=WEIGHTS pairs, got {args.measure}")
+    if args.pairs < args.batch:
+        sys.exit(f"--pairs {args.pairs} must be at least --batch {args.batch}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model)
+    pairs = {
+        "train": cached_pairs(
+            model, args.out, "train", cycled_prompts(PROMPTS / "train.jsonl", args.pairs, args.seed),
+            pair_seeds("train", args.pairs, args.seed), args,
+        ),
+        "heldout_train": cached_pairs(
+            model, args.out, "heldout_train", cycled_prompts(PROMPTS / "train.jsonl", args.heldout, args.seed + 1),
+            pair_seeds("heldout_train", args.heldout, args.seed), args,
+        ),
+        "heldout_test": cached_pairs(
+            model, args.out, "heldout_test", cycled_prompts(PROMPTS / "test.jsonl", args.heldout, args.seed),
+            pair_seeds("heldout_test", args.heldout, args.seed), args,
+        ),
+    }  # fmt: skip
+    fit_count = min(1024, args.pairs)
+
+    def losses() -> dict[str, float]:
+        return {
+            "train": pair_loss(model, pairs["train"], fit_count),
+            "heldout_train": pair_loss(model, pairs["heldout_train"]),
+            "heldout_test": pair_loss(model, pairs["heldout_test"]),
+        }
+
+    measured = {}
+    for spec in args.measure:
+        name, weights = spec.split("=", 1)
+        other = load_model(args.measure_model)
+        other.load_weights(weights)
+        measured[name] = {
+            key: pair_loss(other, pairs[key], fit_count if key == "train" else None) for key in pairs
+        }
+        print(f"{name}: {json.dumps(measured[name])}", flush=True)
+    if measured:
+        (args.out / "measured.json").write_text(json.dumps(measured, indent=1))
+    elif (args.out / "measured.json").is_file():  # measured by an earlier call with --measure
+        measured = json.loads((args.out / "measured.json").read_text())
+
+    model.denoiser.requires_grad_(True)
+    params = [p for p in model.denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01)
+    start = 0
+    done = sorted(args.out.glob("step-*/probe_step.json"))
+    log = args.out / "losses.jsonl"
+    if done:  # resume from the last checkpoint
+        last = done[-1].parent
+        model.load_weights(last)
+        optimizer.load_state_dict(torch.load(last / "optimizer.pt"))
+        start = json.loads(done[-1].read_text())["step"]
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        rows = [r for r in rows if r["step"] <= start]
+        print(f"resumed at step {start} from {last}", flush=True)
+    else:
+        rows = [{"step": 0, **losses(), "seconds": 0.0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = pairs["train"]
+    clock = time.perf_counter()
+    elapsed = rows[-1]["seconds"]
+    for step in tqdm(range(start, args.steps), desc="regression probe", initial=start, total=args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        index = batch_indices(step, args.pairs, args.batch, args.seed)
+        x = student_sample(model, [train["prompts"][i] for i in index], train["noise"][index])
+        loss = F.mse_loss(x.float(), train["targets"][index].float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        optimizer.step()
+        done_steps = step + 1
+        if done_steps % args.eval_every == 0 or done_steps == args.steps:
+            seconds = elapsed + time.perf_counter() - clock
+            rows.append({"step": done_steps, **losses(), "batch_loss": loss.item(), "seconds": seconds})
+            with log.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+        if done_steps % args.checkpoint_every == 0 or done_steps == args.steps:
+            save_checkpoint(model, optimizer, args.out, done_steps)
+    plot_curves(args.out, rows, measured)
+    print(json.dumps(rows[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

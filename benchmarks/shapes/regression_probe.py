@@ -241,7 +241,8 @@ def main() -> None:
             "heldout_test": pair_loss(model, pairs["heldout_test"]),
         }
 
-    measured = {}
+    saved = args.out / "measured.json"
+    measured = json.loads(saved.read_text()) if saved.is_file() else {}  # earlier calls' --measure too
     for spec in args.measure:
         name, weights = spec.split("=", 1)
         other = load_model(args.measure_model)
@@ -251,9 +252,7 @@ def main() -> None:
         }
         print(f"{name}: {json.dumps(measured[name])}", flush=True)
     if measured:
-        (args.out / "measured.json").write_text(json.dumps(measured, indent=1))
-    elif (args.out / "measured.json").is_file():  # measured by an earlier call with --measure
-        measured = json.loads((args.out / "measured.json").read_text())
+        saved.write_text(json.dumps(measured, indent=1))
 
     model.denoiser.requires_grad_(True)
     params = [p for p in model.denoiser.parameters() if p.requires_grad]

@@ -437,6 +437,59 @@ def test_a_full_weight_student_is_sampled_with_weights(tmp_path):
     assert code == 0 and "--weights" in (bench / "results.json").read_text()
 
 
+def test_without_model_the_checkpoints_own_model_is_loaded(tmp_path, capsys):
+    """``--weights`` / ``--lora`` without ``--model`` load the model the checkpoint's run trained (its
+    ``state.json``), said in one line; a run's model that no longer loads is one error naming ``--model``; a
+    weight file outside a checkpoint keeps the default model."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from flowalign.cli import main
+
+    train(_config("configs/dmd/tiny_sd.yaml", tmp_path / "run", "train.steps=1", "optim.lr=0.05"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    common = ["--steps", "1", "--guidance", "1", "--prompt", "a red circle", "--num-images", "1"]
+    named, inferred = tmp_path / "named.png", tmp_path / "inferred.png"
+    assert (
+        main(["sample", "--model", "tiny-sd", "--weights", str(checkpoint), *common, "--out", str(named)])
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "sample",
+                "--weights",
+                str(checkpoint / "trainable.safetensors"),
+                *common,
+                "--out",
+                str(inferred),
+            ]
+        )
+        == 0
+    )
+    said = capsys.readouterr().err
+    assert (
+        f"--model tiny-sd: the model of the --weights checkpoint's run, {checkpoint / 'state.json'}" in said
+    )
+    assert np.array_equal(np.array(Image.open(named)), np.array(Image.open(inferred)))
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoint, moved)
+    state = json.loads((moved / "state.json").read_text())
+    state["config"] = state["config"].replace("path: tiny-sd", f"path: {tmp_path / 'gone'}")
+    (moved / "state.json").write_text(json.dumps(state))
+    assert main(["sample", "--weights", str(moved), *common, "--out", str(inferred)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--model {tmp_path / 'gone'} (the model of the --weights checkpoint's run" in error
+    assert "Pass --model." in error
+    loose = tmp_path / "loose.safetensors"  # no state.json beside it: the default model, shapes
+    shutil.copy(checkpoint / "trainable.safetensors", loose)
+    assert main(["sample", "--weights", str(loose), *common, "--out", str(inferred)]) == 2
+    assert "trained for another model" in capsys.readouterr().err
+
+
 def test_levels_of_the_other_kind_are_refused_when_the_model_loads(tmp_path):
     config = _config("configs/dmd/tiny_sd3.yaml", tmp_path / "run", "sampling.timesteps=[999,499]")
     with pytest.raises(

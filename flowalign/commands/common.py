@@ -116,8 +116,9 @@ def check_levels_fit(args: argparse.Namespace, model) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help="diffusers directory, hub id, tiny-<family>, or shapes: the shipped shapes-world model (default)",
+        default=None,
+        help="diffusers directory, hub id, tiny-<family>, or shapes: the shipped shapes-world model. Default: the "
+        "model the --weights / --lora checkpoint was trained from (its state.json), else shapes",
     )
     parser.add_argument(
         "--family",
@@ -157,10 +158,23 @@ def load_model_from_args(args: argparse.Namespace):
     dmd`` checkpoint) samples by default at the steps, levels and guidance it was distilled for; other values
     given on the command line are used, with a warning (:func:`fit_student_sampling`)."""
     from flowalign.models import load_model
+    from flowalign.models.base import ModelLoadError
 
     check_device("--device", args.device)
-
-    model = load_model(args.model, family=args.family, device=args.device, dtype=getattr(torch, args.dtype))
+    origin = None
+    if args.model is None:
+        origin = trained_model(args)
+        args.model = DEFAULT_MODEL if origin is None else origin[0]
+        if origin is not None and args.family is None:
+            args.family = origin[2]
+    try:
+        model = load_model(
+            args.model, family=args.family, device=args.device, dtype=getattr(torch, args.dtype)
+        )
+    except ModelLoadError as err:
+        if origin is None:
+            raise
+        raise UsageError(f"--model {args.model} ({origin[1]}) does not load: {err} Pass --model.") from None
     check_levels_fit(args, model)
     if getattr(args, "weights", None):
         model.load_weights(args.weights)
@@ -169,6 +183,36 @@ def load_model_from_args(args: argparse.Namespace):
         model.load_lora(args.lora)
         fit_student_sampling(args, "--lora", args.lora)
     return model
+
+
+def trained_model(args: argparse.Namespace) -> tuple[str, str, str | None] | None:
+    """``(model.path, where it was read, model.family)`` of the run that wrote the ``--weights`` / ``--lora`` checkpoint (the
+    checkpoint directory, its ``lora/`` or ``lora_ema/``, or one of its weight files), said in one line; None
+    when neither is a checkpoint with a ``state.json``. Two checkpoints of runs on different models are refused."""
+    import sys
+
+    from flowalign.config import saved_setting
+
+    found = []
+    for flag in ("--weights", "--lora"):
+        path = getattr(args, flag[2:], None)
+        if not path:
+            continue
+        path = Path(path)
+        checkpoint = path if (path / "state.json").is_file() else path.parent
+        model = saved_setting(checkpoint, "model.path")
+        if model is not None:
+            where = f"the model of the {flag} checkpoint's run, {checkpoint / 'state.json'}"
+            found.append((str(model), where, saved_setting(checkpoint, "model.family")))
+    if len({model for model, _, _ in found}) > 1:
+        raise UsageError(
+            f"--weights and --lora come from runs on different models ({found[0][0]} and {found[1][0]}); pass "
+            "--model to choose the base."
+        )
+    if not found:
+        return None
+    print(f"--model {found[0][0]}: {found[0][1]}; pass --model to load another.", file=sys.stderr)
+    return found[0]
 
 
 def distilled_student(path: str | Path) -> dict | None:

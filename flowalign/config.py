@@ -282,7 +282,8 @@ class DMDConfig:
     dominates at such weights. 0: no policy gradient.
     ``init``: a checkpoint of an earlier ``dmd`` run with the same model settings to start from (RTDMD's cold
     start: a distilled student is aligned): its student weights and its fake score (and discriminator);
-    the optimizers, the step count and the teacher (the base) start fresh.
+    the optimizers, the step count and the teacher (the base) start fresh. A checkpoint of another recipe
+    (no fake score: supervised fine-tuning, a regression student) gives the student's weights only.
     ``gan_weight``: DMD2's GAN term for the generator (non-saturating; DMD2: 1e-3 for SD1.5, 5e-3 for
     SDXL). Its discriminator is a small head on the fake score's features at ``gan_layer`` (None: the UNet's
     ``mid_block`` or the transformer's middle block), trained with the fake score (weight

@@ -657,9 +657,10 @@ def test_rtdmds_policy_term_is_flow_grpos_gradient_scaled_and_micro_batching_lea
 @pytest.mark.parametrize(
     "path", ["configs/dmd/tiny_sd3.yaml", "configs/dmd/tiny_sd.yaml"]
 )  # LoRA, full weights
-def test_a_run_starts_from_a_distilled_student_and_its_fake_score(path, tmp_path):
+def test_a_run_starts_from_a_distilled_student_and_its_fake_score(path, tmp_path, capsys):
     """``dmd.init`` (RTDMD's cold start): the new run's student and fake score are the checkpoint's, bitwise,
-    its teacher is still the base, and its optimizers start fresh."""
+    its teacher is still the base, and its optimizers start fresh. A checkpoint without a fake score (another
+    recipe's) gives the student only, the fake score starting as the teacher, said in one line."""
     from safetensors.torch import load_file
 
     from flowalign.train.dmd import DMDRecipe
@@ -677,7 +678,7 @@ def test_a_run_starts_from_a_distilled_student_and_its_fake_score(path, tmp_path
             }
             seen["fake"] = [p.detach().clone() for p in self.fake_params]
             seen["moments"] = len(self._adam_state) + len(ctx.optimizer.state)
-            seen["ema"] = [s.clone() for s in ctx.ema.shadow]
+            seen["ema"] = [s.clone() for s in ctx.ema.shadow] if ctx.ema is not None else None
             seen["x"] = x = torch.randn(
                 1, *ctx.model.latent_shape(32, 32), generator=torch.Generator().manual_seed(0)
             )
@@ -703,6 +704,17 @@ def test_a_run_starts_from_a_distilled_student_and_its_fake_score(path, tmp_path
             seen["x"], torch.full((1,), 500.0), base.encode(["a red circle"], cfg=False), 1.0
         )
     assert torch.equal(seen["teacher"], expected)  # the teacher is the base, not the loaded student
+    alone = tmp_path / "student_only"  # the student's weights without a recipe state: another recipe's
+    alone.mkdir()
+    (alone / "trainable.safetensors").write_bytes((checkpoint / "trainable.safetensors").read_bytes())
+    capsys.readouterr()
+    run_training(_config(path, tmp_path / "warm2", "train.steps=1", f"dmd.init={alone}"), Probe())
+    assert f"note: dmd.init {str(alone)!r} holds no fake score" in capsys.readouterr().out
+    assert all(torch.equal(seen["student"][k], v) for k, v in student.items())
+    started = seen["fake"]
+    run_training(_config(path, tmp_path / "plain", "train.steps=1"), Probe())  # a run without dmd.init
+    assert all(torch.equal(p, q) for p, q in zip(started, seen["fake"], strict=True))  # the teacher's
+    assert not all(torch.equal(p, fake[f"fake.{i}"]) for i, p in enumerate(started))  # not the trained one
     if path.endswith("tiny_sd3.yaml"):  # a checkpoint of another LoRA rank: same names, other shapes
         with pytest.raises(ValueError, match=r"dmd\.init .*shapes differ"):
             train(

@@ -262,7 +262,10 @@ class DMDRecipe(Recipe):
     def _start_from(self, checkpoint: Path) -> None:
         """``dmd.init``: the student's weights and the fake score (with its discriminator) of an earlier dmd
         run's checkpoint; optimizer moments are not taken (the new run's optimizers start fresh). The
-        teacher was made from the base already, and the EMA, if kept, restarts from the loaded weights."""
+        teacher was made from the base already, and the EMA, if kept, restarts from the loaded weights.
+        A checkpoint without a fake score (another recipe's, e.g. supervised fine-tuning, or a
+        ``benchmarks/shapes/regression_probe.py`` student) gives the student only; the fake score and
+        discriminator then start as in any run (the teacher, a fresh head), said in one line."""
         from safetensors.torch import load_file
 
         from flowalign.train.state import _recipe_state
@@ -271,9 +274,11 @@ class DMDRecipe(Recipe):
         named = {n: p for n, p in ctx.model.denoiser.named_parameters() if p.requires_grad}
         weights = load_file(str(checkpoint / "trainable.safetensors"))
         fake = {k: v for k, v in _recipe_state(checkpoint).items() if k.startswith("fake.")}
-        fits = set(weights) == set(named) and len(fake) == len(self.fake_params)
-        fits = fits and all(weights[n].shape == p.shape for n, p in named.items())
-        fits = fits and all(fake[f"fake.{i}"].shape == p.shape for i, p in enumerate(self.fake_params))
+        student_only = not fake
+        fits = set(weights) == set(named) and all(weights[n].shape == p.shape for n, p in named.items())
+        if not student_only:
+            fits = fits and len(fake) == len(self.fake_params)
+            fits = fits and all(fake[f"fake.{i}"].shape == p.shape for i, p in enumerate(self.fake_params))
         if not fits:
             raise ValueError(
                 f"dmd.init {str(checkpoint)!r} holds {len(weights)} student and {len(fake)} fake-score tensors; this run "
@@ -283,7 +288,13 @@ class DMDRecipe(Recipe):
             )
         for name, param in named.items():
             copy_full_(param, weights[name])
-        self.load_state_dict(fake)
+        if student_only:
+            ctx.accelerator.print(
+                f"note: dmd.init {str(checkpoint)!r} holds no fake score (not a dmd run's checkpoint): the student "
+                "starts from its weights, the fake score from the teacher."
+            )
+        else:
+            self.load_state_dict(fake)
         if ctx.ema is not None:  # in place: the loop holds this EMA object too
             with torch.no_grad():
                 for shadow, param in zip(ctx.ema.shadow, ctx.ema.params, strict=True):

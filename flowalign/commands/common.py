@@ -191,6 +191,8 @@ def trained_model(args: argparse.Namespace) -> tuple[str, str, str | None] | Non
     when neither is a checkpoint with a ``state.json``. Two checkpoints of runs on different models are refused."""
     import sys
 
+    import yaml
+
     from flowalign.config import saved_setting
 
     found = []
@@ -200,7 +202,10 @@ def trained_model(args: argparse.Namespace) -> tuple[str, str, str | None] | Non
             continue
         path = Path(path)
         checkpoint = path if (path / "state.json").is_file() else path.parent
-        model = saved_setting(checkpoint, "model.path")
+        try:
+            model = saved_setting(checkpoint, "model.path")
+        except (ValueError, yaml.YAMLError):  # a state.json that does not read names no model
+            model = None
         if model is not None:
             where = f"the model of the {flag} checkpoint's run, {checkpoint / 'state.json'}"
             found.append((str(model), where, saved_setting(checkpoint, "model.family")))

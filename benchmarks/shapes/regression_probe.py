@@ -263,7 +263,7 @@ def main() -> None:
     if done:  # resume from the last checkpoint
         last = done[-1].parent
         model.load_weights(last)
-        optimizer.load_state_dict(torch.load(last / "optimizer.pt"))
+        optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
         start = json.loads(done[-1].read_text())["step"]
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         rows = [r for r in rows if r["step"] <= start]

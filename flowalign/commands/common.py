@@ -185,6 +185,13 @@ def load_model_from_args(args: argparse.Namespace):
     return model
 
 
+def checkpoint_of(path: str | Path) -> Path:
+    """The checkpoint directory of ``path``: the directory itself when it holds a ``state.json``, else its
+    parent (``lora/``, ``lora_ema/`` or a weight file inside a checkpoint)."""
+    path = Path(path)
+    return path if (path / "state.json").is_file() else path.parent
+
+
 def trained_model(args: argparse.Namespace) -> tuple[str, str, str | None] | None:
     """``(model.path, where it was read, model.family)`` of the run that wrote the ``--weights`` / ``--lora`` checkpoint (the
     checkpoint directory, its ``lora/`` or ``lora_ema/``, or one of its weight files), said in one line; None
@@ -200,8 +207,7 @@ def trained_model(args: argparse.Namespace) -> tuple[str, str, str | None] | Non
         path = getattr(args, flag[2:], None)
         if not path:
             continue
-        path = Path(path)
-        checkpoint = path if (path / "state.json").is_file() else path.parent
+        checkpoint = checkpoint_of(path)
         try:
             model = saved_setting(checkpoint, "model.path")
         except (ValueError, yaml.YAMLError):  # a state.json that does not read names no model
@@ -229,8 +235,7 @@ def distilled_student(path: str | Path) -> dict | None:
 
     from flowalign.config import saved_setting
 
-    path = Path(path)
-    checkpoint = path if (path / "state.json").is_file() else path.parent
+    checkpoint = checkpoint_of(path)
     try:
         if saved_setting(checkpoint, "train.algorithm") != "dmd":
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -62,3 +63,90 @@ def test_a_resumed_probe_ends_with_the_uninterrupted_ones_weights(tmp_path, monk
     model.load_weights(first / "step-000004")
     shipped = load_model("shapes").denoiser.state_dict()
     assert any(not torch.equal(v, shipped[k]) for k, v in model.denoiser.state_dict().items())
+
+
+def test_online_draws_cover_every_prompt_once_per_pass_and_never_repeat_a_noise():
+    probe = _module()
+    prompts = [f"p{i}" for i in range(5)]
+    draws = [probe.online_draw(prompts, step, 3, seed=1) for step in range(5)]  # 15 pairs: three passes of 5
+    texts = [t for d in draws for t in d[0]]
+    seeds = [s for d in draws for s in d[1]]
+    for turn in range(3):
+        assert sorted(texts[5 * turn : 5 * turn + 5]) == prompts
+    assert texts[:5] != texts[5:10]  # every pass is shuffled anew
+    assert len(set(seeds)) == 15 and seeds[0] == 1_000_003 + 900_000_001
+    assert probe.online_draw(prompts, 3, 3, seed=1) == draws[3]  # a resumed run draws the same pairs
+    assert probe.online_draw(prompts, 3, 3, seed=2)[1] != draws[3][1]
+
+
+def _shifted_weights(path, shift: float = 0.01):
+    """A weight file of the shipped shapes denoiser with every floating tensor moved by ``shift``."""
+    from safetensors.torch import save_file
+
+    state = load_model("shapes").denoiser.state_dict()
+    save_file(
+        {k: (v + shift if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(path)
+    )
+    return path
+
+
+def test_online_pairs_come_from_the_source_and_are_not_cached(tmp_path, monkeypatch):
+    """``--online --source W``: the held-out pairs are ``W``'s samples at ``--teacher-steps`` (not the
+    teacher's), named in their cache; no training set is cached and the losses have no training-pair column."""
+    probe = _module()
+    source = _shifted_weights(tmp_path / "source.safetensors")
+    out = tmp_path / "online"
+    monkeypatch.setattr(sys, "argv", [
+        "regression_probe.py", "--online", "--source", str(source), "--teacher-steps", "2",
+        "--teacher-guidance", "1.0", "--heldout", "4", "--steps", "2", "--batch", "4", "--eval-every", "1",
+        "--out", str(out),
+    ])  # fmt: skip
+    probe.main()
+    assert not (out / "pairs_train.safetensors").exists() and (out / "step-000002").is_dir()
+    cached = load_file(str(out / "pairs_heldout_test.safetensors"))
+    meta = json.loads((out / "pairs_heldout_test.json").read_text())
+    assert meta["source"] == str(source) and meta["steps"] == 2
+    sampler = load_model("shapes")
+    sampler.load_weights(source)
+    again = probe.teacher_pairs(sampler, meta["prompts"], meta["seeds"], 2, 1.0, None)
+    teacher = probe.teacher_pairs(load_model("shapes"), meta["prompts"], meta["seeds"], 2, 1.0, None)
+    assert torch.equal(again[0], cached["noise"]) and torch.equal(again[1], cached["targets"])
+    assert not torch.allclose(teacher[1], cached["targets"])
+    rows = [json.loads(r) for r in (out / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(
+        "train" not in r and "heldout_test" in r for r in rows
+    )
+
+
+def test_pair_accuracy_of_the_pairs_own_sampler_is_exactly_the_targets(tmp_path, monkeypatch):
+    """On pairs of the teacher at one step, CFG-free, the teacher as a one-step student reproduces the targets:
+    the same accuracy, a paired difference of exactly 0 and MSE 0; a shifted network does not (MSE > 0)."""
+    from safetensors.torch import save_file
+
+    probe = _module()
+    pairs = tmp_path / "pairs"
+    monkeypatch.setattr(sys, "argv", [
+        "regression_probe.py", "--pairs", "8", "--heldout", "8", "--teacher-steps", "1", "--teacher-guidance",
+        "1.0", "--steps", "0", "--batch", "8", "--out", str(pairs),
+    ])  # fmt: skip
+    probe.main()
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in load_model("shapes").denoiser.state_dict().items()}, str(teacher)
+    )
+    shifted = _shifted_weights(tmp_path / "shifted.safetensors", 0.05)
+    accuracy = load_script("benchmarks/shapes/pair_accuracy.py")
+    out = tmp_path / "judged"
+    monkeypatch.setattr(sys, "argv", [
+        "pair_accuracy.py", "--pairs", str(pairs), "--count", "8", "--students", f"same={teacher}",
+        f"shifted={shifted}", "--out", str(out),
+    ])  # fmt: skip
+    accuracy.main()
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["sets"]) == ["train", "heldout_train", "heldout_test"]
+    assert results["source"] == "the teacher, 1 steps, guidance 1.0"
+    for rows in results["sets"].values():
+        assert rows["same"]["overall"] == rows["targets"]["overall"] and rows["same"]["mse"] == 0.0
+        assert rows["same"]["minus_targets"]["estimate"] == 0.0
+        assert rows["shifted"]["mse"] > 1e-4
+    assert "| same (1 step) |" in (out / "results.md").read_text()

@@ -21,6 +21,13 @@ GAN). DMD's regression term (``dmd.regression_weight``) is this loss on a pool o
    is what did not generalise over noise; the level of the first is what the network could not fit.
 4. ``--measure NAME=WEIGHTS``: the same held-out losses of other students (the DMD students' regression fit).
 
+``--source WEIGHTS`` takes the pairs from another sampler of the same model instead of the teacher: a distilled
+student's checkpoint, sampled at ``--teacher-steps`` and ``--teacher-guidance`` (the 4-step DMD student at 4 steps,
+CFG-free: a tenth of the teacher's 40 calls per pair, at its accuracy). ``--online`` draws ``--batch`` fresh pairs
+every step from that sampler instead of a cached training set (the training prompts in seeded shuffles, cycled;
+noises never repeated), so the student never sees a noise twice and cannot fit the pairs without fitting the map;
+its held-out sets are the source's too.
+
 Checkpoints (``step-N/trainable.safetensors``, loaded by ``--weights`` and by ``distill_compare.py``) are
 written every ``--checkpoint-every`` steps and at the end; a rerun with the same ``--out`` resumes from the last
 one exactly (its optimizer state and the step's seeded draw).
@@ -54,7 +61,7 @@ from flowalign.samplers.plan import SamplingPlan  # noqa: E402
 
 PROMPTS = ROOT / "assets" / "shapes" / "prompts"
 # Seeds of the three pair sets: disjoint from each other (train: the DMD recipe's own formula at train.seed 0).
-SEED_BASE = {"train": 1, "heldout_train": 500_000_001, "heldout_test": 700_000_001}
+SEED_BASE = {"train": 1, "heldout_train": 500_000_001, "heldout_test": 700_000_001, "online": 900_000_001}
 
 
 def pair_seeds(kind: str, n: int, seed: int) -> list[int]:
@@ -70,12 +77,27 @@ def cycled_prompts(path: Path, n: int, seed: int) -> list[str]:
     return [records[int(order[i % len(records)])].prompt for i in range(n)]
 
 
+def online_draw(prompts: list[str], step: int, batch: int, seed: int) -> tuple[list[str], list[int]]:
+    """The prompts and noise seeds of ``step``'s fresh pairs (``--online``): pair ``i = step * batch + k`` takes
+    the prompt at ``i mod P`` of pass ``i // P``'s seeded shuffle of the ``P`` prompts and the noise seed
+    ``seed * 1_000_003 + i + 900_000_001``, so every prompt comes once per pass, no noise comes twice, and a
+    resumed run draws the same pairs."""
+    texts, seeds = [], []
+    for i in range(step * batch, (step + 1) * batch):
+        turn, k = divmod(i, len(prompts))
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7_919 + turn))
+        texts.append(prompts[int(order[k])])
+        seeds.append(seed * 1_000_003 + i + SEED_BASE["online"])
+    return texts, seeds
+
+
 @torch.no_grad()
-def teacher_pairs(model, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc: str):
-    """``(noise, teacher samples)`` latents of one seeded noise per prompt, in chunks of 64."""
+def teacher_pairs(model, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc: str | None):
+    """``(noise, teacher samples)`` latents of one seeded noise per prompt, in chunks of 64 (a progress bar
+    named ``desc``, none without)."""
     noise, targets = [], []
     side = model.default_resolution
-    for start in tqdm(range(0, len(prompts), 64), desc=desc):
+    for start in tqdm(range(0, len(prompts), 64), desc=desc, disable=desc is None):
         part = slice(start, start + 64)
         cond = model.encode(prompts[part], cfg=guidance > 1)
         z = model.initial_noise(len(cond), side, side, seeded_generators(seeds[part], model.device))
@@ -90,29 +112,26 @@ def cached_pairs(model, out: Path, name: str, prompts: list[str], seeds: list[in
     file = out / f"pairs_{name}.safetensors"
     if file.is_file():
         saved = load_file(str(file))
-        meta = json.loads((out / f"pairs_{name}.json").read_text())
-        if meta != {
-            "prompts": prompts,
-            "seeds": seeds,
-            "steps": args.teacher_steps,
-            "guidance": args.teacher_guidance,
-        }:
-            sys.exit(f"{file}: cached with other prompts, seeds or teacher settings; use another --out")
+    expected = {
+        "prompts": prompts,
+        "seeds": seeds,
+        "steps": args.teacher_steps,
+        "guidance": args.teacher_guidance,
+    }
+    if args.source:  # (caches of the teacher's pairs have no source key)
+        expected["source"] = str(args.source)
+    if file.is_file():
+        saved = load_file(str(file))
+        if json.loads((out / f"pairs_{name}.json").read_text()) != expected:
+            sys.exit(
+                f"{file}: cached with other prompts, seeds, source or teacher settings; use another --out"
+            )
         return {"prompts": prompts, "noise": saved["noise"], "targets": saved["targets"]}
     noise, targets = teacher_pairs(
         model, prompts, seeds, args.teacher_steps, args.teacher_guidance, f"pairs {name}"
     )
     save_file({"noise": noise.contiguous(), "targets": targets.contiguous()}, str(file))
-    (out / f"pairs_{name}.json").write_text(
-        json.dumps(
-            {
-                "prompts": prompts,
-                "seeds": seeds,
-                "steps": args.teacher_steps,
-                "guidance": args.teacher_guidance,
-            }
-        )
-    )
+    (out / f"pairs_{name}.json").write_text(json.dumps(expected))
     return {"prompts": prompts, "noise": noise, "targets": targets}
 
 
@@ -164,7 +183,7 @@ def save_checkpoint(model, optimizer, out: Path, step: int) -> None:
     (folder / "probe_step.json").write_text(json.dumps({"step": step}))
 
 
-def plot_curves(out: Path, rows: list[dict], measured: dict) -> None:
+def plot_curves(out: Path, rows: list[dict], measured: dict, pairs_of: str = "the teacher") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,16 +196,19 @@ def plot_curves(out: Path, rows: list[dict], measured: dict) -> None:
         ("heldout_train", "held-out noise, training prompts"),
         ("heldout_test", "held-out noise, test prompts"),
     ]:
+        if key not in rows[0]:  # --online: no cached training pairs
+            continue
         ax.plot(steps, [r[key] for r in rows], label=label)
     for i, (name, losses) in enumerate(measured.items()):
         ax.axhline(
             losses["heldout_train"], ls="--", color=f"C{i + 3}", label=f"{name} (held-out, training prompts)"
         )
     ax.set_xlabel("step")
-    ax.set_ylabel("MSE to the teacher's sample (latents)")
-    ax.set_yscale("log")
+    ax.set_ylabel("MSE to the pairs' targets (latents)")
+    if all(r[key] > 0 for r in rows for key in ("heldout_train", "heldout_test")):
+        ax.set_yscale("log")  # (a student that is its pairs' own sampler has loss 0)
     ax.legend(fontsize=7)
-    ax.set_title("one-step student, pure regression on the teacher's ODE pairs")
+    ax.set_title(f"one-step student, pure regression on pairs of {pairs_of}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
@@ -209,37 +231,59 @@ def main() -> None:
         "--measure", nargs="*", default=[], metavar="NAME=WEIGHTS", help="students to measure too"
     )
     parser.add_argument("--measure-model", default="shapes", help="the model --measure's weights belong to")
+    parser.add_argument(
+        "--source", type=Path, default=None, metavar="WEIGHTS",
+        help="take the pairs from this checkpoint of --model (a distilled student) at --teacher-steps and "
+        "--teacher-guidance instead of from the teacher",
+    )  # fmt: skip
+    parser.add_argument(
+        "--online", action="store_true", help="fresh pairs every step instead of --pairs cached ones"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if any("=" not in spec for spec in args.measure):
         sys.exit(f"--measure takes NAME=WEIGHTS pairs, got {args.measure}")
-    if args.pairs < args.batch:
+    if args.pairs < args.batch and not args.online:
         sys.exit(f"--pairs {args.pairs} must be at least --batch {args.batch}")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model = load_model(args.model)
+    source = load_model(args.model)  # the pairs' sampler, frozen: the teacher, or --source's weights on it
+    if args.source:
+        source.load_weights(args.source)
     pairs = {
-        "train": cached_pairs(
-            model, args.out, "train", cycled_prompts(PROMPTS / "train.jsonl", args.pairs, args.seed),
-            pair_seeds("train", args.pairs, args.seed), args,
-        ),
         "heldout_train": cached_pairs(
-            model, args.out, "heldout_train", cycled_prompts(PROMPTS / "train.jsonl", args.heldout, args.seed + 1),
+            source, args.out, "heldout_train", cycled_prompts(PROMPTS / "train.jsonl", args.heldout, args.seed + 1),
             pair_seeds("heldout_train", args.heldout, args.seed), args,
         ),
         "heldout_test": cached_pairs(
-            model, args.out, "heldout_test", cycled_prompts(PROMPTS / "test.jsonl", args.heldout, args.seed),
+            source, args.out, "heldout_test", cycled_prompts(PROMPTS / "test.jsonl", args.heldout, args.seed),
             pair_seeds("heldout_test", args.heldout, args.seed), args,
         ),
     }  # fmt: skip
+    if not args.online:
+        pairs["train"] = cached_pairs(
+            source, args.out, "train", cycled_prompts(PROMPTS / "train.jsonl", args.pairs, args.seed),
+            pair_seeds("train", args.pairs, args.seed), args,
+        )  # fmt: skip
     fit_count = min(1024, args.pairs)
+    train_prompts = [r.prompt for r in load_prompt_set(PROMPTS / "train.jsonl")]
 
     def losses() -> dict[str, float]:
-        return {
-            "train": pair_loss(model, pairs["train"], fit_count),
-            "heldout_train": pair_loss(model, pairs["heldout_train"]),
-            "heldout_test": pair_loss(model, pairs["heldout_test"]),
-        }
+        fit = {} if args.online else {"train": pair_loss(model, pairs["train"], fit_count)}
+        return fit | {key: pair_loss(model, pairs[key]) for key in ("heldout_train", "heldout_test")}
+
+    def training_pairs(step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """``step``'s prompts, noises and targets: a fresh draw (``--online``) or a batch of the cached set."""
+        if args.online:
+            texts, seeds = online_draw(train_prompts, step, args.batch, args.seed)
+            noise, targets = teacher_pairs(
+                source, texts, seeds, args.teacher_steps, args.teacher_guidance, None
+            )
+            return texts, noise, targets
+        index = batch_indices(step, args.pairs, args.batch, args.seed)
+        train = pairs["train"]
+        return [train["prompts"][i] for i in index], train["noise"][index], train["targets"][index]
 
     saved = args.out / "measured.json"
     measured = json.loads(saved.read_text()) if saved.is_file() else {}  # earlier calls' --measure too
@@ -271,15 +315,14 @@ def main() -> None:
     else:
         rows = [{"step": 0, **losses(), "seconds": 0.0}]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train = pairs["train"]
     clock = time.perf_counter()
     elapsed = rows[-1]["seconds"]
     for step in tqdm(range(start, args.steps), desc="regression probe", initial=start, total=args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        index = batch_indices(step, args.pairs, args.batch, args.seed)
-        x = student_sample(model, [train["prompts"][i] for i in index], train["noise"][index])
-        loss = F.mse_loss(x.float(), train["targets"][index].float())
+        texts, noise, targets = training_pairs(step)
+        x = student_sample(model, texts, noise)
+        loss = F.mse_loss(x.float(), targets.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -292,7 +335,12 @@ def main() -> None:
                 f.write(json.dumps(rows[-1]) + "\n")
         if done_steps % args.checkpoint_every == 0 or done_steps == args.steps:
             save_checkpoint(model, optimizer, args.out, done_steps)
-    plot_curves(args.out, rows, measured)
+    plot_curves(
+        args.out,
+        rows,
+        measured,
+        f"{args.source} ({args.teacher_steps} steps)" if args.source else "the teacher",
+    )
     print(json.dumps(rows[-1]), flush=True)
 
 

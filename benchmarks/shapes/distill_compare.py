@@ -147,6 +147,7 @@ def main() -> None:
             write_report(report, args.out / split / name, command=command)
             reports[name] = report
         verdicts = {name: report.verdicts for name, report in reports.items()}
+        stored_steps = {}  # a stored row's own step count (a 4-step source beside 1-step students)
         for name, folder in stored.items():
             folder = Path(folder.format(split=split))
             teacher_then = stored_verdicts(folder.parent / "teacher")
@@ -154,12 +155,13 @@ def main() -> None:
                 sys.exit(f"--stored {name}: the teacher's verdicts in {folder.parent / 'teacher'} differ from the "
                          "ones regenerated here: a different protocol or judge, so its rows cannot be paired")  # fmt: skip
             verdicts[name] = stored_verdicts(folder)
+            stored_steps[name] = json.loads((folder / "results.json").read_text())["config"]["steps"]
         rng = np.random.default_rng(0)
         teacher_stats = scene_statistics(reports["teacher"].records)
         rows = {}
         for name, verdict in verdicts.items():
             s = benchmark_stats(verdict).overall
-            row = {"steps": runs[name][1] if name in runs else args.student_steps, "overall": s.estimate,
+            row = {"steps": runs[name][1] if name in runs else stored_steps[name], "overall": s.estimate,
                    "interval": [s.low, s.high], "stored": stored.get(name)}  # fmt: skip
             if name in reports:
                 row["diversity"] = diversity(reports[name], rng)

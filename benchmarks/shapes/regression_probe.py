@@ -208,7 +208,7 @@ def plot_curves(out: Path, rows: list[dict], measured: dict, pairs_of: str = "th
     if all(r[key] > 0 for r in rows for key in ("heldout_train", "heldout_test")):
         ax.set_yscale("log")  # (a student that is its pairs' own sampler has loss 0)
     ax.legend(fontsize=7)
-    ax.set_title(f"one-step student, pure regression on pairs of {pairs_of}", fontsize=9)
+    ax.set_title(f"one-step student, pure regression on pairs of\n{pairs_of}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)

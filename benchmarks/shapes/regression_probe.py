@@ -110,8 +110,6 @@ def teacher_pairs(model, prompts: list[str], seeds: list[int], steps: int, guida
 def cached_pairs(model, out: Path, name: str, prompts: list[str], seeds: list[int], args) -> dict:
     """A pair set from ``out/pairs_<name>.safetensors``, generated and saved the first time."""
     file = out / f"pairs_{name}.safetensors"
-    if file.is_file():
-        saved = load_file(str(file))
     expected = {
         "prompts": prompts,
         "seeds": seeds,

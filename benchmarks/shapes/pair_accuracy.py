@@ -35,12 +35,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from distill_compare import student_model  # noqa: E402
-from regression_probe import PROMPTS, student_sample  # noqa: E402
+from regression_probe import PROMPTS, student_samples  # noqa: E402
 
+from flowalign.eval.geneval import GenEvalConfig, judge_images  # noqa: E402
 from flowalign.eval.stats import Verdicts, benchmark_stats, paired_comparison  # noqa: E402
 from flowalign.worlds.shapes import load_prompts  # noqa: E402
-from rewards.geneval.scorer import evaluate  # noqa: E402
-from rewards.shapes.detector import detect_batch  # noqa: E402
 
 SETS = {
     "train": ("train", "the noises it was fitted on"),
@@ -72,24 +71,11 @@ def load_pairs(folder: Path, name: str, count: int) -> dict:
 
 
 def judged(images: torch.Tensor, pairs: dict) -> Verdicts:
-    verdicts = []
-    for start in range(0, len(images), 256):
-        detections = detect_batch(images[start : start + 256])
-        verdicts += [
-            evaluate(d, m) for d, m in zip(detections, pairs["meta"][start : start + 256], strict=True)
-        ]
-    return Verdicts.from_images(
-        pairs["prompt_index"], [v.tag for v in verdicts], [v.correct for v in verdicts]
-    )
-
-
-@torch.no_grad()
-def one_step_latents(model, pairs: dict) -> torch.Tensor:
-    parts = []
-    for start in range(0, len(pairs["prompts"]), 128):
-        part = slice(start, start + 128)
-        parts.append(student_sample(model, pairs["prompts"][part], pairs["noise"][part]).float())
-    return torch.cat(parts)
+    """The exact GenEval judge's verdicts on prompt-major ``images`` of the pairs (:func:`judge_images`)."""
+    records = list(dict.fromkeys(pairs["prompt_index"]))  # the prompts in order, each once
+    counts = tuple(pairs["prompt_index"].count(i) for i in records)
+    metas = {i: m for i, m in zip(pairs["prompt_index"], pairs["meta"], strict=True)}
+    return judge_images(images, [metas[i] for i in records], GenEvalConfig(images_per_prompt=counts)).verdicts
 
 
 def interval(iv, spec: str = "+.3f") -> str:
@@ -129,7 +115,7 @@ def main() -> None:
             f"| the pairs' targets | {interval(target_stats.overall, '.3f')} | — | 0 |",
         ]
         for student, model in students.items():
-            latents = one_step_latents(model, pairs)
+            latents = student_samples(model, pairs["prompts"], pairs["noise"])
             mse = F.mse_loss(latents, pairs["targets"].float()).item()
             verdicts = judged(model.decode(latents), pairs)
             stats = benchmark_stats(verdicts)

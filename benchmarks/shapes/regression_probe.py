@@ -82,11 +82,14 @@ def online_draw(prompts: list[str], step: int, batch: int, seed: int) -> tuple[l
     the prompt at ``i mod P`` of pass ``i // P``'s seeded shuffle of the ``P`` prompts and the noise seed
     ``seed * 1_000_003 + i + 900_000_001``, so every prompt comes once per pass, no noise comes twice, and a
     resumed run draws the same pairs."""
-    texts, seeds = [], []
+    texts, seeds, orders = [], [], {}
     for i in range(step * batch, (step + 1) * batch):
         turn, k = divmod(i, len(prompts))
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7_919 + turn))
-        texts.append(prompts[int(order[k])])
+        if turn not in orders:  # one shuffle per pass
+            orders[turn] = torch.randperm(
+                len(prompts), generator=torch.Generator().manual_seed(seed * 7_919 + turn)
+            )
+        texts.append(prompts[int(orders[turn][k])])
         seeds.append(seed * 1_000_003 + i + SEED_BASE["online"])
     return texts, seeds
 
@@ -143,15 +146,20 @@ def student_sample(model, prompts: list[str], noise: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
+def student_samples(model, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+    """The one-step student's samples of many pairs, in chunks of 128, without gradient (float32)."""
+    parts = [
+        student_sample(model, prompts[start : start + 128], noise[start : start + 128]).float()
+        for start in range(0, len(prompts), 128)
+    ]
+    return torch.cat(parts)
+
+
 def pair_loss(model, pairs: dict, count: int | None = None) -> float:
-    """Mean squared error of the student on (the first ``count`` of) a pair set, in chunks of 128."""
+    """Mean squared error of the student on (the first ``count`` of) a pair set."""
     n = len(pairs["prompts"]) if count is None else count
-    total = 0.0
-    for start in range(0, n, 128):
-        stop = min(start + 128, n)
-        x = student_sample(model, pairs["prompts"][start:stop], pairs["noise"][start:stop])
-        total += F.mse_loss(x.float(), pairs["targets"][start:stop].float(), reduction="sum").item()
-    return total / (n * pairs["targets"][0].numel())
+    x = student_samples(model, pairs["prompts"][:n], pairs["noise"][:n])
+    return F.mse_loss(x, pairs["targets"][:n].float()).item()
 
 
 def learning_rate(step: int, args) -> float:

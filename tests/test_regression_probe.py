@@ -23,6 +23,10 @@ def test_an_epochs_batches_are_disjoint_and_the_schedule_warms_up_then_decays():
     seen = torch.cat(batches)
     assert len(seen) == 18 and len(set(seen.tolist())) == 18
     assert not torch.equal(probe.batch_indices(3, 20, 6, seed=0), batches[0])  # the next epoch reshuffles
+    # each epoch is its own seeded permutation (seed * 7919 + epoch), sliced batch by batch
+    for seed, epoch in ((0, 0), (0, 1), (2, 1)):
+        order = torch.randperm(20, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+        assert torch.equal(probe.batch_indices(3 * epoch + 1, 20, 6, seed=seed), order[6:12])
     assert torch.equal(probe.batch_indices(1, 20, 6, seed=0), batches[1])  # the same draw again (resume)
 
     class Args:

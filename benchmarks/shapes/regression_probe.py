@@ -21,6 +21,9 @@ GAN). DMD's regression term (``dmd.regression_weight``) is this loss on a pool o
    is what did not generalise over noise; the level of the first is what the network could not fit.
 4. ``--measure NAME=WEIGHTS``: the same held-out losses of other students (the DMD students' regression fit).
 
+``--loss shapes_lpips`` trains on DMD's own regression distance instead of the MSE: LPIPS's form over the shapes
+world's perception network (``flowalign.algorithms.perceptual``; the held-out sets are then logged in both).
+
 ``--source WEIGHTS`` takes the pairs from another sampler of the same model instead of the teacher: a distilled
 student's checkpoint, sampled at ``--teacher-steps`` and ``--teacher-guidance`` (the 4-step DMD student at 4 steps,
 CFG-free: a tenth of the teacher's 40 calls per pair, at its accuracy). ``--online`` draws ``--batch`` fresh pairs
@@ -54,6 +57,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from flowalign.algorithms.perceptual import PERCEPTUAL_DISTANCES, load_perceptual  # noqa: E402
 from flowalign.data.prompts import load_prompt_set  # noqa: E402
 from flowalign.models import load_model  # noqa: E402
 from flowalign.samplers.generate import generate, seeded_generators  # noqa: E402
@@ -155,11 +159,25 @@ def student_samples(model, prompts: list[str], noise: torch.Tensor) -> torch.Ten
     return torch.cat(parts)
 
 
-def pair_loss(model, pairs: dict, count: int | None = None) -> float:
-    """Mean squared error of the student on (the first ``count`` of) a pair set."""
+def pixels(model, latents: torch.Tensor) -> torch.Tensor:
+    """The shapes model's latents as images in about [0, 1], not clamped (a perceptual loss keeps its gradient
+    where a student overshoots)."""
+    return F.pixel_shuffle(latents.float(), model.pipeline.patch_size) / 2 + 0.5
+
+
+def regression_loss(model, x: torch.Tensor, targets: torch.Tensor, distance=None) -> torch.Tensor:
+    """The regression's loss: latent MSE, or the mean ``distance`` (``--loss shapes_lpips``) of the images."""
+    if distance is None:
+        return F.mse_loss(x.float(), targets.float())
+    return distance(pixels(model, x), pixels(model, targets)).mean()
+
+
+@torch.no_grad()
+def pair_loss(model, pairs: dict, count: int | None = None, distance=None) -> float:
+    """Mean squared error (or ``distance``) of the student on (the first ``count`` of) a pair set."""
     n = len(pairs["prompts"]) if count is None else count
     x = student_samples(model, pairs["prompts"][:n], pairs["noise"][:n])
-    return F.mse_loss(x, pairs["targets"][:n].float()).item()
+    return regression_loss(model, x, pairs["targets"][:n], distance).item()
 
 
 def learning_rate(step: int, args) -> float:
@@ -245,6 +263,11 @@ def main() -> None:
     parser.add_argument(
         "--online", action="store_true", help="fresh pairs every step instead of --pairs cached ones"
     )
+    parser.add_argument(
+        "--loss", choices=("mse", *PERCEPTUAL_DISTANCES), default="mse",
+        help="the regression's loss: latent MSE, or LPIPS's form over the shapes world's perception network "
+        "(DMD's LPIPS; flowalign.algorithms.perceptual)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if any("=" not in spec for spec in args.measure):
@@ -252,6 +275,13 @@ def main() -> None:
     if args.pairs < args.batch and not args.online:
         sys.exit(f"--pairs {args.pairs} must be at least --batch {args.batch}")
     args.out.mkdir(parents=True, exist_ok=True)
+    settings = {key: str(getattr(args, key)) for key in ("loss", "lr", "batch", "source", "online", "seed")}
+    written = args.out / "probe_settings.json"
+    if written.is_file() and json.loads(written.read_text()) != settings:  # a resume must train the same way
+        sys.exit(
+            f"{args.out} holds a probe run with other settings ({written.read_text()}); use another --out"
+        )
+    written.write_text(json.dumps(settings))
     torch.manual_seed(args.seed)
     model = load_model(args.model)
     source = load_model(args.model)  # the pairs' sampler, frozen: the teacher, or --source's weights on it
@@ -275,9 +305,14 @@ def main() -> None:
     fit_count = min(1024, args.pairs)
     train_prompts = [r.prompt for r in load_prompt_set(PROMPTS / "train.jsonl")]
 
+    distance = None if args.loss == "mse" else load_perceptual(args.loss, "--loss")
+
     def losses() -> dict[str, float]:
         fit = {} if args.online else {"train": pair_loss(model, pairs["train"], fit_count)}
-        return fit | {key: pair_loss(model, pairs[key]) for key in ("heldout_train", "heldout_test")}
+        held = {key: pair_loss(model, pairs[key]) for key in ("heldout_train", "heldout_test")}
+        if distance is not None:  # the trained loss too (the MSE keys stay comparable across losses)
+            held |= {f"{key}_{args.loss}": pair_loss(model, pairs[key], None, distance) for key in list(held)}
+        return fit | held
 
     def training_pairs(step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """``step``'s prompts, noises and targets: a fresh draw (``--online``) or a batch of the cached set."""
@@ -328,7 +363,7 @@ def main() -> None:
             group["lr"] = learning_rate(step, args)
         texts, noise, targets = training_pairs(step)
         x = student_sample(model, texts, noise)
-        loss = F.mse_loss(x.float(), targets.float())
+        loss = regression_loss(model, x, targets, distance)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)

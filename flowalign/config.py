@@ -264,7 +264,9 @@ class DMDConfig:
     ``regression_weight``: DMD's regression loss (Yin et al. 2024, DMD, Eq. 7-8; 0.25 there): the student's
     sample from a stored noise against the teacher's ODE sample from it (latent MSE), on a pool of
     ``regression_pairs`` pairs generated when training starts with ``teacher_steps`` teacher steps (None:
-    the model's default). 0: DMD2's recipe, no regression.
+    the model's default). 0: DMD2's recipe, no regression. ``regression_loss``: its distance, ``mse`` (latents)
+    or a perceptual one on the decoded images (:mod:`flowalign.algorithms.perceptual`; DMD uses LPIPS):
+    ``shapes_lpips``, LPIPS's form over the shapes world's perception network (shapes-world images only).
     ``reward_beta``: reward-tilted DMD (RTDMD): distil toward the teacher tilted by ``exp(beta * reward)``
     with the configured rewards, which must be differentiable; ``beta`` is relative to DMD2's normalised
     loss (RTDMD's weights amount to about 0.1). 0: no tilt, and no reward is needed (a ``reward`` section
@@ -321,6 +323,7 @@ class DMDConfig:
     normalize: bool = True
     regression_weight: float = 0.0
     regression_pairs: int = 1024
+    regression_loss: str = "mse"
     teacher_steps: int | None = None
     reward_beta: float = 0.0
     reward_margin: float | None = None
@@ -807,6 +810,13 @@ def _check_dmd(config: Config, fail) -> None:
         )
     if k.regression_weight > 0 and k.regression_pairs < 1:
         fail("dmd.regression_pairs", f"must be >= 1 when dmd.regression_weight > 0, got {k.regression_pairs}")
+    from flowalign.algorithms.perceptual import PERCEPTUAL_DISTANCES
+
+    if k.regression_loss not in ("mse", *PERCEPTUAL_DISTANCES):
+        fail(
+            "dmd.regression_loss",
+            f"must be one of mse, {', '.join(PERCEPTUAL_DISTANCES)}, got {k.regression_loss!r}",
+        )
     from flowalign.algorithms.dmd import F_DIVERGENCES
 
     if k.divergence not in F_DIVERGENCES:

@@ -72,6 +72,7 @@ from flowalign.algorithms.dmd import (
     gan_generator_loss,
     reward_tilted_dmd_loss,
 )
+from flowalign.algorithms.perceptual import load_perceptual
 from flowalign.models import ModelAdapter
 from flowalign.samplers import Rollout, SamplingPlan, chunks, denoise_step, generate, seeded_generators
 from flowalign.samplers.steps import randn
@@ -211,6 +212,14 @@ class DMDRecipe(Recipe):
             )
         if d.policy_weight > 0:
             ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
+        self.distance = None  # DMD's regression distance on decoded images (None: latent MSE)
+        if d.regression_loss != "mse" and d.regression_weight > 0:
+            if ctx.model.family != "shapes":
+                raise ValueError(
+                    f"dmd.regression_loss={d.regression_loss} compares shapes-world images; the {ctx.model.family} "
+                    "model makes others: set dmd.regression_loss=mse."
+                )
+            self.distance = load_perceptual(d.regression_loss).to(ctx.model.device)
         super().setup(ctx)
         model, config, acc = ctx.model, ctx.config, ctx.accelerator
         # FSDP: the copies are sharded like the student, each holding its own shards (with a LoRA student the
@@ -693,9 +702,10 @@ class DMDRecipe(Recipe):
     def _regression(self, step: int, index: Tensor) -> Tensor:
         """DMD's regression loss on the pairs ``index`` (this micro-batch's share of the step's draw): the
         student's sample from a pair's noise (the same backward-simulation step as the generator's) against the teacher's
-        ODE sample from it, mean squared error in latent space. Deviation: DMD uses LPIPS on decoded
-        images, which needs VGG weights that cannot be downloaded here; the latent MSE is the plain
-        stand-in (on the shapes world the latents are the pixels)."""
+        ODE sample from it, mean squared error in latent space, or with ``dmd.regression_loss`` a perceptual
+        distance of the decoded images. Deviation: DMD uses LPIPS over an ImageNet VGG, whose weights cannot be
+        downloaded here; the latent MSE is the plain stand-in (on the shapes world the latents are the pixels),
+        and ``shapes_lpips`` LPIPS's form over the shapes world's own perception network."""
         ctx = self.ctx
         prompts, noise, targets, metadata = self.pairs
         index = index.tolist()
@@ -704,7 +714,10 @@ class DMDRecipe(Recipe):
         )
         device = ctx.model.device
         x = self._student(step, "student", cond, noise[index].to(device), grad=True)
-        return F.mse_loss(x.float(), targets[index].to(device).float())
+        target = targets[index].to(device)
+        if self.distance is None:
+            return F.mse_loss(x.float(), target.float())
+        return self.distance(ctx.model.decode(x), ctx.model.decode(target)).mean()
 
     # ------------------------------------------------------------------ state
 

@@ -265,8 +265,9 @@ class DMDConfig:
     sample from a stored noise against the teacher's ODE sample from it (latent MSE), on a pool of
     ``regression_pairs`` pairs generated when training starts with ``teacher_steps`` teacher steps (None:
     the model's default). 0: DMD2's recipe, no regression. ``regression_loss``: its distance, ``mse`` (latents)
-    or a perceptual one on the decoded images (:mod:`flowalign.algorithms.perceptual`; DMD uses LPIPS):
-    ``shapes_lpips``, LPIPS's form over the shapes world's perception network (shapes-world images only).
+    or a perceptual one on the decoded images (:mod:`flowalign.algorithms.perceptual`): ``lpips``, DMD's
+    LPIPS over VGG16 (``pip install 'flowalign[lpips]'``; torchvision's VGG16 weights), or ``shapes_lpips``,
+    LPIPS's form over the shapes world's perception network (shapes-world images only). Image models only.
     ``reward_beta``: reward-tilted DMD (RTDMD): distil toward the teacher tilted by ``exp(beta * reward)``
     with the configured rewards, which must be differentiable; ``beta`` is relative to DMD2's normalised
     loss (RTDMD's weights amount to about 0.1). 0: no tilt, and no reward is needed (a ``reward`` section

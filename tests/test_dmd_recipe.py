@@ -267,6 +267,10 @@ def test_an_image_to_video_student_regresses_on_the_teachers_videos_from_its_rec
             r"dmd\.gan_real holds images; the wan model makes videos",
         ),
         (
+            ["dmd.regression_loss=lpips"],
+            r"dmd\.regression_loss=lpips compares images; the wan model makes videos",
+        ),
+        (
             ["model.path=tiny-wan22", "model.expert=both"],
             r"dmd\.gan_weight: the discriminator reads one network",
         ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowalign.algorithms.perceptual import ShapesLPIPS, load_perceptual, lpips_form
+from flowalign.algorithms.perceptual import VGGLPIPS, ShapesLPIPS, load_perceptual, lpips_form
 from flowalign.worlds.shapes.scene import Scene, SceneObject, render_scene
 
 
@@ -52,3 +52,30 @@ def test_shapes_lpips_weighs_a_missing_or_reshaped_object_above_noise_of_the_sam
 def test_an_unknown_distance_names_the_option():
     with pytest.raises(ValueError, match="--loss: unknown perceptual distance 'vgg'"):
         load_perceptual("vgg", "--loss")
+
+
+def test_lpips_form_is_the_lpips_packages_baseline_on_vgg_features():
+    """The reference: the ``lpips`` package's LPIPS without its linear layers (``lpips=False``) over a (random)
+    VGG16 is :func:`lpips_form` of that network's five feature maps."""
+    import lpips
+
+    torch.manual_seed(0)
+    net = lpips.LPIPS(net="vgg", lpips=False, pnet_rand=True, verbose=False)
+    x, y = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    features = [net.net(net.scaling_layer(2 * images - 1)) for images in (x, y)]
+    torch.testing.assert_close(
+        lpips_form(list(features[0]), list(features[1])), net(x, y, normalize=True).view(-1)
+    )
+
+
+def test_dmds_vgg_lpips_takes_images_in_0_1_and_needs_its_weights_offline(tmp_path, monkeypatch):
+    distance = VGGLPIPS(pretrained_backbone=False)
+    x = torch.rand(2, 3, 32, 32)
+    assert distance(x, x).abs().max().item() < 1e-6
+    assert (distance(x, torch.rand(2, 3, 32, 32)) > 0).all()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        FileNotFoundError, match="dmd.regression_loss=lpips: the VGG16 weights are not at .*set dmd"
+    ):
+        load_perceptual("lpips")

@@ -214,10 +214,15 @@ class DMDRecipe(Recipe):
             ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
         self.distance = None  # DMD's regression distance on decoded images (None: latent MSE)
         if d.regression_loss != "mse" and d.regression_weight > 0:
-            if ctx.model.family != "shapes":
+            if d.regression_loss == "shapes_lpips" and ctx.model.family != "shapes":
                 raise ValueError(
                     f"dmd.regression_loss={d.regression_loss} compares shapes-world images; the {ctx.model.family} "
-                    "model makes others: set dmd.regression_loss=mse."
+                    "model makes others: set dmd.regression_loss=lpips (DMD's VGG LPIPS) or mse."
+                )
+            if ctx.model.is_video:
+                raise ValueError(
+                    f"dmd.regression_loss={d.regression_loss} compares images; the {ctx.model.family} model makes "
+                    "videos: set dmd.regression_loss=mse."
                 )
             self.distance = load_perceptual(d.regression_loss).to(ctx.model.device)
         super().setup(ctx)

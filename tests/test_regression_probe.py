@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from scripts import load_script
@@ -151,6 +152,31 @@ def test_pair_accuracy_of_the_pairs_own_sampler_is_exactly_the_targets(tmp_path,
     assert results["source"] == "the teacher, 1 steps, guidance 1.0"
     for rows in results["sets"].values():
         assert rows["same"]["overall"] == rows["targets"]["overall"] and rows["same"]["mse"] == 0.0
-        assert rows["same"]["minus_targets"]["estimate"] == 0.0
-        assert rows["shifted"]["mse"] > 1e-4
+        assert rows["same"]["minus_targets"]["estimate"] == 0.0 and rows["same"]["shapes_lpips"] == 0.0
+        assert rows["shifted"]["mse"] > 1e-4 and rows["shifted"]["shapes_lpips"] > 1e-4
     assert "| same (1 step) |" in (out / "results.md").read_text()
+
+
+def test_a_perceptual_probe_logs_its_distance_and_refuses_to_resume_with_another_loss(tmp_path, monkeypatch):
+    """``--loss shapes_lpips``: the held-out sets are logged in MSE and in the trained distance, which at step 0
+    is ShapesLPIPS of the teacher's one-step samples against its 2-step targets; the same ``--out`` with
+    ``--loss mse`` is one error instead of a run that mixes two losses."""
+    from flowalign.algorithms.perceptual import ShapesLPIPS
+
+    probe = _module()
+    out = tmp_path / "lpips"
+    argv = ["regression_probe.py", "--pairs", "4", "--heldout", "4", "--teacher-steps", "2", "--teacher-guidance",
+            "1.0", "--steps", "1", "--batch", "4", "--eval-every", "1", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [*argv, "--loss", "shapes_lpips"])
+    probe.main()
+    first = json.loads((out / "losses.jsonl").read_text().splitlines()[0])
+    cached = load_file(str(out / "pairs_heldout_test.safetensors"))
+    prompts = json.loads((out / "pairs_heldout_test.json").read_text())["prompts"]
+    model = load_model("shapes")
+    x = probe.student_samples(model, prompts, cached["noise"])
+    expected = ShapesLPIPS()(probe.pixels(model, x), probe.pixels(model, cached["targets"])).mean().item()
+    assert first["heldout_test_shapes_lpips"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert first["heldout_test"] == pytest.approx(torch.nn.functional.mse_loss(x, cached["targets"]).item())
+    monkeypatch.setattr(sys, "argv", [*argv, "--loss", "mse"])
+    with pytest.raises(SystemExit, match="holds a probe run with other settings"):
+        probe.main()

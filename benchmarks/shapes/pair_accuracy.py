@@ -11,7 +11,8 @@ both, squared error is the wrong fit.
 
 Per pair set and student: overall accuracy with its 95% interval (the stratified bootstrap over prompts of
 ``flowalign.eval.stats``), the paired difference to the pairs' targets (same prompts and noises), and the
-student's MSE to them. Every pair set of the folder is judged (an ``--online`` probe has no ``pairs_train``).
+student's MSE and ``shapes_lpips`` distance (``flowalign.algorithms.perceptual``, on the unclamped images, as
+``regression_probe.py --loss shapes_lpips`` trains it) to them. Every pair set of the folder is judged (an ``--online`` probe has no ``pairs_train``).
 Writes ``results.md`` and ``results.json`` under ``--out``.
 
     python benchmarks/shapes/pair_accuracy.py --pairs runs/ev/regression_probe --count 1024 \\
@@ -35,8 +36,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from distill_compare import student_model  # noqa: E402
-from regression_probe import PROMPTS, student_samples  # noqa: E402
+from regression_probe import PROMPTS, pixels, student_samples  # noqa: E402
 
+from flowalign.algorithms.perceptual import ShapesLPIPS  # noqa: E402
 from flowalign.eval.geneval import GenEvalConfig, judge_images  # noqa: E402
 from flowalign.eval.stats import Verdicts, benchmark_stats, paired_comparison  # noqa: E402
 from flowalign.worlds.shapes import load_prompts  # noqa: E402
@@ -98,6 +100,7 @@ def main() -> None:
     source = f"{made.get('source', 'the teacher')}, {made['steps']} steps, guidance {made['guidance']}"
     args.out.mkdir(parents=True, exist_ok=True)
     students = {name: student_model(path) for name, path in (s.split("=", 1) for s in args.students)}
+    perceptual = ShapesLPIPS()
     command = "python benchmarks/shapes/pair_accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results: dict = {"command": command, "source": source, "sets": {}}
     lines = [f"Command: `{command}`", "", f"The pairs' targets: {source}.", ""]
@@ -110,13 +113,15 @@ def main() -> None:
         lines += [
             f"## `pairs_{name}`: {len(pairs['prompts'])} pairs, {SETS[name][1]}",
             "",
-            "| model | overall [95%] | minus the targets, paired [95%] | MSE to them |",
-            "|---|---|---|---|",
-            f"| the pairs' targets | {interval(target_stats.overall, '.3f')} | — | 0 |",
+            "| model | overall [95%] | minus the targets, paired [95%] | MSE to them | shapes_lpips to them |",
+            "|---|---|---|---|---|",
+            f"| the pairs' targets | {interval(target_stats.overall, '.3f')} | — | 0 | 0 |",
         ]
         for student, model in students.items():
             latents = student_samples(model, pairs["prompts"], pairs["noise"])
             mse = F.mse_loss(latents, pairs["targets"].float()).item()
+            with torch.no_grad():
+                lpips = perceptual(pixels(model, latents), pixels(model, pairs["targets"])).mean().item()
             verdicts = judged(model.decode(latents), pairs)
             stats = benchmark_stats(verdicts)
             diff = paired_comparison(targets, verdicts).overall
@@ -124,8 +129,9 @@ def main() -> None:
                 "overall": stats.overall.as_json(),
                 "minus_targets": diff.as_json(True),
                 "mse": mse,
+                "shapes_lpips": lpips,
             }
-            row = f"{interval(stats.overall, '.3f')} | {interval(diff)} | {mse:.3f}"
+            row = f"{interval(stats.overall, '.3f')} | {interval(diff)} | {mse:.3f} | {lpips:.3f}"
             lines.append(f"| {student} (1 step) | {row} |")
             print(f"{name} {student}: {row}", flush=True)
         results["sets"][name] = rows

@@ -818,6 +818,10 @@ def _check_dmd(config: Config, fail) -> None:
             "dmd.regression_loss",
             f"must be one of mse, {', '.join(PERCEPTUAL_DISTANCES)}, got {k.regression_loss!r}",
         )
+    if k.regression_loss != "mse" and k.regression_weight == 0:
+        fail(
+            "dmd.regression_loss", "has no effect without dmd.regression_weight > 0 (set both, or remove it)"
+        )
     from flowalign.algorithms.dmd import F_DIVERGENCES
 
     if k.divergence not in F_DIVERGENCES:

@@ -137,6 +137,7 @@ def test_the_teacher_stays_the_base_model_while_the_student_trains(tmp_path):
         (["dmd.regression_weight=-1"], "dmd.regression_weight"),
         (["dmd.regression_weight=0.25", "dmd.regression_pairs=0"], "dmd.regression_pairs"),
         (["dmd.regression_loss=vgg"], "dmd.regression_loss"),
+        (["dmd.regression_loss=lpips", "dmd.regression_weight=0"], "dmd.regression_loss"),
         (["dmd.teacher_steps=0"], "dmd.teacher_steps"),
         (["dmd.divergence=tv"], "dmd.divergence"),
         (["dmd.gan_weight=-1"], "dmd.gan_weight"),

@@ -94,9 +94,8 @@ class VGGLPIPS(nn.Module):
                 f"{option}=lpips: the VGG16 weights are not at {cached} and HF_HUB_OFFLINE=1; {fix}"
             )
         try:
-            with (
-                warnings.catch_warnings()
-            ):  # the package asks torchvision for `pretrained=`, deprecated there
+            # the package asks torchvision for `pretrained=`, deprecated there
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.net = lpips.LPIPS(net="vgg", pnet_rand=not pretrained_backbone, verbose=False)
         except OSError as error:  # a failed download (URLError is an OSError)

@@ -213,7 +213,9 @@ def plot_curves(out: Path, rows: list[dict], measured: dict, pairs_of: str = "th
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    trained = [k[len("heldout_train_") :] for k in rows[0] if k.startswith("heldout_train_")]  # --loss
+    fig, axes = plt.subplots(1, 1 + len(trained), figsize=(6.4 * (1 + len(trained)), 4.0), squeeze=False)
+    ax = axes[0, 0]
     steps = [r["step"] for r in rows]
     for key, label in [
         ("train", "1024 training pairs"),
@@ -232,7 +234,24 @@ def plot_curves(out: Path, rows: list[dict], measured: dict, pairs_of: str = "th
     if all(r[key] > 0 for r in rows for key in ("heldout_train", "heldout_test")):
         ax.set_yscale("log")  # (a student that is its pairs' own sampler has loss 0)
     ax.legend(fontsize=7)
-    ax.set_title(f"one-step student, pure regression on pairs of\n{pairs_of}", fontsize=9)
+    trained_by = f" ({trained[0]})" if trained else ""
+    ax.set_title(f"one-step student, pure regression{trained_by} on pairs of\n{pairs_of}", fontsize=9)
+    for other, distance in zip(
+        axes[0, 1:], trained, strict=True
+    ):  # the trained distance on the held-out sets
+        for key, label in [
+            ("heldout_train", "held-out noise, training prompts"),
+            ("heldout_test", "test prompts"),
+        ]:
+            other.plot(
+                steps,
+                [r[f"{key}_{distance}"] for r in rows],
+                label=label,
+                color="C1" if "train" in key else "C2",
+            )
+        other.set_xlabel("step")
+        other.set_ylabel(f"{distance} to the pairs' targets")
+        other.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)

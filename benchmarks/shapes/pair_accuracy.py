@@ -12,7 +12,8 @@ both, squared error is the wrong fit.
 Per pair set and student: overall accuracy with its 95% interval (the stratified bootstrap over prompts of
 ``flowalign.eval.stats``), the paired difference to the pairs' targets (same prompts and noises), and the
 student's MSE and ``shapes_lpips`` distance (``flowalign.algorithms.perceptual``, on the unclamped images, as
-``regression_probe.py --loss shapes_lpips`` trains it) to them. Every pair set of the folder is judged (an ``--online`` probe has no ``pairs_train``).
+``regression_probe.py --loss shapes_lpips`` trains it) to them. Every pair set of the folder is judged (an
+``--online`` probe has no ``pairs_train``).
 Writes ``results.md`` and ``results.json`` under ``--out``.
 
     python benchmarks/shapes/pair_accuracy.py --pairs runs/ev/regression_probe --count 1024 \\

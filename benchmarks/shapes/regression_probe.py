@@ -21,8 +21,9 @@ GAN). DMD's regression term (``dmd.regression_weight``) is this loss on a pool o
    is what did not generalise over noise; the level of the first is what the network could not fit.
 4. ``--measure NAME=WEIGHTS``: the same held-out losses of other students (the DMD students' regression fit).
 
-``--loss shapes_lpips`` trains on DMD's own regression distance instead of the MSE: LPIPS's form over the shapes
-world's perception network (``flowalign.algorithms.perceptual``; the held-out sets are then logged in both).
+``--loss shapes_lpips`` trains on a perceptual distance instead of the MSE, as DMD regresses with LPIPS: LPIPS's
+form over the shapes world's perception network (``flowalign.algorithms.perceptual``; the held-out sets are then
+logged in both, and ``curves.png`` gains a panel for the distance).
 
 ``--source WEIGHTS`` takes the pairs from another sampler of the same model instead of the teacher: a distilled
 student's checkpoint, sampled at ``--teacher-steps`` and ``--teacher-guidance`` (the 4-step DMD student at 4 steps,
@@ -236,19 +237,13 @@ def plot_curves(out: Path, rows: list[dict], measured: dict, pairs_of: str = "th
     ax.legend(fontsize=7)
     trained_by = f" ({trained[0]})" if trained else ""
     ax.set_title(f"one-step student, pure regression{trained_by} on pairs of\n{pairs_of}", fontsize=9)
-    for other, distance in zip(
-        axes[0, 1:], trained, strict=True
-    ):  # the trained distance on the held-out sets
-        for key, label in [
-            ("heldout_train", "held-out noise, training prompts"),
-            ("heldout_test", "test prompts"),
+    # the trained distance on the held-out sets, one panel each
+    for other, distance in zip(axes[0, 1:], trained, strict=True):
+        for key, label, color in [
+            ("heldout_train", "held-out noise, training prompts", "C1"),
+            ("heldout_test", "held-out noise, test prompts", "C2"),
         ]:
-            other.plot(
-                steps,
-                [r[f"{key}_{distance}"] for r in rows],
-                label=label,
-                color="C1" if "train" in key else "C2",
-            )
+            other.plot(steps, [r[f"{key}_{distance}"] for r in rows], label=label, color=color)
         other.set_xlabel("step")
         other.set_ylabel(f"{distance} to the pairs' targets")
         other.legend(fontsize=7)

@@ -213,7 +213,7 @@ class DMDRecipe(Recipe):
         if d.policy_weight > 0:
             ctx.dynamics  # noqa: B018  (the rollout SDE must fit the model before training starts)
         self.distance = None  # DMD's regression distance on decoded images (None: latent MSE)
-        if d.regression_loss != "mse" and d.regression_weight > 0:
+        if d.regression_loss != "mse":  # (the config check requires dmd.regression_weight > 0 with it)
             if d.regression_loss == "shapes_lpips" and ctx.model.family != "shapes":
                 raise ValueError(
                     f"dmd.regression_loss={d.regression_loss} compares shapes-world images; the {ctx.model.family} "

@@ -180,3 +180,54 @@ def test_a_perceptual_probe_logs_its_distance_and_refuses_to_resume_with_another
     monkeypatch.setattr(sys, "argv", [*argv, "--loss", "mse"])
     with pytest.raises(SystemExit, match="holds a probe run with other settings"):
         probe.main()
+
+
+def test_reflow_at_the_top_level_is_the_regression_and_below_it_the_straight_lines_velocity():
+    """``reflow_loss`` at ``s = 1`` is the one-step regression's MSE on the same pairs (``x_1 = z``, sample
+    ``z - v``); at any ``s`` it is the MSE of the network's velocity at ``(1 - s) x + s z`` against ``z - x``."""
+    probe = _module()
+    model = load_model("shapes")
+    prompts = ["a red circle", "two blue squares"]
+    noise = torch.randn(2, *model.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    targets = torch.randn(noise.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        top = probe.reflow_loss(model, prompts, noise, targets, torch.ones(2))
+        one_step = probe.regression_loss(model, probe.student_sample(model, prompts, noise), targets)
+        assert top.item() == pytest.approx(one_step.item(), rel=1e-5)
+        s = torch.tensor([0.25, 0.6])
+        x_s = (1 - s.view(2, 1, 1, 1)) * targets + s.view(2, 1, 1, 1) * noise
+        v = model.predict(x_s, 1000 * s, model.encode(prompts, cfg=False))
+        expected = ((v - (noise - targets)) ** 2).mean()
+        assert probe.reflow_loss(model, prompts, noise, targets, s).item() == pytest.approx(expected.item())
+    assert torch.equal(probe.reflow_sigmas(3, 4, 0), probe.reflow_sigmas(3, 4, 0))  # seeded by the step
+    assert not torch.equal(probe.reflow_sigmas(3, 4, 0), probe.reflow_sigmas(4, 4, 0))
+
+
+def test_a_reflow_run_starts_from_init_resumes_exactly_and_refuses_a_perceptual_loss(tmp_path, monkeypatch):
+    """``--objective reflow --init W``: step 0's losses are ``W``'s one-step fit of the pairs, a run interrupted
+    after its step-2 checkpoint ends bitwise where an uninterrupted one does, and ``--loss`` other than MSE is one
+    error naming it."""
+    probe = _module()
+    init = _shifted_weights(tmp_path / "init.safetensors", 0.02)
+    first, second = tmp_path / "a", tmp_path / "b"
+    argv = ["regression_probe.py", "--objective", "reflow", "--init", str(init), "--pairs", "8", "--heldout", "4",
+            "--teacher-steps", "2", "--teacher-guidance", "1.0", "--steps", "4", "--batch", "4", "--eval-every",
+            "2", "--checkpoint-every", "2"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(first)])
+    probe.main()
+    start = json.loads((first / "losses.jsonl").read_text().splitlines()[0])
+    cached = load_file(str(first / "pairs_heldout_test.safetensors"))
+    prompts = json.loads((first / "pairs_heldout_test.json").read_text())["prompts"]
+    student = load_model("shapes")
+    student.load_weights(init)
+    x = probe.student_samples(student, prompts, cached["noise"])
+    assert start["heldout_test"] == pytest.approx(torch.nn.functional.mse_loss(x, cached["targets"]).item())
+    shutil.copytree(first, second)
+    shutil.rmtree(second / "step-000004")
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(second)])
+    probe.main()
+    ended = [load_file(str(d / "step-000004" / "trainable.safetensors")) for d in (first, second)]
+    assert all(torch.equal(ended[0][k], ended[1][k]) for k in ended[0])
+    monkeypatch.setattr(sys, "argv", [*argv, "--loss", "shapes_lpips", "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="--loss shapes_lpips: --objective reflow"):
+        probe.main()

@@ -32,6 +32,14 @@ every step from that sampler instead of a cached training set (the training prom
 noises never repeated), so the student never sees a noise twice and cannot fit the pairs without fitting the map;
 its held-out sets are the source's too.
 
+``--objective reflow`` trains the same pairs as a flow instead (rectified flow's reflow, Liu et al. 2023, "Flow
+Straight and Fast", Sec. 2.3; InstaFlow's first stage, Liu et al. 2024, Sec. 3): ``|| v(x_s, s) - (z - x) ||^2`` at
+``x_s = (1 - s) x + s z``, ``s ~ U(0, 1)`` (their uniform time), over the pairs ``(z, x)``. At ``s = 1`` that is the
+regression's loss (``x_1 = z`` and the one-step sample is ``z - v``); below it the network learns a flow whose
+paths are the straight lines between the teacher's noises and samples, the "2-rectified flow", whose few-step
+samples InstaFlow then distils into one step: ``--source`` its checkpoint and ``--init`` it (the student's
+starting weights; default the teacher). The logged losses stay the one-step regression's.
+
 Checkpoints (``step-N/trainable.safetensors``, loaded by ``--weights`` and by ``distill_compare.py``) are
 written every ``--checkpoint-every`` steps and at the end; a rerun with the same ``--out`` resumes from the last
 one exactly (its optimizer state and the step's seeded draw).
@@ -62,6 +70,7 @@ from flowalign.algorithms.perceptual import PERCEPTUAL_DISTANCES, load_perceptua
 from flowalign.data.prompts import load_prompt_set  # noqa: E402
 from flowalign.models import load_model  # noqa: E402
 from flowalign.samplers.generate import generate, seeded_generators  # noqa: E402
+from flowalign.samplers.paths import FlowPath  # noqa: E402
 from flowalign.samplers.plan import SamplingPlan  # noqa: E402
 
 PROMPTS = ROOT / "assets" / "shapes" / "prompts"
@@ -141,6 +150,23 @@ def cached_pairs(model, out: Path, name: str, prompts: list[str], seeds: list[in
     return {"prompts": prompts, "noise": noise, "targets": targets}
 
 
+def reflow_sigmas(step: int, batch: int, seed: int) -> torch.Tensor:
+    """``step``'s ``[batch]`` levels ``s ~ U(0, 1)`` for ``--objective reflow``, seeded by the step (a resumed run
+    draws the same)."""
+    return torch.rand(batch, generator=torch.Generator().manual_seed(seed * 7_919 + step + 300_000_001))
+
+
+def reflow_loss(model, prompts: list[str], noise: torch.Tensor, targets: torch.Tensor, sigmas: torch.Tensor):
+    """Rectified flow's loss on a coupling (Liu et al. 2023, Eq. 1 with ``(X_0, X_1)`` the pairs; flowalign's
+    flow form, ``x_s = (1 - s) x + s z`` and velocity ``z - x``): ``mean || v(x_s, 1000 s) - (z - x) ||^2``,
+    CFG-free (the pairs' guidance is distilled into the flow)."""
+    path = FlowPath()
+    sigmas = sigmas.to(noise.device)
+    x_s = path.noised(targets.float(), sigmas, noise.float())
+    velocity = model.predict(x_s, path.timestep(sigmas), model.encode(prompts, cfg=False), 1.0)
+    return F.mse_loss(velocity, path.target(targets.float(), noise.float(), sigmas))
+
+
 ONE_STEP = SamplingPlan(sde=(False,), grad=(True,), checkpoint=(False,))
 
 
@@ -208,7 +234,9 @@ def save_checkpoint(model, optimizer, out: Path, step: int) -> None:
     (folder / "probe_step.json").write_text(json.dumps({"step": step}))
 
 
-def plot_curves(out: Path, rows: list[dict], measured: dict, pairs_of: str = "the teacher") -> None:
+def plot_curves(
+    out: Path, rows: list[dict], measured: dict, pairs_of: str = "the teacher", objective: str = "regression"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,7 +264,8 @@ def plot_curves(out: Path, rows: list[dict], measured: dict, pairs_of: str = "th
         ax.set_yscale("log")  # (a student that is its pairs' own sampler has loss 0)
     ax.legend(fontsize=7)
     trained_by = f" ({trained[0]})" if trained else ""
-    ax.set_title(f"one-step student, pure regression{trained_by} on pairs of\n{pairs_of}", fontsize=9)
+    trained_as = "pure regression" if objective == "regression" else "reflow (its one-step sample)"
+    ax.set_title(f"one-step student, {trained_as}{trained_by} on pairs of\n{pairs_of}", fontsize=9)
     # the trained distance on the held-out sets, one panel each
     for other, distance in zip(axes[0, 1:], trained, strict=True):
         for key, label, color in [
@@ -282,6 +311,14 @@ def main() -> None:
         help="the regression's loss: latent MSE, or LPIPS's form over the shapes world's perception network "
         "(DMD's LPIPS; flowalign.algorithms.perceptual)",
     )  # fmt: skip
+    parser.add_argument(
+        "--objective", choices=("regression", "reflow"), default="regression",
+        help="regress the one-step sample on the pairs, or train the pairs' straight flow (reflow, see above)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init", type=Path, default=None, metavar="WEIGHTS",
+        help="the student's starting weights, a checkpoint of --model (default: --model's own)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if any("=" not in spec for spec in args.measure):
@@ -290,6 +327,10 @@ def main() -> None:
         sys.exit(f"--pairs {args.pairs} must be at least --batch {args.batch}")
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {key: str(getattr(args, key)) for key in ("loss", "lr", "batch", "source", "online", "seed")}
+    if args.objective != "regression" or args.init:  # (runs of the plain probe keep their settings file)
+        settings |= {"objective": args.objective, "init": str(args.init)}
+    if args.objective == "reflow" and args.loss != "mse":
+        sys.exit(f"--loss {args.loss}: --objective reflow trains the flow's velocity in MSE; drop --loss")
     written = args.out / "probe_settings.json"
     if written.is_file() and json.loads(written.read_text()) != settings:  # a resume must train the same way
         sys.exit(
@@ -298,6 +339,8 @@ def main() -> None:
     written.write_text(json.dumps(settings))
     torch.manual_seed(args.seed)
     model = load_model(args.model)
+    if args.init:
+        model.load_weights(args.init)
     source = load_model(args.model)  # the pairs' sampler, frozen: the teacher, or --source's weights on it
     if args.source:
         source.load_weights(args.source)
@@ -376,8 +419,10 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         texts, noise, targets = training_pairs(step)
-        x = student_sample(model, texts, noise)
-        loss = regression_loss(model, x, targets, distance)
+        if args.objective == "reflow":
+            loss = reflow_loss(model, texts, noise, targets, reflow_sigmas(step, len(texts), args.seed))
+        else:
+            loss = regression_loss(model, student_sample(model, texts, noise), targets, distance)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -395,6 +440,7 @@ def main() -> None:
         rows,
         measured,
         f"{args.source} ({args.teacher_steps} steps)" if args.source else "the teacher",
+        args.objective,
     )
     print(json.dumps(rows[-1]), flush=True)
 

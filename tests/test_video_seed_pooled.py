@@ -44,3 +44,28 @@ def test_another_benchmarks_videos_are_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="judge different videos: not the same benchmark"):
         _module().pooled([other], teacher)
+
+
+def test_pairs_give_each_seed_its_own_reference(tmp_path):
+    base0 = _bench(tmp_path / "b0", [1, 0, 1, 0])
+    tuned0 = _bench(tmp_path / "t0", [1, 1, 1, 1])  # +0.5 against its own base
+    base1 = _bench(tmp_path / "b1", [0, 0, 0, 0])
+    # move 0 -> 0.5, move_stay 0 -> 0: +0.25
+    tuned1 = _bench(tmp_path / "t1", [1, 0, 0, 0], order=[3, 2, 1, 0])
+    gain = _module().pooled_pairs([(base0, tuned0), (base1, tuned1)])
+    assert gain.estimate == pytest.approx(0.375)
+    assert gain.low <= gain.estimate <= gain.high
+    assert _module().pooled([tuned0], base0).estimate == pytest.approx(0.5)
+
+
+def test_the_command_line_takes_references_or_pairs_not_both(tmp_path, monkeypatch, capsys):
+    base = _bench(tmp_path / "b", [1, 0, 1, 0])
+    tuned = _bench(tmp_path / "t", [1, 1, 1, 1])
+    module = _module()
+    monkeypatch.setattr("sys.argv", ["seed_pooled.py", "--pair", str(base), str(tuned)])
+    module.main()
+    assert capsys.readouterr().out.splitlines()[-1].strip().startswith("= +0.500 [")
+    for argv in (["--pair", str(base), str(tuned), "--students", str(tuned)], ["--students", str(tuned)], []):
+        monkeypatch.setattr("sys.argv", ["seed_pooled.py", *argv])
+        with pytest.raises(SystemExit, match="give --students with --references, or --pair"):
+            module.main()

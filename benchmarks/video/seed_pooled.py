@@ -7,6 +7,9 @@ seeds. The references are usually the teacher at several step counts.
     python benchmarks/video/seed_pooled.py \\
         --students benchmarks/results/moving_shapes_dmd_4step/student_4step benchmarks/results/moving_shapes_dmd_4step/student_4step_seed1 \\
         --references benchmarks/results/moving_shapes_dmd_4step/teacher_10step_g1.5 benchmarks/results/moving_shapes_dmd_4step/teacher_4step_g1.5
+
+``--pair BASE TUNED`` (once per seed) gives each seed its own reference instead: the mean over the seeds of
+``TUNED - BASE``, e.g. one run's step-600 checkpoint against its own step-300 one.
 """
 
 from __future__ import annotations
@@ -32,31 +35,53 @@ def verdicts(folder: Path) -> tuple[Verdicts, list[tuple[int, int]]]:
     ), keys
 
 
+def pooled_pairs(pairs: list[tuple[Path, Path]]):
+    """The mean over seeds of ``tuned - base``, one ``(base, tuned)`` pair of bench folders per seed, overall, with
+    its interval; folders that judge other videos than the first base are refused."""
+    _, keys = verdicts(pairs[0][0])
+    seeds = []
+    for base, tuned in pairs:
+        (base_verdicts, base_keys), (tuned_verdicts, tuned_keys) = verdicts(base), verdicts(tuned)
+        for folder, folder_keys in ((base, base_keys), (tuned, tuned_keys)):
+            if folder_keys != keys:
+                raise ValueError(f"{folder} and {pairs[0][0]} judge different videos: not the same benchmark")
+        seeds.append((base_verdicts, tuned_verdicts))
+    return pooled_gain(seeds).overall
+
+
 def pooled(students: list[Path], reference: Path):
     """The mean over ``students`` (one bench folder per seed) of (student - ``reference``), overall, with its
     interval; folders that judge other videos are refused."""
-    base, keys = verdicts(reference)
-    seeds = []
-    for folder in students:
-        student, student_keys = verdicts(folder)
-        if student_keys != keys:
-            raise ValueError(f"{folder} and {reference} judge different videos: not the same benchmark")
-        seeds.append((base, student))
-    return pooled_gain(seeds).overall
+    return pooled_pairs([(reference, student) for student in students])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--students", nargs="+", type=Path, required=True, help="one bench folder per seed")
-    parser.add_argument("--references", nargs="+", type=Path, required=True, help="bench folders to subtract")
+    parser.add_argument("--students", nargs="+", type=Path, help="one bench folder per seed")
+    parser.add_argument("--references", nargs="+", type=Path, help="bench folders to subtract")
+    parser.add_argument(
+        "--pair", nargs=2, type=Path, action="append", default=[], metavar=("BASE", "TUNED"),
+        help="one seed's reference and student (repeat per seed): the mean of TUNED - BASE",
+    )  # fmt: skip
     args = parser.parse_args()
-    print(f"mean over {len(args.students)} seeds ({', '.join(str(s) for s in args.students)}) minus:")
-    for reference in args.references:
-        try:
+    mixed = args.pair and (args.students or args.references)
+    incomplete = not args.pair and not (args.students and args.references)
+    if mixed or incomplete:
+        sys.exit("error: give --students with --references, or --pair BASE TUNED once per seed, not both")
+    try:
+        if args.pair:
+            gain = pooled_pairs(args.pair)
+            print(f"mean over {len(args.pair)} seeds of TUNED - BASE:")
+            for base, tuned in args.pair:
+                print(f"  {tuned} - {base}")
+            print(f"  = {gain.estimate:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}]")
+            return
+        print(f"mean over {len(args.students)} seeds ({', '.join(str(s) for s in args.students)}) minus:")
+        for reference in args.references:
             gain = pooled(args.students, reference)
-        except ValueError as error:
-            sys.exit(f"error: {error}")
-        print(f"  {reference}: {gain.estimate:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}]")
+            print(f"  {reference}: {gain.estimate:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}]")
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

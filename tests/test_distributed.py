@@ -38,6 +38,7 @@ FSDP_CASES = [
     "dmd_fsdp_resume",
     "dmd_init_fsdp",
     "dmd_full_fsdp",
+    "dmd_shapes_lora_fsdp",
 ]
 EVAL_CASES = ["grpo_eval", "grpo_eval_fsdp"]
 NOT_COMPARED = {"step_time", "model_time_share"}
@@ -107,6 +108,7 @@ def test_a_process_without_pairs_trains_a_zero_weight_stand_in(runs):
         ("dmd_fsdp_resume", "recipe"),
         ("dmd_init_fsdp", "recipe"),
         ("dmd_full_fsdp", "recipe"),
+        ("dmd_shapes_lora_fsdp", "recipe"),
     ],
 )
 def test_sharded_ema_and_policy_copies_match_one_process(runs, case, state):

@@ -840,6 +840,103 @@ def test_the_discriminator_can_learn_from_real_images_instead_of_the_teacher(tmp
         train(_config("configs/dmd/tiny_sd3_fdistill.yaml", tmp_path / "bad", *common))
 
 
+def test_the_generators_gan_term_reaches_the_student_but_not_the_critic(tmp_path):
+    """DMD2's generator GAN term runs the fake score and its head as fixed functions (DMD2 freezes them for
+    the generator's turn): at the generator's optimizer step they hold no gradient, while the term changes the
+    student's gradient. (Under DDP the bare modules run: their parameters after the discriminator's layer get
+    no gradient, which the wrapper would wait for; ``tests/test_distributed.py``, case ``dmd_fdistill``.)"""
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    seen = {}
+
+    class Recording(DMDRecipe):
+        def setup(self, ctx):
+            super().setup(ctx)
+            original = ctx.optimizer_step
+
+            def step():
+                seen[self] = [p.grad.detach().clone() for p in ctx.trainable]
+                seen[self, "critic"] = [p.grad for p in self.fake_params]
+                return original()
+
+            ctx.optimizer_step = step
+
+    common = ["train.steps=1", "dmd.fake_updates=1", "dmd.gan_layer=transformer_blocks.0"]
+    with_term, without = Recording(), Recording()
+    run_training(
+        _config("configs/dmd/tiny_sd3_fdistill.yaml", tmp_path / "a", *common, "dmd.gan_weight=1"), with_term
+    )
+    run_training(
+        _config("configs/dmd/tiny_sd3_fdistill.yaml", tmp_path / "b", *common, "dmd.gan_weight=0"), without
+    )
+    assert all(grad is None for grad in seen[with_term, "critic"] + seen[without, "critic"])
+    assert any(not torch.equal(a, b) for a, b in zip(seen[with_term], seen[without], strict=True))
+
+
+def test_f_distill_bins_a_diffusion_models_ratios_by_their_place_in_t_range(tmp_path):
+    """f-distill's per-bin normalisation reads each re-noising draw's place in ``dmd.t_range``: for a
+    diffusion model its timestep over the last one, not its level ``alphas_cumprod[t]`` (which runs the other
+    way and leaves the range)."""
+    from flowalign.train import dmd as dmd_module
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    drawn, binned = [], []
+    levels_of, weight_of = dmd_module.noise_levels, dmd_module.f_divergence_weight
+
+    def recording_levels(model, gens, span, floor=None):
+        level, timestep = levels_of(model, gens, span, floor)
+        if list(span) == [0.3, 0.7]:  # the generator's draws (the fake score's span is [0, 1])
+            drawn.append(timestep)
+        return level, timestep
+
+    def recording_weight(logits, divergence, *, t, t_range, bins):
+        binned.append(t)
+        return weight_of(logits, divergence, t=t, t_range=t_range, bins=bins)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(dmd_module, "noise_levels", recording_levels)
+    patch.setattr(dmd_module, "f_divergence_weight", recording_weight)
+    overrides = ["train.steps=1", "dmd.fake_updates=1", "dmd.divergence=js", "dmd.ratio_bins=4",
+                 "dmd.t_range=[0.3,0.7]", "data.groups_per_step=4"]  # fmt: skip
+    try:
+        run_training(_config("configs/dmd/tiny_sd.yaml", tmp_path / "run", *overrides), DMDRecipe())
+    finally:
+        patch.undo()
+    (t,) = binned
+    assert torch.equal(t, torch.cat(drawn) / 999) and bool(((0.3 <= t) & (t <= 0.7)).all())
+
+
+def test_a_non_finite_fake_score_gradient_skips_its_update(tmp_path):
+    """A NaN in the fake score's gradient skips that update, reported as ``fake_skipped_updates``, as the
+    generator's optimizer step does: the fake score keeps its weights and Adam state."""
+    from flowalign.train.dmd import DMDRecipe
+    from flowalign.train.loop import run_training
+
+    seen = []
+
+    class Poisoned(DMDRecipe):
+        def setup(self, ctx):
+            super().setup(ctx)
+            self.fake_params[0].register_hook(lambda grad: grad * float("nan"))
+
+        def _fake_update(self, step, j):
+            before = [p.detach().clone() for p in self.fake_params]
+            metrics = super()._fake_update(step, j)
+            seen.append(
+                (metrics, all(torch.equal(a, p) for a, p in zip(before, self.fake_params, strict=True)))
+            )
+            return metrics
+
+    result = run_training(
+        _config("configs/dmd/tiny_sd3.yaml", tmp_path / "run", "train.steps=1", "dmd.fake_updates=2"),
+        Poisoned(),
+    )
+    assert [(m["fake_skipped_updates"], unchanged) for m, unchanged in seen] == [(1.0, True), (1.0, True)]
+    assert result.last_metrics["fake_skipped_updates"] == 1.0
+
+
 def test_micro_batching_leaves_the_update_unchanged(tmp_path):
     """f-distill + GAN + regression with micro-batches of one sample give the update of the whole batch: the
     f-distill weights are normalised over the whole batch, and the second (gradient) pass redraws the very
@@ -951,6 +1048,12 @@ def test_ac_dmd_matches_each_state_at_its_level_and_needs_a_flow_model(tmp_path)
     with pytest.raises(ValueError, match="dmd.ambient.*diffusion"):
         run_training(_config("configs/dmd/tiny_sd.yaml", tmp_path / "sd", "sampling.steps=2", "dmd.ambient=true"),
                      DMDRecipe())  # fmt: skip
+    # a state at 0.75 cannot be re-noised above itself below 0.7: refused before training, naming the key
+    high = ["sampling.sigmas=[1.0,0.5]", "dmd.t_range=[0.02,0.7]"]  # 0.5 is 0.75 after tiny-sd3's shift
+    with pytest.raises(
+        ValueError, match=r"^dmd.t_range=\[0.02, 0.7\]: .* reach 0.75; raise the upper end to at least 0.76"
+    ):
+        run_training(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "high", *overrides, *high), DMDRecipe())
 
 
 def test_the_fake_scores_consistency_term_moves_its_inputs_down_and_keeps_micro_batching_exact(tmp_path):

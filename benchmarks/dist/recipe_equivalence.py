@@ -49,11 +49,14 @@ CASES: dict[str, tuple[str, list[str]]] = {
     ),  # fmt: skip
     "sft": ("configs/sft/tiny_shapes.yaml", ["sft.batch_size=4"]),
     # DMD with f-distill (weights normalised over the global batch), the GAN term and the regression: the
-    # fake score and its discriminator train on every process's share, pool draws keyed by sample.
+    # fake score and its discriminator train on every process's share, pool draws keyed by sample. The
+    # discriminator reads the first of two blocks, so the generator's GAN term leaves the fake score's later
+    # parameters without a gradient (as a UNet's mid_block does its up blocks); DDP must not wait for them.
     "dmd_fdistill": (
         "configs/dmd/tiny_sd3_fdistill.yaml",
-        ["data.groups_per_step=4", "dmd.regression_weight=0.5", "dmd.fake_lr=1e-3"],
-    ),
+        ["data.groups_per_step=4", "dmd.regression_weight=0.5", "dmd.fake_lr=1e-3",
+         "dmd.gan_layer=transformer_blocks.0"],
+    ),  # fmt: skip
     # FSDP2 (train.sharding=fsdp) on N processes against one unsharded process: LoRA with the evaluation
     # EMA and the KL reference, NFT's old policy, full fine-tuning; and a sharded resume.
     "grpo_kl_fsdp": (
@@ -71,6 +74,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
     # RTDMD's cold start sharded: the student and fake score of dmd_fsdp_resume's first checkpoint (dmd.init).
     "dmd_init_fsdp": ("configs/dmd/tiny_sd3_fdistill.yaml", ["data.groups_per_step=4", "dmd.fake_lr=1e-3",
                                                              "train.steps=1", "train.sharding=fsdp"]),
+    # A model loaded from its files (no seeding of its own, unlike the tiny ones): the LoRA student's and the
+    # discriminator head's initial weights, which FSDP2 shards without broadcasting, must agree over processes.
+    "dmd_shapes_lora_fsdp": ("configs/dmd/shapes_1step_gan.yaml", [
+        "model.lora_rank=4", "data.groups_per_step=4", "data.balance_by=null", "dmd.fake_updates=1",
+        "dmd.regression_pairs=8", "dmd.teacher_steps=2", "dmd.fake_lr=1e-3", "train.steps=1",
+        "eval.prompts=null", "train.sharding=fsdp"]),  # fmt: skip
     "dmd_full_fsdp": ("configs/dmd/tiny_sd.yaml", ["data.groups_per_step=4", "optim.lr=100", "dmd.fake_lr=1e-3",
                                                    "train.steps=1", "train.sharding=fsdp"]),
     # Video (tiny Wan 2.2): both experts trained by NFT, and by GRPO on text-to-video in micro-batches of one
@@ -113,7 +122,11 @@ def write_pairs(directory: Path) -> Path:
         for name in (f"w{i}.png", f"l{i}.png"):
             pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(directory / name)
-        lines.append(json.dumps({"prompt": f"a photo of {i % 3 + 2} circles", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
+        lines.append(
+            json.dumps(
+                {"prompt": f"a photo of {i % 3 + 2} circles", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}
+            )
+        )
     (directory / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return directory / "pairs.jsonl"
 

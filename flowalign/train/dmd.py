@@ -76,7 +76,7 @@ from flowalign.algorithms.perceptual import load_perceptual
 from flowalign.models import ModelAdapter
 from flowalign.samplers import Rollout, SamplingPlan, chunks, denoise_step, generate, seeded_generators
 from flowalign.samplers.steps import randn
-from flowalign.train.loop import TrainContext, mean_metrics
+from flowalign.train.loop import TrainContext, clipped_step, mean_metrics
 from flowalign.train.online import _grpo_loss_at, _trained_steps, sample_and_score
 from flowalign.train.recipe import Recipe, register_recipe
 from flowalign.train.sharding import copy_full_, shard_denoiser, shard_like
@@ -126,6 +126,15 @@ def noise_levels(
     last = len(model.pipeline.scheduler.alphas_cumprod) - 1
     t = (u * last).round().long()
     return path.level_at(t), t.float()
+
+
+def span_fraction(model: ModelAdapter, level: Tensor, timestep: Tensor) -> Tensor:
+    """Where :func:`noise_levels`' draws lie in the units of their ``span`` (fractions of the training
+    horizon): a flow model's level itself, a diffusion model's timestep over the last one (its level is
+    ``alphas_cumprod``, which runs the other way)."""
+    if model.kind == "flow":
+        return level
+    return timestep / (len(model.pipeline.scheduler.alphas_cumprod) - 1)
 
 
 def feature_layer(denoiser: nn.Module) -> str:
@@ -193,6 +202,8 @@ class DMDRecipe(Recipe):
                     f"dmd.{key} moves noisy inputs along a flow path; the {ctx.model.family} model is a "
                     f"{ctx.model.kind} model: remove dmd.{key}."
                 )
+        if d.ambient:
+            self._check_room_above_states(ctx)
         low, high = ctx.model.trained_sigmas()
         if (low, high) != (0.0, 1.0):
             raise ValueError(
@@ -269,6 +280,27 @@ class DMDRecipe(Recipe):
         if d.init is not None:
             self._start_from(Path(d.init))
 
+    @staticmethod
+    def _check_room_above_states(ctx: TrainContext) -> None:
+        """AC-DMD re-noises each student state to a level at least ``AMBIENT_GAP`` above its own, within
+        ``dmd.t_range`` (and ``dmd.fake_t_range``): the student's states, at the schedule's levels after each
+        step, must leave that room below both upper ends (else the draw would be clamped below the state)."""
+        config, model = ctx.config, ctx.model
+        side = config.model.resolution or model.default_resolution
+        sigmas = model.schedule(
+            config.sampling.steps, model.latent_shape(side, side), levels=ctx.levels
+        ).sigmas
+        highest = float(sigmas[1:].max())
+        for key in ("t_range", "fake_t_range"):
+            span = list(getattr(config.dmd, key))
+            if highest + AMBIENT_GAP > span[1] + 1e-6:
+                raise ValueError(
+                    f"dmd.{key}={span}: AC-DMD (dmd.ambient) re-noises each student state above its own level, "
+                    f"and this {config.sampling.steps}-step student's states reach {highest:.4g}; raise the upper "
+                    f"end to at least {highest + AMBIENT_GAP:.4g}, or give the student lower levels "
+                    "(sampling.sigmas)."
+                )
+
     def _shard(self, module: nn.Module) -> None:
         """Shard ``module`` over the processes like the student (``train.sharding: fsdp``)."""
         shard_denoiser(module, self.ctx.model.device.type, self.ctx.accelerator.num_processes)
@@ -325,9 +357,33 @@ class DMDRecipe(Recipe):
             )
         return tokens(self._seen["features"]).shape[-1]
 
-    def _logits(self) -> Tensor:
-        """``[B]`` discriminator logits of the fake score's last forward (its features at the hooked layer)."""
-        return self.head(tokens(self._seen["features"]))
+    def _logits(self, head: nn.Module | None = None) -> Tensor:
+        """``[B]`` discriminator logits of the fake score's last forward (its features at the hooked layer), by
+        ``head`` (default: the trained head)."""
+        return (head or self.head)(tokens(self._seen["features"]))
+
+    @contextmanager
+    def _fixed_critic(self, active: bool = True) -> Iterator[tuple[nn.Module | None, nn.Module | None]]:
+        """The fake score and its discriminator head as fixed functions, for the generator's GAN term: the
+        gradient reaches the student's sample through them but not their parameters (DMD2 freezes its guidance
+        model for the generator's turn, ``requires_grad_(False)``). Unsharded, the bare modules run rather than
+        their DDP wrappers, which would wait for gradients of every parameter: those after the
+        discriminator's layer never get one. Sharded (FSDP2), the modules run as they are and their gradients
+        are discarded before the next fake-score update. Not ``active``: ``(None, None)``."""
+        if not active:
+            yield None, None
+            return
+        if self.sharded:
+            yield self.fake, self.head
+            return
+        acc = self.ctx.accelerator
+        for param in self.fake_params:
+            param.requires_grad_(False)
+        try:
+            yield acc.unwrap_model(self.fake), acc.unwrap_model(self.head)
+        finally:
+            for param in self.fake_params:
+                param.requires_grad_(True)
 
     @contextmanager
     def _teaching(self) -> Iterator[ModelAdapter]:
@@ -464,7 +520,7 @@ class DMDRecipe(Recipe):
         """One fake-score step: fit the native target of the student's (detached) samples re-noised."""
         ctx, d = self.ctx, self.ctx.config.dmd
         model, acc = ctx.model, ctx.accelerator
-        self.fake_optimizer.zero_grad(set_to_none=True)  # the generator's GAN term reached the fake score too
+        self.fake_optimizer.zero_grad(set_to_none=True)  # (FSDP2: the generator's GAN term reached it too)
         batch = ctx.sampler.batch(step * (d.fake_updates + 1) + j)
         n = len(batch.prompts)
         purpose = f"fake{j}"
@@ -482,9 +538,9 @@ class DMDRecipe(Recipe):
             target = ambient_velocity_target(x0, state_level, level, eps)
         else:
             target = model.path.target(x0, eps, level)
-        if (
-            self.discriminating
-        ):  # the "real" side (teacher samples or dmd.gan_real), noised at the same levels
+        if self.discriminating:
+            # the "real" side (teacher samples or dmd.gan_real), noised at the same levels with the same noise
+            # (DMD2 draws another; both sides' expectations are unbiased either way)
             captions, latents, metadata = self.real
             real_index = self._pool_draw(step, purpose + "_real", batch.group_ids, len(captions)).tolist()
             real_cond = ctx.encode_prompts(
@@ -522,11 +578,16 @@ class DMDRecipe(Recipe):
             with self._gradient_sync(m == len(micro) - 1), ctx.clock("backward"):
                 acc.backward(loss * share)
             total += loss.item() * share
-        norm = acc.clip_grad_norm_(self.fake_params, ctx.config.optim.max_grad_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        self.fake_optimizer.step()
-        self.fake_optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss_fake": total, "fake_grad_norm": float(norm)}
+        # a non-finite gradient skips the update, reported, as the generator's (it would poison every later
+        # distribution-matching direction)
+        norm, skipped = clipped_step(
+            acc, self.fake_optimizer, self.fake_params, ctx.config.optim.max_grad_norm
+        )
+        metrics = {
+            "loss_fake": total,
+            "fake_grad_norm": norm,
+            "fake_skipped_updates": float(skipped),
+        }
         if self.discriminating:
             metrics["loss_gan_disc"] = disc
         if d.consistency_weight > 0:
@@ -577,17 +638,17 @@ class DMDRecipe(Recipe):
         gens = self.ctx.sample_generators(step, purpose, group_ids)
         return torch.cat([torch.randint(size, (1,), generator=g, device=g.device) for g in gens]).cpu()
 
-    def _f_weights(self, logits: Tensor, level: Tensor) -> Tensor:
-        """f-distill's weights of this process's samples, normalised (per noise-level bin and overall) over
-        the global batch: the logits and levels of every process are gathered first."""
+    def _f_weights(self, logits: Tensor, fraction: Tensor) -> tuple[Tensor, float]:
+        """f-distill's weights of this process's samples, normalised (per bin of ``dmd.t_range`` and overall)
+        over the global batch: the logits and the levels' places in ``t_range`` (:func:`span_fraction`) of
+        every process are gathered first. Also the largest weight of the global batch (the same everywhere)."""
         acc, d = self.ctx.accelerator, self.ctx.config.dmd
-        everywhere = acc.gather(torch.stack([logits.float(), level.float()], dim=1))
+        everywhere = acc.gather(torch.stack([logits.float(), fraction.float()], dim=1))
         weights = f_divergence_weight(
             everywhere[:, 0], d.divergence, t=everywhere[:, 1], t_range=tuple(d.t_range), bins=d.ratio_bins
         )
         n = logits.shape[0]
-        self._largest_weight = weights.max().item()  # of the global batch: the same on every process
-        return weights[acc.process_index * n : (acc.process_index + 1) * n]
+        return weights[acc.process_index * n : (acc.process_index + 1) * n], weights.max().item()
 
     def iteration(self, step: int) -> dict[str, float]:
         ctx, d = self.ctx, self.ctx.config.dmd
@@ -624,45 +685,48 @@ class DMDRecipe(Recipe):
                 fake.append(self._predicted("fake", x_t, timestep, level, sub, 1.0, state_level))
                 if d.divergence != "rkl":  # the ratio the discriminator reads at this x_t
                     logits.append(self._logits())
-            level = torch.cat([lv for _, lv, _ in levels])
-            weights = self._f_weights(torch.cat(logits), level) if logits else None
+            weights, largest = None, None
+            if logits:
+                fraction = torch.cat([span_fraction(model, lv, ts) for _, lv, ts in levels])
+                weights, largest = self._f_weights(torch.cat(logits), fraction)
         pair_index = (
             self._pool_draw(step, "regression_pair", batch.group_ids, len(self.pairs[0]))
             if d.regression_weight > 0
             else None
         )
         losses, regressions, rewards, gans = [], [], [], []
-        for m, part in enumerate(micro):
-            sub = cond.select(part)
-            share = (part.stop - part.start) / n
-            x, x0 = self._last_step_again(states[m], sub)  # the same samples, now with gradient
-            state_level, level, timestep = levels[m]
-            weight = None if weights is None else weights[part]
-            if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
-                index = list(range(n))[part]
-                scored = ctx.reward(
-                    model.decode(x0), [batch.prompts[i] for i in index], [batch.metadata[i] for i in index],
-                    batch.group_ids[part],
-                )  # fmt: skip
-                loss = reward_tilted_dmd_loss(
-                    x, real[m], fake[m], scored.scores, d.reward_beta, weight=weight, normalize=d.normalize,
-                    margin=d.reward_margin,
-                )  # fmt: skip
-                rewards.append(scored.scores.detach())
-            else:
-                loss = dmd_loss(x, real[m], fake[m], weight=weight, normalize=d.normalize)
-            if d.gan_weight > 0:  # DMD2's GAN term: the noised sample, gradient through the fake score
-                with routed(model, self.fake), ctx.clock("forward"):
-                    model.predict(self._noised(x, state_level, level, eps[m]), timestep, sub, 1.0)
-                gan = gan_generator_loss(self._logits())
-                loss = loss + d.gan_weight * gan
-                gans.append(gan.detach() * share)
-            if pair_index is not None:
-                regression = self._regression(step, pair_index[part])
-                loss = loss + d.regression_weight * regression
-                regressions.append(regression.detach() * share)
-            ctx.backward(loss * share, sync=m == len(micro) - 1)
-            losses.append(loss.detach() * share)
+        # The fake score and its head stay fixed through the backward too: checkpointed layers recomputed
+        # there must see their parameters as the forward did.
+        with self._fixed_critic(d.gan_weight > 0) as (critic, head):
+            for m, part in enumerate(micro):
+                sub = cond.select(part)
+                share = (part.stop - part.start) / n
+                x, x0 = self._last_step_again(states[m], sub)  # the same samples, now with gradient
+                state_level, level, timestep = levels[m]
+                weight = None if weights is None else weights[part]
+                if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
+                    scored = ctx.reward(
+                        model.decode(x0), batch.prompts[part], batch.metadata[part], batch.group_ids[part]
+                    )
+                    loss = reward_tilted_dmd_loss(
+                        x, real[m], fake[m], scored.scores, d.reward_beta, weight=weight, normalize=d.normalize,
+                        margin=d.reward_margin,
+                    )  # fmt: skip
+                    rewards.append(scored.scores.detach())
+                else:
+                    loss = dmd_loss(x, real[m], fake[m], weight=weight, normalize=d.normalize)
+                if d.gan_weight > 0:  # DMD2's GAN term: the noised sample, gradient through the fixed critic
+                    with routed(model, critic), ctx.clock("forward"):
+                        model.predict(self._noised(x, state_level, level, eps[m]), timestep, sub, 1.0)
+                    gan = gan_generator_loss(self._logits(head))
+                    loss = loss + d.gan_weight * gan
+                    gans.append(gan.detach() * share)
+                if pair_index is not None:
+                    regression = self._regression(step, pair_index[part])
+                    loss = loss + d.regression_weight * regression
+                    regressions.append(regression.detach() * share)
+                ctx.backward(loss * share, sync=m == len(micro) - 1)
+                losses.append(loss.detach() * share)
         metrics = ctx.optimizer_step()
         metrics["loss"] = float(sum(losses))
         distance = (torch.cat(fake) - torch.cat(real)).abs()
@@ -675,7 +739,7 @@ class DMDRecipe(Recipe):
         if gans:
             metrics["loss_gan_gen"] = float(sum(gans))
         if weights is not None:
-            metrics["f_weight_max"] = self._largest_weight
+            metrics["f_weight_max"] = largest
         for key in fake_metrics[0]:
             metrics[key] = sum(f[key] for f in fake_metrics) / len(fake_metrics)
         return metrics

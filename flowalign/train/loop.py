@@ -162,26 +162,34 @@ class TrainContext:
             self.accelerator.backward(loss)
 
     def optimizer_step(self) -> dict[str, float]:
-        """Clip, step, zero, advance the LR schedule; a non-finite gradient norm skips the update (and the
-        schedule) and is reported, never applied. The schedule counts optimizer steps, whatever the number
-        of processes and of steps per iteration. Under fp16 mixed precision the gradient scaler decides:
-        the optimizer step is always called, so that the scaler skips an overflowing step itself and lowers
-        its scale (skipping the call would leave the scale too high forever)."""
-        norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.optim.max_grad_norm)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        if getattr(self.accelerator, "scaler", None) is not None:
-            self.optimizer.step()
-            skipped = bool(getattr(self.optimizer, "step_was_skipped", False)) or not math.isfinite(norm)
-            if not skipped:
-                self.scheduler.step()
-        else:
-            skipped = not math.isfinite(norm)
-            if not skipped:
-                self.optimizer.step()
-                self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Clip, step, zero, advance the LR schedule (:func:`clipped_step`); a non-finite gradient norm skips
+        the update (and the schedule) and is reported, never applied. The schedule counts optimizer steps,
+        whatever the number of processes and of steps per iteration."""
+        norm, skipped = clipped_step(
+            self.accelerator, self.optimizer, self.trainable, self.config.optim.max_grad_norm
+        )
+        if not skipped:
+            self.scheduler.step()
         self.updates += 0 if skipped else 1  # the EMA follows real updates only (not a skipped NaN step)
         return {"grad_norm": norm if not skipped else float("nan"), "skipped_updates": float(skipped)}
+
+
+def clipped_step(accelerator, optimizer, params, max_grad_norm: float) -> tuple[float, bool]:
+    """Clip ``params``' gradient norm, step ``optimizer`` (an accelerate-prepared one) and zero the gradients;
+    a non-finite norm skips the step. Returns ``(norm, skipped)``. Under fp16 mixed precision the gradient
+    scaler decides: the step is always called, so that the scaler skips an overflowing step itself and lowers
+    its scale (skipping the call would leave the scale too high forever)."""
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    if getattr(accelerator, "scaler", None) is not None:
+        optimizer.step()
+        skipped = bool(getattr(optimizer, "step_was_skipped", False)) or not math.isfinite(norm)
+    else:
+        skipped = not math.isfinite(norm)
+        if not skipped:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, skipped
 
 
 def _reset_single_process_state(mixed_precision: str) -> None:
@@ -373,7 +381,10 @@ def _run(
     """The body of :func:`run_training` once the output directory is this run's."""
     from accelerate.utils import set_seed
 
-    set_seed(config.train.seed, device_specific=True)
+    # One seed on every process while initial weights are drawn (a LoRA's, DMD's discriminator head): FSDP2
+    # shards each process's own copy without broadcasting it, so the copies must agree. Later randomness
+    # comes from generators keyed by step and sample; the global RNG is made per-process again after setup.
+    set_seed(config.train.seed)
     model = _setup_model(config, accelerator.device)
     recipe.copy_models(model)
     sharded = config.train.sharding == "fsdp"
@@ -415,6 +426,8 @@ def _run(
     recipe.setup(ctx)
     if evaluate is not None and hasattr(evaluate, "setup"):
         evaluate.setup(ctx)
+    if accelerator.num_processes > 1:
+        set_seed(config.train.seed, device_specific=True)
     named = _named_trainable(model)
     start = 0
     if config.train.resume:

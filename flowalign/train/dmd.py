@@ -357,6 +357,14 @@ class DMDRecipe(Recipe):
             )
         return tokens(self._seen["features"]).shape[-1]
 
+    def _fake_predict(self, x_t: Tensor, timestep: Tensor, cond, network: nn.Module | None = None) -> Tensor:
+        """The fake score's native output at ``x_t`` (with gradient where enabled), run by ``network``
+        (default: the trained fake score); its features at the discriminator's layer are kept for
+        :meth:`_logits`."""
+        model = self.ctx.model
+        with routed(model, network or self.fake), self.ctx.clock("forward"):
+            return model.predict(x_t, timestep, cond, 1.0)
+
     def _logits(self, head: nn.Module | None = None) -> Tensor:
         """``[B]`` discriminator logits of the fake score's last forward (its features at the hooked layer), by
         ``head`` (default: the trained head)."""
@@ -552,8 +560,7 @@ class DMDRecipe(Recipe):
         micro = chunks(n, ctx.config.train.micro_batch_size)
         total, disc, consistent = 0.0, 0.0, 0.0
         for m, part in enumerate(micro):
-            with routed(model, self.fake), ctx.clock("forward"):
-                out = model.predict(x_t[part], timestep[part], cond.select(part), 1.0)
+            out = self._fake_predict(x_t[part], timestep[part], cond.select(part))
             if d.ambient:  # RTDMD's configs' weighting of the ambient target (move_scale_out, clamp 10)
                 weight = ambient_loss_weight(state_level[part], level[part])
                 error = (out.float() - target[part].float()) ** 2
@@ -562,8 +569,7 @@ class DMDRecipe(Recipe):
                 loss = F.mse_loss(out.float(), target[part].float())
             if self.discriminating:
                 fake_logits = self._logits()
-                with routed(model, self.fake), ctx.clock("forward"):
-                    model.predict(real_t[part], timestep[part], real_cond.select(part), 1.0)
+                self._fake_predict(real_t[part], timestep[part], real_cond.select(part))
                 gan = gan_discriminator_loss(self._logits(), fake_logits)
                 loss = loss + d.gan_disc_weight * gan
                 disc += gan.item() * (part.stop - part.start) / n
@@ -617,8 +623,7 @@ class DMDRecipe(Recipe):
         for noise in noises:
             with torch.no_grad():
                 moved = consistency_step(x_t, anchor.detach(), level, to, noise, d.consistency_eta)
-            with routed(model, self.fake), self.ctx.clock("forward"):
-                out = model.predict(moved, timestep, cond, 1.0)
+            out = self._fake_predict(moved, timestep, cond)
             x0s.append(model.path.x0_from_output(out, moved, to))
         return consistency_loss(anchor, *x0s)
 
@@ -716,8 +721,7 @@ class DMDRecipe(Recipe):
                 else:
                     loss = dmd_loss(x, real[m], fake[m], weight=weight, normalize=d.normalize)
                 if d.gan_weight > 0:  # DMD2's GAN term: the noised sample, gradient through the fixed critic
-                    with routed(model, critic), ctx.clock("forward"):
-                        model.predict(self._noised(x, state_level, level, eps[m]), timestep, sub, 1.0)
+                    self._fake_predict(self._noised(x, state_level, level, eps[m]), timestep, sub, critic)
                     gan = gan_generator_loss(self._logits(head))
                     loss = loss + d.gan_weight * gan
                     gans.append(gan.detach() * share)

@@ -385,6 +385,56 @@ def test_a_student_at_given_sigmas_samples_at_them_in_the_stock_pipeline_and_the
     assert code == 0 and "warning: --steps 3:" in said and "2-step DMD student" in said
     assert "with --guidance 1;" in said  # the guidance still defaults to the student's
     assert not np.array_equal(np.array(Image.open(other)), np.array(Image.open(out)))
+    # bench geneval records the student's levels under the flow model's flag, and its command replays the run
+    import shlex
+
+    bench = ["bench", "geneval", "--model", "tiny-sd3", "--lora", str(lora), "--max-prompts", "2",
+             "--images-per-prompt", "1", "--min-images-per-task", "0", "--resolution", "32", "--no-progress"]  # fmt: skip
+    assert main([*bench, "--out", str(tmp_path / "bench")]) == 0
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert "--steps 2 --guidance 1.0 --sigmas 1.0 0.4 " in results["command"]
+    replay = shlex.split(results["command"].replace(str(tmp_path / "bench"), str(tmp_path / "again")))
+    assert main(replay[1:]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert [i["correct"] for i in again["images"]] == [i["correct"] for i in results["images"]]
+    assert again["config"]["levels"] == results["config"]["levels"] == [1.0, 0.4]
+
+
+def test_a_student_samples_at_the_size_it_was_distilled_at(tmp_path, capsys):
+    """``model.resolution`` of a student's run is the default image size of ``sample`` (``--height`` and
+    ``--width``) and ``bench geneval`` (``--resolution``), said in the student's line; another size is kept
+    with a warning naming the option."""
+    from PIL import Image
+
+    from flowalign.cli import main
+
+    train(_config("configs/dmd/tiny_sd3.yaml", tmp_path / "run", "train.steps=1", "model.resolution=16"))
+    lora = str(tmp_path / "run" / "checkpoints" / "step-000001" / "lora")
+    sample = [
+        "sample",
+        "--model",
+        "tiny-sd3",
+        "--lora",
+        lora,
+        "--prompt",
+        "a red circle",
+        "--num-images",
+        "1",
+    ]
+    capsys.readouterr()
+    assert main([*sample, "--out", str(tmp_path / "own.png")]) == 0
+    said = capsys.readouterr().err
+    assert Image.open(tmp_path / "own.png").size == (16, 16) and "--height 16 --width 16;" in said
+    assert main([*sample, "--height", "32", "--width", "32", "--out", str(tmp_path / "other.png")]) == 0
+    said = capsys.readouterr().err
+    assert Image.open(tmp_path / "other.png").size == (32, 32)
+    assert (
+        "warning: --height 32 --width 32: --lora" in said and "distilled at 16x16 (model.resolution)" in said
+    )
+    bench = ["bench", "geneval", "--model", "tiny-sd3", "--lora", lora, "--max-prompts", "1", "--images-per-prompt",
+             "1", "--min-images-per-task", "0", "--no-progress", "--out", str(tmp_path / "bench")]  # fmt: skip
+    assert main(bench) == 0
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["config"]["resolution"] == 16
 
 
 @pytest.mark.parametrize("levels", [[999, 749, 499, 249], [399]], ids=["4-step", "1-step-at-399"])
@@ -935,6 +985,24 @@ def test_a_non_finite_fake_score_gradient_skips_its_update(tmp_path):
     )
     assert [(m["fake_skipped_updates"], unchanged) for m, unchanged in seen] == [(1.0, True), (1.0, True)]
     assert result.last_metrics["fake_skipped_updates"] == 1.0
+
+
+def test_captioned_images_are_read_a_chunk_at_a_time(tmp_path):
+    """``dmd.gan_real``'s images are read (and then encoded) ``chunk`` lines at a time, so that a large
+    dataset is never held as pixels at once: the chunks are the whole file's images, in order."""
+    from PIL import Image
+
+    from flowalign.data.prompts import load_captioned_images
+
+    lines = []
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"prompt": f"caption {i}", "image": f"{i}.png"}))
+    (tmp_path / "real.jsonl").write_text("\n".join(lines) + "\n")
+    chunks = list(load_captioned_images(tmp_path / "real.jsonl", 8, chunk=2))
+    ((captions, whole),) = load_captioned_images(tmp_path / "real.jsonl", 8)
+    assert [len(c) for c, _ in chunks] == [2, 2, 1] and sum((c for c, _ in chunks), []) == captions
+    assert torch.equal(torch.cat([images for _, images in chunks]), whole) and whole.shape == (5, 3, 8, 8)
 
 
 def test_micro_batching_leaves_the_update_unchanged(tmp_path):

@@ -169,6 +169,37 @@ def test_bench_compare_pairs_two_video_runs(tmp_path, capsys):
     assert json.loads((out / "comparison.json").read_text())["metrics"]["correct"]["a"] - a == 0.0
 
 
+def test_bench_video_samples_at_given_levels_and_pairs_them_only_across_samplers(
+    tmp_path, capsys, monkeypatch
+):
+    """``bench video --sigmas`` (a distilled student's own levels, which ``--weights`` of its checkpoint
+    defaults to) reaches the sampler, is recorded with the replay command, and keeps the run from pairing
+    with one at the scheduler's levels unless ``--across-samplers`` is given."""
+    import flowalign.samplers
+    from flowalign.cli import main
+
+    calls, generate = [], flowalign.samplers.generate
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("levels"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(flowalign.samplers, "generate", recording)
+    common = ["bench", "video", "--model", "tiny-moving_shapes", "--no-progress"]
+    assert main([*common, "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    assert set(calls) == {None}
+    calls.clear()
+    assert main([*common, "--sigmas", "1.0", "0.6", "--out", str(tmp_path / "s")]) == 0
+    assert calls and all(levels == [1.0, 0.6] for levels in calls)
+    settings = json.loads((tmp_path / "s" / "results.json").read_text())["settings"]
+    assert (settings["steps"], settings["levels"]) == (2, [1.0, 0.6])
+    assert "--steps 2 --sigmas 1.0 0.6 --guidance" in settings["command"]
+    capsys.readouterr()
+    assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "s")]) == 2
+    assert "they differ in levels (None vs [1.0, 0.6])" in capsys.readouterr().err
+    assert main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "s"), "--across-samplers"]) == 0
+
+
 def test_noise_optimization_raises_a_video_reward_from_the_initial_video_noise(tmp_path):
     from flowalign.cli import main
 

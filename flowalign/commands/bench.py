@@ -108,6 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="ODE sampling steps (default: the model's; a distilled student's own)",
     )
+    add_level_arguments(video)
     video.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     video.add_argument("--seed", type=int, default=0, help="base seed of the per-video noise (default 0)")
     video.add_argument("--batch-size", type=int, default=32, help="videos per sampler call (default 32)")
@@ -139,7 +140,6 @@ def _video(args: argparse.Namespace) -> int:
     from flowalign.data.prompts import load_prompt_set
     from flowalign.eval.video import run_video_bench
 
-    args.levels = None
     check_sampling_arguments(args)
     check_int("--videos-per-prompt", args.videos_per_prompt)
     check_output_dir("--out", args.out)
@@ -156,7 +156,7 @@ def _video(args: argparse.Namespace) -> int:
     try:
         report = run_video_bench(
             model, records, videos_per_prompt=args.videos_per_prompt, steps=args.steps, guidance=args.guidance,
-            seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress,
+            seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress, levels=args.levels,
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"flowalign bench video: {err}") from None
@@ -168,8 +168,15 @@ def _video(args: argparse.Namespace) -> int:
         if value:
             command += [flag, value]
     command += ["--prompts", str(args.prompts), "--videos-per-prompt", str(args.videos_per_prompt)]
-    command += ["--steps", str(report.settings["steps"]), "--guidance", str(report.settings["guidance"])]
-    command += ["--seed", str(args.seed), "--out", str(args.out)]
+    command += ["--steps", str(report.settings["steps"]), *_level_flags(model, report.settings["levels"])]
+    command += [
+        "--guidance",
+        str(report.settings["guidance"]),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(args.out),
+    ]
     report.settings["command"] = " ".join(shlex.quote(c) for c in command)
     out = report.save(args.out)
     print(report.markdown(), end="")
@@ -243,7 +250,7 @@ def _geneval(args: argparse.Namespace) -> int:
     report.model = {
         "model": str(args.model), "lora": args.lora, "weights": args.weights, "prompts": str(args.prompts), "detector": args.detector,
     }  # fmt: skip
-    paths = write_report(report, args.out, command=_command(args, report.config))
+    paths = write_report(report, args.out, command=_command(args, report.config, model))
     s = report.summary
     print(stats_text(report.stats))
     print(
@@ -299,7 +306,16 @@ def _compare_video(args: argparse.Namespace, ignore: tuple[str, ...]) -> int:
     return 0
 
 
-def _command(args: argparse.Namespace, config) -> str:
+def _level_flags(model, levels) -> list[str]:
+    """``--sigmas S ...`` (flow) or ``--timesteps T ...`` (diffusion) for explicit ``levels``; [] for None."""
+    if levels is None:
+        return []
+    if model.kind == "flow":
+        return ["--sigmas", *(repr(float(v)) for v in levels)]
+    return ["--timesteps", *(str(int(v)) for v in levels)]
+
+
+def _command(args: argparse.Namespace, config, model) -> str:
     """The command that reproduces this run, with the model's defaults spelled out."""
     parts = ["flowalign", "bench", args.benchmark, "--model", str(args.model)]
     if args.family:
@@ -311,11 +327,7 @@ def _command(args: argparse.Namespace, config) -> str:
     parts += ["--prompts", str(args.prompts), "--images-per-prompt", str(args.images_per_prompt)]
     parts += ["--min-images-per-task", str(args.min_images_per_task)]
     parts += ["--steps", str(config.steps), "--guidance", str(config.guidance)]
-    if config.levels is not None:
-        parts += [
-            "--sigmas" if args.sigmas is not None else "--timesteps",
-            *(repr(v) for v in config.levels),
-        ]
+    parts += _level_flags(model, config.levels)
     parts += ["--resolution", str(config.resolution), "--seed", str(config.seed)]
     parts += ["--batch-size", str(config.batch_size)]
     if args.max_prompts is not None:

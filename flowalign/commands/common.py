@@ -228,7 +228,8 @@ def trained_model(args: argparse.Namespace) -> tuple[str, str, str | None] | Non
 
 def distilled_student(path: str | Path) -> dict | None:
     """What a distilled student was trained to sample with, from the config its checkpoint was written with
-    (:func:`flowalign.config.saved_setting`): ``{"steps", "levels", "levels_flag", "guidance", "state"}`` for a
+    (:func:`flowalign.config.saved_setting`): ``{"steps", "levels", "levels_flag", "guidance", "resolution",
+    "frames", "state"}`` for a
     checkpoint of a ``train.algorithm: dmd`` run, given as the checkpoint directory, its ``lora/`` or
     ``lora_ema/``, or one of its weight files. None for other runs and for a LoRA copied out of its checkpoint."""
     import yaml
@@ -241,6 +242,7 @@ def distilled_student(path: str | Path) -> dict | None:
             return None
         sigmas, timesteps = (saved_setting(checkpoint, f"sampling.{k}") for k in ("sigmas", "timesteps"))
         steps, guidance = (saved_setting(checkpoint, f"sampling.{k}") for k in ("steps", "guidance"))
+        resolution, frames = (saved_setting(checkpoint, f"model.{k}") for k in ("resolution", "num_frames"))
     except (ValueError, yaml.YAMLError):  # a state.json that does not read: not a student's settings
         return None
     levels = list(sigmas or timesteps or []) or None
@@ -249,16 +251,19 @@ def distilled_student(path: str | Path) -> dict | None:
         "levels": levels,
         "levels_flag": "--sigmas" if sigmas else "--timesteps" if timesteps else None,
         "guidance": guidance,
+        "resolution": resolution,
+        "frames": frames,
         "state": checkpoint / "state.json",
     }
 
 
 def fit_student_sampling(args: argparse.Namespace, flag: str, path: str) -> None:
-    """A distilled student samples at the step count, levels and guidance it was distilled for: they are the
-    defaults of ``--steps`` / ``--sigmas`` / ``--timesteps`` / ``--guidance``, said in one line (``--steps``
-    equal to the student's takes its levels too). A step count or levels given otherwise are kept, with one
-    warning line, since the student was not trained for them (e.g. a 4-step student at 1 step); another
-    ``--guidance`` is a documented choice and kept silently."""
+    """A distilled student samples at the step count, levels, guidance, image size and frame count it was
+    distilled for: they are the defaults of ``--steps`` / ``--sigmas`` / ``--timesteps`` / ``--guidance`` /
+    ``--resolution`` (or ``--height`` and ``--width``) / ``--frames``, said in one line (``--steps`` equal to
+    the student's takes its levels too). A step count, levels, size or frame count given otherwise are kept,
+    with one warning line each, since the student was not trained for them (e.g. a 4-step student at 1 step);
+    another ``--guidance`` is a documented choice and kept silently."""
     import sys
 
     student = distilled_student(path)
@@ -280,6 +285,30 @@ def fit_student_sampling(args: argparse.Namespace, flag: str, path: str) -> None
     if getattr(args, "guidance", None) is None and student["guidance"] is not None:
         args.guidance = student["guidance"]
         chosen.append(f"--guidance {args.guidance:g}")
+    size, frames = student["resolution"], student["frames"]
+    sides = (
+        ("resolution",)
+        if hasattr(args, "resolution")
+        else ("height", "width")
+        if hasattr(args, "height")
+        else ()
+    )
+    given = [getattr(args, side) for side in sides]
+    if size and sides and all(value is None for value in given):
+        for side in sides:
+            setattr(args, side, size)
+        chosen.append(" ".join(f"--{side} {size}" for side in sides))
+    elif size and sides and any(value not in (None, size) for value in given):
+        shown_size = " ".join(f"--{side} {value}" for side, value in zip(sides, given, strict=True) if value)
+        print(
+            f"warning: {shown_size}: {where}, distilled at {size}x{size} (model.resolution).", file=sys.stderr
+        )
+    if frames and hasattr(args, "frames"):
+        if args.frames is None:
+            args.frames = frames
+            chosen.append(f"--frames {frames}")
+        elif args.frames != frames:
+            print(f"warning: --frames {args.frames}: {where}, distilled at {frames} frames.", file=sys.stderr)
     if chosen:
         print(f"{where}: sampling it with {' '.join(chosen)}; pass these options to choose otherwise.",
               file=sys.stderr)  # fmt: skip

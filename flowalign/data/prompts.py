@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,13 +127,14 @@ def load_image(path: str | Path, where: str = "image") -> Tensor:
 
 
 def load_captioned_images(
-    path: str | Path, size: int, where: str = "dmd.gan_real"
-) -> tuple[list[str], Tensor]:
-    """The captions and images ``[N, 3, size, size]`` in ``[0, 1]`` of a jsonl of ``{"prompt": ...,
-    "image": "a.png"}`` lines (paths relative to the file). A missing field, an unreadable or non-RGB image
-    and an image of another size are each an error naming the file and line; nothing is resized."""
+    path: str | Path, size: int, where: str = "dmd.gan_real", chunk: int | None = None
+) -> Iterator[tuple[list[str], Tensor]]:
+    """The captions and images ``[n, 3, size, size]`` in ``[0, 1]`` of a jsonl of ``{"prompt": ...,
+    "image": "a.png"}`` lines (paths relative to the file), ``chunk`` lines at a time (None: all at once), so
+    that a large dataset need not be held in memory as pixels. A missing field, an unreadable or non-RGB
+    image and an image of another size are each an error naming the file and line; nothing is resized."""
     path = Path(path)
-    prompts, images = [], []
+    prompts, images, any_image = [], [], False
     for number, item in read_jsonl(path):
         if not isinstance(item.get("prompt"), str) or not isinstance(item.get("image"), str):
             raise ValueError(f'{where}: {path}:{number}: each line needs string fields "prompt" and "image".')
@@ -145,9 +146,14 @@ def load_captioned_images(
             )
         prompts.append(item["prompt"])
         images.append(image)
-    if not images:
+        any_image = True
+        if chunk is not None and len(images) == chunk:
+            yield prompts, torch.stack(images)
+            prompts, images = [], []
+    if not any_image:
         raise ValueError(f"{where}: {path} holds no images.")
-    return prompts, torch.stack(images)
+    if images:
+        yield prompts, torch.stack(images)
 
 
 def condition_images(metadata: Sequence[Mapping[str, Any]], where: str = "data.train_prompts") -> Tensor:

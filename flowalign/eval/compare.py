@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 # The settings of the sampler alone: runs that differ only in them still share prompts and per-image noise.
-SAMPLER_SETTINGS = ("steps", "guidance")
+SAMPLER_SETTINGS = ("steps", "guidance", "levels")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class Protocol:
         prompts: the prompt texts, in the order judged.
         images_per_prompt: images of each prompt.
         steps, guidance, resolution, seed: the sampler's settings and the base seed of the noise.
+        levels: the steps' explicit noise levels (None: the scheduler's; runs written before they were
+            recorded read as None).
         detector: the GenEval detector that judged the images (``shapes``, ``mask2former``, ``owlv2``).
     """
 
@@ -56,6 +58,7 @@ class Protocol:
     resolution: int
     seed: int
     detector: str = "shapes"
+    levels: tuple[float, ...] | None = None
 
     def mismatch(self, other: Protocol, ignore: Collection[str] = ()) -> str | None:
         """The first setting that differs, as ``"guidance (1.0 vs 1.5)"``; None when the runs pair.
@@ -77,7 +80,7 @@ class Protocol:
                 f"images per prompt (prompt {first}: {self.images_per_prompt[first]} vs "
                 f"{other.images_per_prompt[first]} images)"
             )
-        for name in ("steps", "guidance", "resolution", "seed", "detector"):
+        for name in ("steps", "levels", "guidance", "resolution", "seed", "detector"):
             if name not in ignore and getattr(self, name) != getattr(other, name):
                 return f"{name} ({getattr(self, name)} vs {getattr(other, name)})"
         return None
@@ -128,6 +131,7 @@ def load_run(directory: str | Path) -> BenchmarkRun:
         resolution=config["resolution"],
         seed=config["seed"],
         detector=(payload.get("model") or {}).get("detector", "shapes"),
+        levels=tuple(config["levels"]) if config.get("levels") is not None else None,
     )
     verdicts = Verdicts.from_images(
         [r["prompt_index"] for r in images], [r["tag"] for r in images], [r["correct"] for r in images]

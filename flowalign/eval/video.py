@@ -99,9 +99,12 @@ def run_video_bench(
     batch_size: int = 32,
     progress: bool = False,
     keep_strips: int = 32,
+    levels: Sequence[float] | None = None,
 ) -> VideoReport:
     """Benchmark ``model`` (an image-to-video adapter) on moving-shapes prompt ``records`` (each with its
-    ``image``, ``scene``, ``mover``, ``direction`` and ``tag``); ``keep_strips`` videos per task go to the grids."""
+    ``image``, ``scene``, ``mover``, ``direction`` and ``tag``); ``keep_strips`` videos per task go to the grids.
+    ``levels``: the steps' explicit noise levels (flow sigmas / diffusion timesteps, a distilled student's
+    own), None: the scheduler's."""
     from tqdm.auto import tqdm
 
     from flowalign.data.prompts import condition_images
@@ -113,7 +116,7 @@ def run_video_bench(
     if not records:
         raise ValueError("run_video_bench: no prompt records.")
     specs = [spec_from_record(r) for r in records]
-    steps = steps or model.default_steps
+    steps = steps or (len(levels) if levels is not None else model.default_steps)
     guidance = model.default_guidance if guidance is None else guidance
     jobs = [(i, j) for i in range(len(records)) for j in range(videos_per_prompt)]
     videos, strips = [], {}
@@ -127,6 +130,7 @@ def run_video_bench(
                 model, [records[i]["prompt"] for i, _ in part],
                 seeded_generators([image_seed(seed, i, j) for i, j in part], model.device),
                 steps=steps, guidance=guidance, images=condition_images([records[i] for i, _ in part], "--prompts"),
+                levels=levels,
             ).images.cpu()  # fmt: skip
             detections = detect_batch(frames.flatten(0, 1))
             for k, (i, j) in enumerate(part):
@@ -152,6 +156,7 @@ def run_video_bench(
     settings = {
         "steps": steps,
         "guidance": guidance,
+        "levels": list(levels) if levels is not None else None,
         "seed": seed,
         "videos_per_prompt": videos_per_prompt,
         "prompts": len(records),
@@ -177,7 +182,7 @@ def compare_video_runs(
                 f"{str(directory)!r} holds no results.json; pass the --out directory of a bench video run."
             )
         runs.append(json.loads(path.read_text()))
-    keys = ("prompts", "seed", "steps", "guidance", "videos_per_prompt")
+    keys = ("prompts", "seed", "steps", "guidance", "levels", "videos_per_prompt")
     for key in keys:
         if key not in ignore and runs[0]["settings"].get(key) != runs[1]["settings"].get(key):
             raise ValueError(

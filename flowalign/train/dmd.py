@@ -430,29 +430,32 @@ class DMDRecipe(Recipe):
         for part in progress:
             cond = ctx.encode_prompts(prompts[part], metadata[part], cfg=d.real_guidance > 1)
             height, width = model.resolution_of(cond) or (side, side)
-            noise.append(
-                model.initial_noise(len(cond), height, width, seeded_generators(seeds[part], model.device))
-            )
+            z = model.initial_noise(len(cond), height, width, seeded_generators(seeds[part], model.device))
             with self._teaching():
                 out = generate(
-                    model, None, noise[-1], cond=cond, steps=steps, guidance=d.real_guidance,
+                    model, None, z, cond=cond, steps=steps, guidance=d.real_guidance,
                     resolution=(height, width), decode=False,
                 )  # fmt: skip
+            noise.append(z.cpu())  # the pool lives on the CPU, chunk by chunk (video latents are large)
             targets.append(out.final.cpu())
-        return prompts, torch.cat(noise).cpu(), torch.cat(targets), metadata
+        return prompts, torch.cat(noise), torch.cat(targets), metadata
 
     def _real_images(self) -> tuple[list[str], Tensor, list[dict]]:
         """DMD2's real data for the discriminator (``dmd.gan_real``): the dataset's captions and its images
-        encoded to latents (the VAE's posterior mode), kept on the CPU (no metadata: image models only)."""
+        encoded to latents (the VAE's posterior mode), read and encoded chunk by chunk and kept on the CPU
+        as latents only (no metadata: image models only)."""
         from flowalign.data.prompts import load_captioned_images
 
         model, config = self.ctx.model, self.ctx.config
         side = config.model.resolution or model.default_resolution
-        captions, images = load_captioned_images(config.dmd.gan_real, side)
+        captions, latents = [], []
         with torch.no_grad():
-            parts = chunks(len(images), config.train.micro_batch_size or 64)
-            latents = torch.cat([model.encode_images(images[part]).cpu() for part in parts])
-        return captions, latents, [{} for _ in captions]
+            for part, images in load_captioned_images(
+                config.dmd.gan_real, side, chunk=config.train.micro_batch_size or 64
+            ):
+                captions += part
+                latents.append(model.encode_images(images).cpu())
+        return captions, torch.cat(latents), [{} for _ in captions]
 
     # ------------------------------------------------------------------ predictions
 

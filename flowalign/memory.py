@@ -567,6 +567,19 @@ def _lora_params(net: nn.Module, rank: int, targets: tuple[str, ...]) -> int:
     return count
 
 
+def dmd_forwards_alive(d: Any) -> int:
+    """How many denoiser forwards with gradient a DMD micro-batch keeps alive until its backward (``d``: the
+    ``dmd`` config), the larger of its two phases. The fake-score update: its denoising forward, the
+    discriminator's forward on the real side, and two for the consistency regulariser. The generator step:
+    the student's last step, the GAN term's forward through the fixed fake score, and the regression's
+    student forward. (The teacher's and the fake score's predictions are made without gradient; the
+    discriminator head, a width x width MLP, is left out.)"""
+    discriminating = d.gan_weight > 0 or d.divergence != "rkl"
+    fake = 1 + int(discriminating) + 2 * int(d.consistency_weight > 0)
+    generator = 1 + int(d.gan_weight > 0) + int(d.regression_weight > 0)
+    return max(fake, generator)
+
+
 def estimate(
     config: Any,
     micro_batch: int,
@@ -615,9 +628,14 @@ def estimate(
     if t.algorithm == "backprop" and not config.backprop.checkpoint:
         act *= max(1, config.backprop.k)  # every differentiated step's activations stay alive
     # (with backprop.checkpoint each step keeps only its input latent and is recomputed alone: one step's)
-    # Decoding: with reward backprop the decoder's activations live next to the rollout's; otherwise decoding
-    # happens before the training forward and only its excess over the training activations adds up.
-    backprop = t.algorithm == "backprop"
+    if t.algorithm == "dmd":
+        act *= dmd_forwards_alive(config.dmd)
+    # Decoding: with reward backprop (and DMD's reward tilt or perceptual regression) the decoder's activations
+    # live next to the rollout's; otherwise decoding happens before the training forward and only its excess
+    # over the training activations adds up.
+    backprop = t.algorithm == "backprop" or (
+        t.algorithm == "dmd" and (config.dmd.reward_beta > 0 or config.dmd.regression_loss != "mse")
+    )
     decode = decode_bytes(family, micro_batch, resolution, dtype, grad=backprop, frames=frames)
     others = dict(arch.other_params)
     second = others.pop("transformer_2", 0)  # Wan 2.2's other expert: frozen, or trained too (experts == 2)

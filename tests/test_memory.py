@@ -109,6 +109,26 @@ def test_dmd_counts_its_fake_score_and_teachers_copies():
     assert "DMD fake score (+ teacher copy)" not in estimate(load_config(SD35), 1).parts
 
 
+def test_dmd_counts_every_forward_its_backward_keeps_alive():
+    """A DMD micro-batch keeps several forwards' activations until one backward: the GAN term's forward through
+    the fake score (and the discriminator's real side), the regression's student forward, the consistency
+    regulariser's two; a reward tilt decodes with gradient."""
+    sdxl = ROOT / "configs/dmd/sdxl_4step.yaml"
+    plain = estimate(load_config(sdxl), 4).parts
+    for overrides, times in (
+        (["dmd.gan_weight=5e-3"], 2),
+        (["dmd.divergence=js"], 2),  # the discriminator's real side, in the fake-score update
+        (["dmd.regression_weight=1"], 2),
+        (["dmd.gan_weight=5e-3", "dmd.regression_weight=1"], 3),
+        (["dmd.consistency_weight=0.01"], 3),
+    ):
+        assert estimate(load_config(sdxl, overrides), 4).parts["activations"] == pytest.approx(
+            plain["activations"] * times
+        ), overrides
+    tilted = estimate(load_config(sdxl, ["dmd.reward_beta=1", "reward={aesthetic: {weight: 1}}"]), 4).parts
+    assert tilted["VAE decode"] > plain["VAE decode"]
+
+
 @pytest.mark.parametrize(
     "path,variant,published",
     [

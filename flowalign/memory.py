@@ -654,11 +654,12 @@ def estimate(
     }
     if t.algorithm == "dmd":
         # DMD's fake score trains like the student; a full-weight teacher is a frozen copy.
+        # With model.expert: both (Wan 2.2) the copies hold both experts.
         dmd = trainable * 4 * 4 / shard
         if not m.lora_rank:
-            dmd += denoiser * 4 / shard
+            dmd += denoiser * experts * 4 / shard
         elif shard > 1:  # the fake score's frozen base: shared unsharded, a second set of shards under FSDP
-            dmd += denoiser * size / shard
+            dmd += denoiser * experts * size / shard
         parts["DMD fake score (+ teacher copy)"] = dmd / GB
     if second:
         parts["other expert weights"] = second * size / GB if experts == 1 else 0.0

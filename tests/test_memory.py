@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flowalign.config import load_config
-from flowalign.memory import ARCHITECTURES, _lora_params, estimate
+from flowalign.memory import ARCHITECTURES, GB, _lora_params, estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 SD35 = ROOT / "configs/grpo/sd35m_geneval.yaml"
@@ -107,6 +107,16 @@ def test_dmd_counts_its_fake_score_and_teachers_copies():
     full = estimate(load_config(sdxl, ["model.lora_rank=0", "model.dtype=float32"]), 1)
     assert full.parts[fake] == pytest.approx(full.parts["trainable (fp32) + grads + AdamW"] * 5 / 4)
     assert "DMD fake score (+ teacher copy)" not in estimate(load_config(SD35), 1).parts
+
+
+def test_dmd_copies_both_experts_of_a_wan22_student():
+    """With ``model.expert: both`` the full-weight student's teacher copy and the fake score hold both experts."""
+    wan = ROOT / "configs/dmd/wan21_i2v_4step.yaml"
+    path = "model.path=Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+    one, both = (estimate(load_config(wan, [path, f"model.expert={e}"]), 1) for e in ("high", "both"))
+    fake = "DMD fake score (+ teacher copy)"
+    assert both.parts[fake] == pytest.approx(2 * one.parts[fake])
+    assert one.parts[fake] == pytest.approx(one.denoiser_params * (4 * 4 + 4) / GB)
 
 
 def test_dmd_counts_every_forward_its_backward_keeps_alive():

@@ -1,5 +1,8 @@
 """DMD2 distillation at real size: iteration time and peak GPU memory of the shipped SDXL and SD3.5-Medium
-configs (``configs/dmd/sdxl_4step.yaml``, ``configs/dmd/sd35m_4step.yaml``) with random weights.
+configs (``configs/dmd/sdxl_4step.yaml``, ``configs/dmd/sd35m_4step.yaml``, and with ``--family sdxl_1step``
+DMD2's one-step SDXL student, ``configs/dmd/sdxl_1step.yaml``: the whole UNet with its GAN term) with random
+weights. A config's ``dmd.gan_real`` gets random images of its resolution (the real side's cost, not its
+content).
 
 The denoiser is the real architecture (:data:`flowalign.memory.ARCHITECTURES`, random weights, the config's
 dtype); the text encoders are one-layer random CLIP / T5 models with the real output widths (so the
@@ -10,6 +13,7 @@ the config's own settings, as ``flowalign train CONFIG model.path=FOLDER`` would
 iterations; the first is warm-up. Needs a CUDA GPU.
 
     python benchmarks/perf/dmd_real_size.py --family sdxl --family sd3 --steps 3 --out benchmarks/results/dmd_real_size
+    python benchmarks/perf/dmd_real_size.py --family sdxl_1step --steps 3 train.micro_batch_size=1 --out ...
 """
 
 from __future__ import annotations
@@ -25,7 +29,40 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = {"sdxl": "configs/dmd/sdxl_4step.yaml", "sd3": "configs/dmd/sd35m_4step.yaml"}
+CONFIGS = {
+    "sdxl": "configs/dmd/sdxl_4step.yaml",
+    "sd3": "configs/dmd/sd35m_4step.yaml",
+    "sdxl_1step": "configs/dmd/sdxl_1step.yaml",
+}
+
+
+def write_random_images(path: Path, count: int, side: int, seed: int = 0) -> Path:
+    """``count`` random ``side x side`` RGB PNGs and their jsonl of ``{"prompt", "image"}`` lines at ``path``
+    (a stand-in for ``dmd.gan_real``'s dataset: its cost at real size, not its content)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(count):
+        name = f"real_{i:04d}.png"
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path.parent / name)
+        lines.append(json.dumps({"prompt": f"a photo of {i % 4 + 1} red circles", "image": name}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def stand_in_overrides(config_path: Path, work: Path, images: int = 32) -> list[str]:
+    """Overrides that make a shipped real-size config run here: its ``dmd.gan_real`` (a placeholder path)
+    replaced by random images of its resolution."""
+    import yaml
+
+    raw = yaml.safe_load(config_path.read_text())
+    if not (raw.get("dmd") or {}).get("gan_real"):
+        return []
+    side = raw["model"]["resolution"]
+    return [f"dmd.gan_real={write_random_images(work / 'real' / 'real.jsonl', images, side)}"]
 
 
 def _clip(hidden: int, projection: int, with_projection: bool):
@@ -97,10 +134,12 @@ def measure(family: str, steps: int, work: Path, overrides: list[str]) -> dict:
     from flowalign.train import train
 
     config_path = ROOT / CONFIGS[family]
-    dtype = getattr(torch, load_config(config_path).model.dtype)
+    overrides = [*stand_in_overrides(config_path, work), *overrides]
+    shipped = load_config(config_path, overrides)
+    dtype = getattr(torch, shipped.model.dtype)
     model_dir = work / f"{family}-random"
     began = time.perf_counter()
-    build_pipeline(family, model_dir, dtype)
+    build_pipeline(shipped.model.family, model_dir, dtype)
     built = time.perf_counter() - began
     run = work / f"{family}-run"
     config = load_config(

@@ -67,49 +67,50 @@ def _backprop_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
         )
     scores, components, kls, losses = [], {}, [], []
     for m, part in enumerate(micro):
-        sub = cond.select(part)
-        count = part.stop - part.start
+        with ctx.micro_batch(sync=m == len(micro) - 1):
+            sub = cond.select(part)
+            count = part.stop - part.start
 
-        def reward_of(images, part=part):
-            index = list(range(n))[part]
-            return ctx.reward(
-                images,
-                [batch.prompts[i] for i in index],
-                [batch.metadata[i] for i in index],
-                batch.group_ids[part],
-            )
+            def reward_of(images, part=part):
+                index = list(range(n))[part]
+                return ctx.reward(
+                    images,
+                    [batch.prompts[i] for i in index],
+                    [batch.metadata[i] for i in index],
+                    batch.group_ids[part],
+                )
 
-        with ctx.clock("forward"):
-            if b.mode == "draft_lv":
-                with torch.no_grad():
+            with ctx.clock("forward"):
+                if b.mode == "draft_lv":
+                    with torch.no_grad():
+                        out = generate(
+                            model, None, noise_gens[part], cond=sub, steps=s.steps, guidance=s.guidance,
+                            resolution=config.model.resolution, plan=plan, decode=False, levels=ctx.levels,
+                        )  # fmt: skip
+                    last = s.steps - 1
+                    loss = draft_lv_loss(
+                        model, lambda images, f=reward_of: f(images).scores, out.final, sub,
+                        out.schedule.timesteps[last], out.schedule.sigmas[last], repeats=b.lv_repeats,
+                        guidance=s.guidance, generator=lv_gens[part],
+                    )  # fmt: skip
+                    scores.append(-loss.detach().expand(count))
+                else:
                     out = generate(
                         model, None, noise_gens[part], cond=sub, steps=s.steps, guidance=s.guidance,
-                        resolution=config.model.resolution, plan=plan, decode=False, levels=ctx.levels,
+                        resolution=config.model.resolution, plan=plan, levels=ctx.levels,
                     )  # fmt: skip
-                last = s.steps - 1
-                loss = draft_lv_loss(
-                    model, lambda images, f=reward_of: f(images).scores, out.final, sub,
-                    out.schedule.timesteps[last], out.schedule.sigmas[last], repeats=b.lv_repeats,
-                    guidance=s.guidance, generator=lv_gens[part],
-                )  # fmt: skip
-                scores.append(-loss.detach().expand(count))
-            else:
-                out = generate(
-                    model, None, noise_gens[part], cond=sub, steps=s.steps, guidance=s.guidance,
-                    resolution=config.model.resolution, plan=plan, levels=ctx.levels,
-                )  # fmt: skip
-                scored = reward_of(out.images)
-                loss = -scored.scores.mean()
-                scores.append(scored.scores.detach())
-                for k, v in scored.components.items():
-                    components.setdefault(k, []).append(v.detach())
-                if b.kl_beta > 0:
-                    kl = velocity_kl(model, out, sub, s.guidance, form=b.kl_form).mean()
-                    loss = loss + b.kl_beta * kl
-                    kls.append(kl.detach() * count)
-        share = count / n  # micro-batch losses add up to the batch mean
-        ctx.backward(loss * share, sync=m == len(micro) - 1)
-        losses.append(loss.detach() * count)
+                    scored = reward_of(out.images)
+                    loss = -scored.scores.mean()
+                    scores.append(scored.scores.detach())
+                    for k, v in scored.components.items():
+                        components.setdefault(k, []).append(v.detach())
+                    if b.kl_beta > 0:
+                        kl = velocity_kl(model, out, sub, s.guidance, form=b.kl_form).mean()
+                        loss = loss + b.kl_beta * kl
+                        kls.append(kl.detach() * count)
+            share = count / n  # micro-batch losses add up to the batch mean
+            ctx.backward(loss * share, sync=m == len(micro) - 1)
+            losses.append(loss.detach() * count)
     metrics: dict[str, float] = {
         "grad_steps": float(sum(plan.grad)),
         "reward": torch.cat(scores).mean().item(),

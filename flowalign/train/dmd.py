@@ -563,30 +563,31 @@ class DMDRecipe(Recipe):
         micro = chunks(n, ctx.config.train.micro_batch_size)
         total, disc, consistent = 0.0, 0.0, 0.0
         for m, part in enumerate(micro):
-            out = self._fake_predict(x_t[part], timestep[part], cond.select(part))
-            if d.ambient:  # RTDMD's configs' weighting of the ambient target (move_scale_out, clamp 10)
-                weight = ambient_loss_weight(state_level[part], level[part])
-                error = (out.float() - target[part].float()) ** 2
-                loss = (error * weight.reshape(-1, *[1] * (error.ndim - 1))).mean()
-            else:
-                loss = F.mse_loss(out.float(), target[part].float())
-            if self.discriminating:
-                fake_logits = self._logits()
-                self._fake_predict(real_t[part], timestep[part], real_cond.select(part))
-                gan = gan_discriminator_loss(self._logits(), fake_logits)
-                loss = loss + d.gan_disc_weight * gan
-                disc += gan.item() * (part.stop - part.start) / n
-            if d.consistency_weight > 0:
-                anchor = model.path.x0_from_output(out, x_t[part], level[part])
-                consistency = self._consistency(
-                    anchor, x_t[part], level[part], [move[part] for move in moves], cond.select(part)
-                )
-                loss = loss + d.consistency_weight * consistency
-                consistent += consistency.item() * (part.stop - part.start) / n
-            share = (part.stop - part.start) / n
-            with self._gradient_sync(m == len(micro) - 1), ctx.clock("backward"):
-                acc.backward(loss * share)
-            total += loss.item() * share
+            with self._fake_micro_batch(sync=m == len(micro) - 1):
+                out = self._fake_predict(x_t[part], timestep[part], cond.select(part))
+                if d.ambient:  # RTDMD's configs' weighting of the ambient target (move_scale_out, clamp 10)
+                    weight = ambient_loss_weight(state_level[part], level[part])
+                    error = (out.float() - target[part].float()) ** 2
+                    loss = (error * weight.reshape(-1, *[1] * (error.ndim - 1))).mean()
+                else:
+                    loss = F.mse_loss(out.float(), target[part].float())
+                if self.discriminating:
+                    fake_logits = self._logits()
+                    self._fake_predict(real_t[part], timestep[part], real_cond.select(part))
+                    gan = gan_discriminator_loss(self._logits(), fake_logits)
+                    loss = loss + d.gan_disc_weight * gan
+                    disc += gan.item() * (part.stop - part.start) / n
+                if d.consistency_weight > 0:
+                    anchor = model.path.x0_from_output(out, x_t[part], level[part])
+                    consistency = self._consistency(
+                        anchor, x_t[part], level[part], [move[part] for move in moves], cond.select(part)
+                    )
+                    loss = loss + d.consistency_weight * consistency
+                    consistent += consistency.item() * (part.stop - part.start) / n
+                share = (part.stop - part.start) / n
+                with ctx.clock("backward"):
+                    acc.backward(loss * share)
+                total += loss.item() * share
         # a non-finite gradient skips the update, reported, as the generator's (it would poison every later
         # distribution-matching direction)
         norm, skipped = clipped_step(
@@ -630,15 +631,20 @@ class DMDRecipe(Recipe):
             x0s.append(model.path.x0_from_output(out, moved, to))
         return consistency_loss(anchor, *x0s)
 
-    def _gradient_sync(self, sync: bool):
-        """The context of a fake-score backward: without ``sync`` (a micro-batch before the last) the
-        gradients are not averaged over processes yet (DDP's ``no_sync``; FSDP2's reduce-scatter skipped)."""
-        if self.sharded:
-            for module in (self.fake, self.head):
-                if module is not None:
-                    module.set_requires_gradient_sync(sync)
-            return contextlib.nullcontext()
-        return contextlib.nullcontext() if sync else self.ctx.accelerator.no_sync(self.fake)
+    def _fake_micro_batch(self, sync: bool) -> contextlib.ExitStack:
+        """The context of one fake-score micro-batch's forwards and backward (the fake score's and the
+        discriminator head's): without ``sync`` (a micro-batch before the last) their gradients stay on this
+        process (DDP's ``no_sync``, which must span the forwards; FSDP2's reduce-scatter skipped), as
+        :meth:`TrainContext.micro_batch` for the student."""
+        stack = contextlib.ExitStack()
+        for module in (self.fake, self.head):
+            if module is None:
+                continue
+            if self.sharded:
+                module.set_requires_gradient_sync(sync)
+            elif not sync:
+                stack.enter_context(self.ctx.accelerator.no_sync(module))
+        return stack
 
     def _pool_draw(self, step: int, purpose: str, group_ids: Tensor, size: int) -> Tensor:
         """One index into a pool of ``size`` (the teacher's pairs, or the real images) per sample, from that
@@ -707,33 +713,36 @@ class DMDRecipe(Recipe):
         # there must see their parameters as the forward did.
         with self._fixed_critic(d.gan_weight > 0) as (critic, head):
             for m, part in enumerate(micro):
-                sub = cond.select(part)
-                share = (part.stop - part.start) / n
-                x, x0 = self._last_step_again(states[m], sub)  # the same samples, now with gradient
-                state_level, level, timestep = levels[m]
-                weight = None if weights is None else weights[part]
-                if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
-                    scored = ctx.reward(
-                        model.decode(x0), batch.prompts[part], batch.metadata[part], batch.group_ids[part]
-                    )
-                    loss = reward_tilted_dmd_loss(
-                        x, real[m], fake[m], scored.scores, d.reward_beta, weight=weight, normalize=d.normalize,
-                        margin=d.reward_margin,
-                    )  # fmt: skip
-                    rewards.append(scored.scores.detach())
-                else:
-                    loss = dmd_loss(x, real[m], fake[m], weight=weight, normalize=d.normalize)
-                if d.gan_weight > 0:  # DMD2's GAN term: the noised sample, gradient through the fixed critic
-                    self._fake_predict(self._noised(x, state_level, level, eps[m]), timestep, sub, critic)
-                    gan = gan_generator_loss(self._logits(head))
-                    loss = loss + d.gan_weight * gan
-                    gans.append(gan.detach() * share)
-                if pair_index is not None:
-                    regression = self._regression(step, pair_index[part])
-                    loss = loss + d.regression_weight * regression
-                    regressions.append(regression.detach() * share)
-                ctx.backward(loss * share, sync=m == len(micro) - 1)
-                losses.append(loss.detach() * share)
+                with ctx.micro_batch(sync=m == len(micro) - 1):
+                    sub = cond.select(part)
+                    share = (part.stop - part.start) / n
+                    x, x0 = self._last_step_again(states[m], sub)  # the same samples, now with gradient
+                    state_level, level, timestep = levels[m]
+                    weight = None if weights is None else weights[part]
+                    if d.reward_beta > 0:  # RTDMD: toward the teacher tilted by exp(beta * reward)
+                        scored = ctx.reward(
+                            model.decode(x0), batch.prompts[part], batch.metadata[part], batch.group_ids[part]
+                        )
+                        loss = reward_tilted_dmd_loss(
+                            x, real[m], fake[m], scored.scores, d.reward_beta, weight=weight, normalize=d.normalize,
+                            margin=d.reward_margin,
+                        )  # fmt: skip
+                        rewards.append(scored.scores.detach())
+                    else:
+                        loss = dmd_loss(x, real[m], fake[m], weight=weight, normalize=d.normalize)
+                    if (
+                        d.gan_weight > 0
+                    ):  # DMD2's GAN term: the noised sample, gradient through the fixed critic
+                        self._fake_predict(self._noised(x, state_level, level, eps[m]), timestep, sub, critic)
+                        gan = gan_generator_loss(self._logits(head))
+                        loss = loss + d.gan_weight * gan
+                        gans.append(gan.detach() * share)
+                    if pair_index is not None:
+                        regression = self._regression(step, pair_index[part])
+                        loss = loss + d.regression_weight * regression
+                        regressions.append(regression.detach() * share)
+                    ctx.backward(loss * share, sync=m == len(micro) - 1)
+                    losses.append(loss.detach() * share)
         metrics = ctx.optimizer_step()
         metrics["loss"] = float(sum(losses))
         distance = (torch.cat(fake) - torch.cat(real)).abs()
@@ -768,10 +777,13 @@ class DMDRecipe(Recipe):
         rows = []
         for i in steps:
             for part in chunks(n, ctx.config.train.micro_batch_size):
-                index = torch.arange(n, device=traj.latents.device)[part]
-                loss, metrics = _grpo_loss_at(ctx, traj, index, i, column[i], cond.select(index), advantages)
-                ctx.backward(d.policy_weight * loss * (len(index) / n) / len(steps), sync=False)
-                rows.append(metrics)
+                with ctx.micro_batch(sync=False):
+                    index = torch.arange(n, device=traj.latents.device)[part]
+                    loss, metrics = _grpo_loss_at(
+                        ctx, traj, index, i, column[i], cond.select(index), advantages
+                    )
+                    ctx.backward(d.policy_weight * loss * (len(index) / n) / len(steps), sync=False)
+                    rows.append(metrics)
         named = {k if k.startswith("policy_") else f"policy_{k}": v for k, v in mean_metrics(rows).items()}
         return {**sampled.metrics, **named}
 

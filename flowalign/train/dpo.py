@@ -282,27 +282,28 @@ def _dpo_iteration(
             noise = randn(x_w.shape, gens, x_w.device).repeat(2, *([1] * (x_w.ndim - 1)))
             x_t, timestep, target = _noised(ctx, x0, level, noise)
         for m, (part, index) in enumerate(zip(micro, rows_of)):
-            both, count = cond.select(list(range(n))[part] * 2), part.stop - part.start
-            # The reference: a snapshot of the weights (refreshed for online DPO; the initial weights for
-            # full fine-tuning), or the LoRA disabled.
-            with (
-                torch.no_grad(),
-                ref.applied() if ref is not None else model.reference(),
-                ctx.clock("forward"),
-            ):
-                ref_error = denoising_error(
-                    model.predict(x_t[index], timestep[index], both, 1.0), target[index]
+            with ctx.micro_batch(sync=m == len(micro) - 1):
+                both, count = cond.select(list(range(n))[part] * 2), part.stop - part.start
+                # The reference: a snapshot of the weights (refreshed for online DPO; the initial weights for
+                # full fine-tuning), or the LoRA disabled.
+                with (
+                    torch.no_grad(),
+                    ref.applied() if ref is not None else model.reference(),
+                    ctx.clock("forward"),
+                ):
+                    ref_error = denoising_error(
+                        model.predict(x_t[index], timestep[index], both, 1.0), target[index]
+                    )
+                with ctx.clock("forward"):
+                    model_error = denoising_error(
+                        model.predict(x_t[index], timestep[index], both, 1.0), target[index]
+                    )
+                loss, terms = dpo_loss(
+                    model_error[:count], model_error[count:], ref_error[:count], ref_error[count:], p.beta
                 )
-            with ctx.clock("forward"):
-                model_error = denoising_error(
-                    model.predict(x_t[index], timestep[index], both, 1.0), target[index]
-                )
-            loss, terms = dpo_loss(
-                model_error[:count], model_error[count:], ref_error[:count], ref_error[count:], p.beta
-            )
-            ctx.backward(loss * (weight * count / n), sync=m == len(micro) - 1)
-            if weight > 0:
-                rows.append({name: float(v) for name, v in terms.items()})
+                ctx.backward(loss * (weight * count / n), sync=m == len(micro) - 1)
+                if weight > 0:
+                    rows.append({name: float(v) for name, v in terms.items()})
         rows.append(ctx.optimizer_step())
     metrics.update(mean_metrics(rows))
     if ref is not None and p.ref_refresh_every > 0 and (step + 1) % p.ref_refresh_every == 0:

@@ -144,9 +144,20 @@ class TrainContext:
     def trainable(self) -> list[torch.nn.Parameter]:
         return self.model.trainable_parameters()
 
+    def micro_batch(self, sync: bool):
+        """The context of one micro-batch's forward and backward into an optimizer step's gradient. Without
+        ``sync`` (a micro-batch before the step's last) the gradients stay on this process: DDP's ``no_sync``
+        spans the forward, where DDP decides whether the backward all-reduces (around the backward alone it
+        still does, every micro-batch), and FSDP2 skips the reduce-scatter."""
+        if self.config.train.sharding == "fsdp":
+            self.model.denoiser.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model.net)
+
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """``accelerator.backward``; with ``sync=False`` (a backward that accumulates into the same
-        optimizer step as a later one) DDP does not all-reduce the gradients yet."""
+        optimizer step as a later one, within :meth:`micro_batch`) the gradients are not reduced over the
+        processes yet."""
         if self.config.train.sharding == "fsdp":  # FSDP2: skip the reduce-scatter until the last backward
             self.model.denoiser.set_requires_gradient_sync(sync)
             context = contextlib.nullcontext()

@@ -228,14 +228,15 @@ def _grpo_iteration(ctx: TrainContext, step: int) -> dict[str, float]:
             micro = chunks(len(minibatch), ctx.config.train.micro_batch_size)
             for position, i in enumerate(steps):
                 for m, part in enumerate(micro):
-                    index = minibatch[part]
-                    loss, metrics = _grpo_loss_at(
-                        ctx, traj, index, i, column[i], cond.select(index), advantages
-                    )
-                    share = len(index) / len(minibatch)  # micro-batch losses add up to the minibatch mean
                     last = position == len(steps) - 1 and m == len(micro) - 1
-                    ctx.backward(loss * share / len(steps), sync=last)
-                    rows.append(metrics)
+                    with ctx.micro_batch(sync=last):
+                        index = minibatch[part]
+                        loss, metrics = _grpo_loss_at(
+                            ctx, traj, index, i, column[i], cond.select(index), advantages
+                        )
+                        share = len(index) / len(minibatch)  # micro-batch losses add up to the minibatch mean
+                        ctx.backward(loss * share / len(steps), sync=last)
+                        rows.append(metrics)
             rows.append(ctx.optimizer_step())
     informative = {"informative_fraction": len(kept) / n, "trained_steps": float(len(steps))}
     return {**sampled.metrics, **mean_metrics(rows), **informative}
@@ -304,24 +305,25 @@ def _nft_iteration(ctx: TrainContext, step: int, old: EMA) -> dict[str, float]:
                 eps = randn(x0.shape, [sample_gens[i] for i in minibatch.tolist()], x0.device)
                 x_t = ctx.model.path.noised(x0, schedule.sigmas[level], eps)
                 for m, part in enumerate(micro):
-                    index = minibatch[part]
-                    sub, sigma, timestep = (
-                        cond.select(index),
-                        schedule.sigmas[level[part]],
-                        schedule.timesteps[level[part]],
-                    )
-                    with torch.no_grad(), old.applied(), ctx.clock("forward"):
-                        old_velocity = ctx.model.predict(x_t[part], timestep, sub, 1.0)
-                    with ctx.clock("forward"):
-                        velocity = ctx.model.predict(x_t[part], timestep, sub, 1.0)
-                    loss, metrics = nft_loss(
-                        velocity, old_velocity, x_t[part], x0[part], sigma, advantages[index], beta=cfg.beta,
-                        adv_clip=cfg.adv_clip,
-                    )  # fmt: skip
-                    share = len(index) / len(minibatch)  # micro-batch losses add up to the minibatch mean
                     last = k == cfg.timesteps_per_sample - 1 and m == len(micro) - 1
-                    ctx.backward(loss * share / cfg.timesteps_per_sample, sync=last)
-                    rows.append(metrics)
+                    with ctx.micro_batch(sync=last):
+                        index = minibatch[part]
+                        sub, sigma, timestep = (
+                            cond.select(index),
+                            schedule.sigmas[level[part]],
+                            schedule.timesteps[level[part]],
+                        )
+                        with torch.no_grad(), old.applied(), ctx.clock("forward"):
+                            old_velocity = ctx.model.predict(x_t[part], timestep, sub, 1.0)
+                        with ctx.clock("forward"):
+                            velocity = ctx.model.predict(x_t[part], timestep, sub, 1.0)
+                        loss, metrics = nft_loss(
+                            velocity, old_velocity, x_t[part], x0[part], sigma, advantages[index], beta=cfg.beta,
+                            adv_clip=cfg.adv_clip,
+                        )  # fmt: skip
+                        share = len(index) / len(minibatch)  # micro-batch losses add up to the minibatch mean
+                        ctx.backward(loss * share / cfg.timesteps_per_sample, sync=last)
+                        rows.append(metrics)
             rows.append(ctx.optimizer_step())
     old.update(min(cfg.old_decay_max, cfg.old_decay_rate * step))
     return {**sampled.metrics, **mean_metrics(rows)}
